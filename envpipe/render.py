@@ -1,0 +1,92 @@
+"""Human renderings: the step x stage grid (errors, logs), timelines as text, and a Gantt chart PNG.
+
+matplotlib is imported only inside :func:`gantt_png`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from envpipe.sim.engine import SimResult
+
+_GRID_TAIL_ROWS = 24
+
+
+def format_grid(
+    columns: Sequence[Sequence[str]], *, error_row: int | None = None, row_label: str = "step",
+    tail_rows: int = _GRID_TAIL_ROWS,
+) -> str:
+    """A grid with one column per stage and one row per step; ``error_row`` gets ``<-- ERROR HERE``.
+
+    Only the last ``tail_rows`` rows up to the error are shown (the interesting part of a deadlock).
+    """
+    rows = max((len(c) for c in columns), default=0)
+    end = rows if error_row is None else min(rows, error_row + 1)
+    start = max(0, end - tail_rows)
+    width = max([len(cell) for col in columns for cell in col] + [len(f"stage {len(columns)}")])
+    header = f"{row_label:>5} | " + " ".join(f"{'stage ' + str(s):<{width}}" for s in range(len(columns)))
+    lines = [header, "-" * len(header)]
+    if start:
+        lines.append(f"{'...':>5} | ({start} earlier rows)")
+    for row in range(start, end):
+        cells = " ".join(f"{col[row] if row < len(col) else '':<{width}}" for col in columns)
+        mark = "  <-- ERROR HERE" if row == error_row else ""
+        lines.append(f"{row:>5} | {cells}{mark}".rstrip())
+    return "\n".join(lines)
+
+
+def timeline_text(result: SimResult, *, resolution_ms: float | None = None, width: int = 100) -> str:
+    """One text line per stage: ``F``/``B`` for busy time (lower case below the top clock), ``.`` idle."""
+    total = result.iteration_time_ms
+    step = resolution_ms or max(total / width, 1e-9)
+    cells = int(total / step + 0.999)
+    top = max((span.clock_mhz for span in result.timeline), default=0)
+    rows = [["."] * cells for _ in range(len(result.stage_busy_ms))]
+    for span in result.timeline:
+        letter = span.unit[0] if span.clock_mhz >= top else span.unit[0].lower()
+        for c in range(int(span.start_ms / step), min(cells, int(span.end_ms / step + 0.5))):
+            rows[span.stage][c] = letter
+    return "\n".join(f"s{s}: " + "".join(row) for s, row in enumerate(rows))
+
+
+def gantt_png(result: SimResult, path: str | Path, *, title: str | None = None) -> Path:
+    """Write a Gantt chart: a row per stage, units coloured by clock, bubbles blank, critical path outlined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import cm, colors
+
+    stages = len(result.stage_busy_ms)
+    clocks = sorted({span.clock_mhz for span in result.timeline})
+    norm = colors.Normalize(vmin=min(clocks), vmax=max(clocks) if max(clocks) > min(clocks) else min(clocks) + 1)
+    cmap = cm.get_cmap("viridis")
+    critical = set(result.critical_path)
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.12 * len(result.timeline) / max(stages, 1) + 6), 1.0 + 0.6 * stages))
+    for span in result.timeline:
+        on_path = (span.stage, span.unit) in critical
+        ax.barh(
+            span.stage, span.end_ms - span.start_ms, left=span.start_ms, height=0.8,
+            color=cmap(norm(span.clock_mhz)), edgecolor="red" if on_path else "black",
+            linewidth=2.0 if on_path else 0.4, hatch="//" if span.unit.startswith("B") else None,
+        )
+        if span.end_ms - span.start_ms > result.iteration_time_ms / 60:
+            ax.text((span.start_ms + span.end_ms) / 2, span.stage, span.unit, ha="center", va="center",
+                    fontsize=7, color="white" if norm(span.clock_mhz) < 0.5 else "black")
+    ax.set_yticks(range(stages), [f"stage {s}" for s in range(stages)])
+    ax.invert_yaxis()
+    ax.set_xlim(0, result.iteration_time_ms * 1.01)
+    ax.set_xlabel("time (ms, simulated)")
+    ax.set_title(title or f"simulated: {result.model}", fontsize=9)
+    mappable = cm.ScalarMappable(norm=norm, cmap=cmap)
+    fig.colorbar(mappable, ax=ax, label="SM clock (MHz)", pad=0.01)
+    ax.plot([], [], color="red", linewidth=2, label="critical path")
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
