@@ -1,0 +1,147 @@
+"""``envpipe train``: train a model through an EnvPipe pipeline while the node agent moves clocks per unit.
+
+Every option defaults to ``None`` here so that the resolver can tell a flag from a default: flags win over
+the ``"envpipe"`` block of ``--deepspeed-config``, which wins over the defaults of
+:class:`envpipe.train.config.TrainConfig` (shown in brackets in ``--help``).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from envpipe_cli._errors import user_errors
+
+
+class ClockType(str, Enum):
+    """Clock types (the names of the EnvPipe artifact)."""
+
+    baseline = "baseline"
+    uniform = "uniform"
+    envelope = "envelope"
+
+
+class Scheduling(str, Enum):
+    """Pipeline schedules."""
+
+    one_f_one_b = "1f1b"
+    ours = "ours"
+
+
+class Reconfig(str, Enum):
+    """Online reconfiguration policies."""
+
+    default = "default"
+    greedy = "greedy"
+    balanced = "balanced"
+    optimal = "optimal"
+    paper = "paper"
+
+
+class Device(str, Enum):
+    """Where the ranks run."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+_RUN = "Run"
+_PIPE = "Pipeline"
+_LAUNCH = "Launcher (forwarded to the DeepSpeed launcher on GPUs)"
+_OUT = "Output"
+
+
+def _opt(*names: str, help: str, panel: str, **kwargs: Any) -> Any:
+    return typer.Option(*names, help=help, rich_help_panel=panel, show_default=False, **kwargs)
+
+
+# Shared by `envpipe train` and `envpipe profile` (cli/profile.py).
+TypeOpt = Annotated[Optional[ClockType], _opt(
+    "--type", help="Clock type: baseline (top clock), uniform or envelope. \\[default: envelope]", panel=_RUN)]
+SchedulingOpt = Annotated[Optional[Scheduling], _opt(help="Pipeline schedule. \\[default: ours]", panel=_RUN)]
+ReconfigOpt = Annotated[Optional[Reconfig], _opt(
+    help="Reconfiguration policy after profiling. \\[default: balanced]", panel=_RUN)]
+StagesOpt = Annotated[Optional[int], _opt(min=1, help="Pipeline stages. \\[default: 2]", panel=_PIPE)]
+MicroBatchesOpt = Annotated[Optional[int], _opt(min=1, help="Micro-batches per iteration. \\[default: 4]",
+                                                panel=_PIPE)]
+MicroBatchSizeOpt = Annotated[Optional[int], _opt(min=1, help="Sequences per micro-batch. \\[default: 2]",
+                                                  panel=_PIPE)]
+SeqLenOpt = Annotated[Optional[int], _opt(min=2, help="Tokens per sequence. \\[default: 64]", panel=_PIPE)]
+StepsOpt = Annotated[Optional[int], _opt(
+    min=1, help="Steady-phase iterations (the other phases add theirs). \\[default: 10]", panel=_RUN)]
+ModelOpt = Annotated[Optional[str], _opt(
+    help="Preset (llama-tiny, llama-160m, llama-1b, llama-7b) or a local HF model folder. \\[default: llama-tiny]",
+    panel=_RUN)]
+DataOpt = Annotated[Optional[Path], _opt(
+    help="Training text (.txt or .jsonl); synthetic tokens when omitted.", panel=_RUN)]
+DeepspeedConfigOpt = Annotated[Optional[Path], _opt(
+    "--deepspeed-config", help='DeepSpeed JSON; its "envpipe" block sets defaults (flags win).', panel=_RUN)]
+AgentOpt = Annotated[Optional[str], _opt(
+    help="Agent control endpoint; if none is reachable an embedded sim agent is started.", panel=_RUN)]
+EmulateDvfsOpt = Annotated[Optional[bool], _opt(
+    "--emulate-dvfs/--no-emulate-dvfs",
+    help="Stretch unit times by the clock's modelled slowdown. \\[default: on with the sim agent]", panel=_RUN)]
+DeviceOpt = Annotated[Optional[Device], _opt(help="Where ranks run. \\[default: auto]", panel=_LAUNCH)]
+NumGpusOpt = Annotated[Optional[int], _opt(min=1, help="GPUs per node. \\[default: all]", panel=_LAUNCH)]
+HostfileOpt = Annotated[Optional[Path], _opt(help="DeepSpeed hostfile for multi-node runs.", panel=_LAUNCH)]
+NumNodesOpt = Annotated[Optional[int], _opt(min=1, help="Nodes to use from the hostfile.", panel=_LAUNCH)]
+ReportOpt = Annotated[Optional[Path], _opt(help="Write the summary and the phases as JSON here.", panel=_OUT)]
+PlotOpt = Annotated[Optional[Path], _opt(
+    help="Draw the measured Gantt chart of the last iteration here (.png, .svg or .pdf).", panel=_OUT)]
+
+
+def train(
+    type: TypeOpt = None,
+    scheduling: SchedulingOpt = None,
+    reconfig: ReconfigOpt = None,
+    stages: StagesOpt = None,
+    micro_batches: MicroBatchesOpt = None,
+    micro_batch_size: MicroBatchSizeOpt = None,
+    seq_len: SeqLenOpt = None,
+    steps: StepsOpt = None,
+    model: ModelOpt = None,
+    data: DataOpt = None,
+    deepspeed_config: DeepspeedConfigOpt = None,
+    agent: AgentOpt = None,
+    emulate_dvfs: EmulateDvfsOpt = None,
+    device: DeviceOpt = None,
+    num_gpus: NumGpusOpt = None,
+    hostfile: HostfileOpt = None,
+    num_nodes: NumNodesOpt = None,
+    report: ReportOpt = None,
+    plot: PlotOpt = None,
+) -> None:
+    """Train through an EnvPipe pipeline: baseline window, profiling, reconfiguration, steady phase, summary."""
+    flags = collect_flags(locals())  # first statement: locals() is exactly the options here
+    from rich.console import Console
+
+    from envpipe.train.launch import train as run_train
+
+    with user_errors():
+        config = resolve_flags(flags, deepspeed_config)
+        run_train(config, console=Console())
+
+
+def collect_flags(values: dict[str, Any]) -> dict[str, Any]:
+    """Command-line values keyed by TrainConfig field: enums to their values, paths to strings."""
+    flags = {}
+    for name, value in values.items():
+        if name == "deepspeed_config":
+            continue
+        if isinstance(value, Enum):
+            value = value.value
+        elif isinstance(value, Path):
+            value = str(value)
+        flags[name] = value
+    return flags
+
+
+def resolve_flags(flags: dict[str, Any], deepspeed_config: Path | None) -> Any:
+    """Resolve the run's TrainConfig (flags > "envpipe" block > defaults)."""
+    from envpipe.train.config import resolve
+
+    return resolve(flags, deepspeed_config)

@@ -1,0 +1,302 @@
+"""The phases of a run, executed in lockstep by every rank: baseline window → profiling → reconfiguration
+→ steady phase (type ``baseline`` skips the middle two).
+
+Every rank runs the same number of iterations in every phase (DeepSpeed's pipeline needs all stages in each
+``train_batch``); decisions (window lengths, the schedule, clock plans) are made on rank 0 and broadcast.
+Energy comes from the agent's windows, one per rank (= per stage), gathered on rank 0.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from envpipe.train.progress import emit
+from envpipe.train.worker import RankContext, top_clock_plan
+
+
+@dataclass
+class Window:
+    """One measured stretch of iterations (rank 0's view, every stage's energy included)."""
+
+    iterations: int
+    iteration_ms: float
+    iteration_ms_median: float
+    stage_energy_j: dict[int, float]  # per iteration, summed over data-parallel replicas
+    simulated: bool
+    losses: list[float]
+    stage_unit_ms: dict[int, dict[str, float]] = field(default_factory=dict)  # stage → {"F": ms, "B": ms}
+
+    @property
+    def energy_j(self) -> float:
+        """Energy per iteration, all stages."""
+        return sum(self.stage_energy_j.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (stage keys as strings)."""
+        data = asdict(self)
+        data["stage_energy_j"] = {str(s): e for s, e in self.stage_energy_j.items()}
+        data["stage_unit_ms"] = {str(s): u for s, u in self.stage_unit_ms.items()}
+        data["energy_j"] = self.energy_j
+        return data
+
+
+class PhaseRunner:
+    """Runs the phases on one rank; rank 0 also builds the result."""
+
+    def __init__(self, ctx: RankContext) -> None:
+        """Start on the engine's initial schedule (1F1B) and clocks (every unit at the top clock)."""
+        from envpipe.schedules import get_schedule
+
+        self.ctx = ctx
+        self.config = ctx.config
+        self.schedule = get_schedule("1f1b", self.config.stages, self.config.micro_batches)
+        self.clocks = top_clock_plan(self.schedule, ctx.max_clock_mhz)
+        self.iteration_s_estimate = 0.0
+        self.idle_power_w = 0.0
+        self.phases: list[dict[str, Any]] = []
+
+    # -- measurement ------------------------------------------------------------------------------------
+
+    def warm_up(self) -> None:
+        """One unmeasured iteration (first-touch allocations, the gloo connections) and a time estimate."""
+        start = time.perf_counter()
+        self.ctx.engine.train_batch(self.ctx.data_iter)
+        self.iteration_s_estimate = _broadcast(time.perf_counter() - start)
+
+    def idle_power(self) -> float:
+        """Mean power of an idle GPU (all ranks wait together), for the profile's active-power split."""
+        import torch.distributed as dist
+
+        seconds = 0.2 if self.ctx.agent_simulated else max(1.0, self.config.min_window_s)
+        dist.barrier()
+        window_id = self.ctx.client.window_begin()
+        time.sleep(seconds)
+        energy = self.ctx.client.window_end(window_id)
+        powers = _all_gather(energy.energy_j / max(energy.duration_s, 1e-9))
+        self.idle_power_w = statistics.fmean(powers)
+        return self.idle_power_w
+
+    def window_iterations(self, requested: int) -> int:
+        """Enough iterations for a real agent's energy window (>= min_window_s); the sim agent is exact."""
+        if self.ctx.agent_simulated or self.iteration_s_estimate <= 0:
+            return requested
+        return max(requested, math.ceil(self.config.min_window_s / self.iteration_s_estimate))
+
+    def measure(self, phase: str, iterations: int, *, info: str = "", offset: int = 0, total: int = 0) -> Window:
+        """Run ``iterations`` in one energy window; every rank returns the same gathered :class:`Window`."""
+        import torch.distributed as dist
+
+        ctx = self.ctx
+        dist.barrier()
+        window_id = ctx.client.window_begin()
+        times_ms, losses, units = [], [], {"F": [], "B": []}
+        for i in range(iterations):
+            start = time.perf_counter()
+            loss = ctx.engine.train_batch(ctx.data_iter)
+            times_ms.append((time.perf_counter() - start) * 1000.0)
+            losses.append(float(loss))
+            _collect_unit_ms(ctx.engine.last_timeline(), units)
+            if ctx.is_rank0 and total:
+                emit("advance", phase=phase, completed=offset + i + 1,
+                     info=f"{info}loss {losses[-1]:.3f} · {times_ms[-1]:.0f} ms/it")
+        dist.barrier()
+        energy = ctx.client.window_end(window_id)
+        local = (ctx.stage, energy.energy_j / iterations, bool(energy.simulated),
+                 {k: statistics.median(v) for k, v in units.items() if v})
+        gathered = _all_gather(local)
+        return Window(
+            iterations=iterations, iteration_ms=statistics.fmean(times_ms),
+            iteration_ms_median=statistics.median(times_ms), stage_energy_j=_sum_by_stage(gathered),
+            simulated=all(g[2] for g in gathered), losses=losses,
+            stage_unit_ms={g[0]: g[3] for g in gathered},
+        )
+
+    # -- phases ---------------------------------------------------------------------------------------
+
+    def baseline(self) -> Window:
+        """1F1B with every unit at the top clock: the reference of the saving."""
+        n = self.window_iterations(self.config.baseline_steps)
+        self._start("baseline", "baseline window (1f1b, top clock)", n)
+        window = self.measure("baseline", n, total=n)
+        self._done("baseline", f"{window.iteration_ms:.0f} ms/it · {window.energy_j:.2f} J/it")
+        self.phases.append({"name": "baseline", "schedule": "1f1b", **window.to_dict()})
+        return window
+
+    def profiling(self) -> dict[str, Any]:
+        """Every candidate clock on every stage for a few iterations: the energy valley per stage."""
+        from envpipe.train.planning import build_profile, candidate_clocks
+
+        candidates = candidate_clocks(self.ctx.clocks_mhz, self.config.profile_clocks, self.config.profile_min_ratio)
+        n = self.window_iterations(self.config.profile_steps)
+        idle_power_w = self.idle_power()
+        self._start("profiling", f"profiling ({len(candidates)} clocks)", n * len(candidates))
+        points = []
+        for k, clock_mhz in enumerate(candidates):
+            self._set(self.schedule, top_clock_plan(self.schedule, clock_mhz))
+            window = self.measure("profiling", n, info=f"{clock_mhz} MHz · ", offset=k * n, total=n * len(candidates))
+            points.append((clock_mhz, window))
+        profile = None
+        if self.ctx.is_rank0:
+            profile = build_profile(points, gpu_name=self.ctx.gpu_name, clocks_mhz=self.ctx.clocks_mhz,
+                                    idle_power_w=idle_power_w, simulated=self.ctx.agent_simulated, source=self._energy_source())
+            lows = ", ".join(f"s{s['stage']}: {s['f_low_mhz']}" for s in profile["stages"])
+            self._done("profiling", f"f_low {lows} MHz")
+        self.phases.append({"name": "profiling", "clocks_mhz": candidates, "iterations_per_clock": n,
+                            "points": [{"clock_mhz": c, **w.to_dict()} for c, w in points]})
+        return profile
+
+    def plan(self, profile: dict[str, Any] | None) -> Any:
+        """Rank 0 picks the schedule and the initial clocks from the profile; every rank switches to them."""
+        from envpipe.schedules import get_schedule
+        from envpipe.train.planning import initial_plan
+
+        costs, decision = None, None
+        if self.ctx.is_rank0:
+            costs, schedule, clocks = initial_plan(profile, self.config)
+            decision = (schedule.name, list(schedule.r), clocks)
+        name, r, clocks = _broadcast(decision)
+        schedule = get_schedule(name, self.config.stages, self.config.micro_batches, r=r if name == "ours" else None)
+        # No plan (type baseline): every unit at the top clock, so the agent still sees every unit run.
+        self._set(schedule, clocks or top_clock_plan(schedule, self.ctx.max_clock_mhz))
+        return costs
+
+    def reconfigure(self, costs: Any) -> None:
+        """Measure, let rank 0's Reconfigurer update the plan, broadcast it; until stable or the round cap."""
+        rounds_cap = self.config.reconfig_max_rounds
+        if self.config.reconfig == "default" or rounds_cap == 0:
+            self.phases.append({"name": "reconfiguration", "policy": self.config.reconfig, "rounds": 0,
+                                "stable": True, "changes": 0})
+            return
+        from envpipe.train.planning import make_reconfigurer
+
+        reconfigurer = make_reconfigurer(self.schedule, costs, self.config) if self.ctx.is_rank0 else None
+        self._start("reconfiguration", f"reconfiguration ({self.config.reconfig})", rounds_cap)
+        changes, stable, rounds = 0, False, 0
+        for rounds in range(1, rounds_cap + 1):
+            loss = float(self.ctx.engine.train_batch(self.ctx.data_iter))
+            timeline = self.ctx.engine.gather_timeline()
+            new = reconfigurer.update(self.clocks, timeline) if reconfigurer is not None else None
+            new = _broadcast(new)
+            if self.ctx.is_rank0:
+                emit("advance", phase="reconfiguration", completed=rounds,
+                     info=f"loss {loss:.3f} · {changes + (new is not None)} plan changes")
+            if new is None:
+                stable = True
+                break
+            changes += 1
+            self._set(self.schedule, new)
+        self._done("reconfiguration", f"{'stable' if stable else 'round cap hit'} after {rounds} rounds, "
+                   f"{changes} changes", completed=rounds, total=rounds)
+        self.phases.append({"name": "reconfiguration", "policy": self.config.reconfig, "rounds": rounds,
+                            "stable": stable, "changes": changes})
+
+    def steady(self) -> tuple[Window, list[Any]]:
+        """The configured schedule and clocks for ``--steps`` iterations; returns the last iteration's spans."""
+        n = self.window_iterations(self.config.steps)
+        label = f"steady ({self.config.type}, {self.schedule.name})"
+        self._start("steady", label, n)
+        window = self.measure("steady", n, total=n)
+        timeline = self.ctx.engine.gather_timeline()
+        self._done("steady", f"{window.iteration_ms:.0f} ms/it · {window.energy_j:.2f} J/it")
+        self.phases.append({"name": "steady", "schedule": self.schedule.name, **window.to_dict()})
+        return window, timeline
+
+    # -- helpers --------------------------------------------------------------------------------------
+
+    def _set(self, schedule: Any, clocks: dict[int, dict[str, int]]) -> None:
+        if schedule is not self.schedule:
+            self.ctx.engine.set_schedule(schedule)
+            self.schedule = schedule
+        self.ctx.engine.set_clocks(clocks)
+        self.clocks = clocks
+
+    def _start(self, phase: str, label: str, total: int) -> None:
+        if self.ctx.is_rank0:
+            emit("phase", phase=phase, label=label, total=total)
+
+    def _done(self, phase: str, info: str, **fields: Any) -> None:
+        if self.ctx.is_rank0:
+            emit("phase_done", phase=phase, info=info, **fields)
+
+    def _energy_source(self) -> str:
+        if self.ctx.agent_simulated:
+            return f"sim agent (simulated), {self.config.dvfs_model} DVFS model"
+        return "agent energy counter (NVML)"
+
+
+def run_phases(ctx: RankContext) -> dict[str, Any] | None:
+    """Run every phase; rank 0 returns the result dict (see :mod:`envpipe.train.report`), others ``None``."""
+    runner = PhaseRunner(ctx)
+    runner.warm_up()
+    if ctx.config.mode == "profile":
+        profile = runner.profiling()
+        return {"profile": profile} if ctx.is_rank0 else None
+    baseline = runner.baseline()
+    profile = None
+    if ctx.config.type != "baseline":
+        profile = runner.profiling()
+        costs = runner.plan(profile)
+        runner.reconfigure(costs)
+    elif ctx.config.scheduling != "1f1b":
+        runner.plan(None)
+    steady, timeline = runner.steady()
+    if not ctx.is_rank0:
+        return None
+    return {
+        "simulated": ctx.agent_simulated and steady.simulated,
+        "energy_source": runner._energy_source(),
+        "gpu": {"name": ctx.gpu_name, "clocks_mhz": list(ctx.clocks_mhz)},
+        "world_size": ctx.world_size, "dp_size": ctx.dp_size,
+        "schedule": {"name": runner.schedule.name, "r": _r_list(runner.schedule),
+                     "text": runner.schedule.render()},
+        "clocks": {str(s): units for s, units in runner.clocks.items()},
+        "phases": runner.phases, "profile": profile,
+        "baseline": baseline.to_dict(), "steady": steady.to_dict(),
+        "last_iteration": [_span_dict(span) for span in timeline],
+    }
+
+
+def _r_list(schedule: Any) -> list[int] | None:
+    r = getattr(schedule, "r", None)
+    return None if r is None else list(r)
+
+
+def _span_dict(span: Any) -> dict[str, Any]:
+    return {"stage": span.stage, "unit": str(span.unit), "start_ms": span.start_ms, "end_ms": span.end_ms,
+            "clock_mhz": span.clock_mhz}
+
+
+def _collect_unit_ms(spans: list[Any], into: dict[str, list[float]]) -> None:
+    """Mean forward and backward unit time of one iteration on this stage."""
+    for kind in ("F", "B"):
+        durations = [s.end_ms - s.start_ms for s in spans if str(s.unit).startswith(kind)]
+        if durations:
+            into[kind].append(statistics.fmean(durations))
+
+
+def _sum_by_stage(gathered: list[tuple]) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for stage, energy_j, *_ in gathered:
+        out[stage] = out.get(stage, 0.0) + energy_j
+    return dict(sorted(out.items()))
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

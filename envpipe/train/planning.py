@@ -1,0 +1,102 @@
+"""Rank 0's planning steps of a run, on the plain-Python core: profile → costs → schedule → clocks.
+
+Thin glue between measured windows and :mod:`envpipe.profiling`, :mod:`envpipe.schedules`,
+:mod:`envpipe.clock_types` and :mod:`envpipe.planner`; no torch here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from envpipe.train.config import TrainConfig
+
+PROFILE_FORMAT = "envpipe-profile/1"
+
+
+def candidate_clocks(clocks_mhz: Sequence[int], count: int, min_ratio: float) -> list[int]:
+    """``count`` supported clocks spread evenly from the top clock down to ``min_ratio`` of it, descending.
+
+    Args:
+        clocks_mhz: the GPU's supported SM clocks.
+        count: how many candidates (the top clock is always one).
+        min_ratio: lowest candidate as a share of the top clock.
+    """
+    supported = sorted(set(int(c) for c in clocks_mhz), reverse=True)
+    top = supported[0]
+    window = [c for c in supported if c >= top * min_ratio] or [top]
+    if count <= 1 or len(window) == 1:
+        return [top]
+    picks = []
+    for k in range(count):
+        target = top - (top - window[-1]) * k / (count - 1)
+        picks.append(min(window, key=lambda c: abs(c - target)))
+    return sorted(set(picks), reverse=True)
+
+
+def build_profile(points: list[tuple[int, Any]], *, gpu_name: str, clocks_mhz: Sequence[int], idle_power_w: float,
+                  simulated: bool, source: str) -> dict[str, Any]:
+    """The profile JSON (docs/architecture.md, "Profile JSON") from the profiling windows.
+
+    Each stage also gets ``f_low_mhz``, the argmin of its energy per iteration (the energy valley).
+
+    Args:
+        points: ``(clock_mhz, Window)`` per candidate clock (see :class:`envpipe.train.phases.Window`).
+        gpu_name: the GPU model the agent reports.
+        clocks_mhz: the GPU's supported clocks.
+        idle_power_w: the measured power of an idle GPU.
+        simulated: True with the sim agent.
+        source: where the energy came from.
+    """
+    stages = sorted({stage for _, window in points for stage in window.stage_energy_j})
+    out_stages = []
+    for stage in stages:
+        stage_points = []
+        for clock_mhz, window in points:
+            units = window.stage_unit_ms.get(stage, {})
+            stage_points.append({
+                "clock_mhz": int(clock_mhz), "fwd_ms": units.get("F", 0.0), "bwd_ms": units.get("B", 0.0),
+                "iteration_ms": window.iteration_ms, "energy_j": window.stage_energy_j[stage],
+            })
+        f_low = min(stage_points, key=lambda p: p["energy_j"])["clock_mhz"]
+        out_stages.append({"stage": stage, "f_low_mhz": f_low, "points": stage_points})
+    return {
+        "format": PROFILE_FORMAT, "simulated": simulated, "source": source,
+        "gpu": {"name": gpu_name, "clocks_mhz": sorted((int(c) for c in clocks_mhz), reverse=True)},
+        "idle_power_w": idle_power_w, "stages": out_stages,
+    }
+
+
+def initial_plan(profile: dict[str, Any] | None, config: TrainConfig) -> tuple[Any, Any, dict[int, dict[str, int]]]:
+    """Costs from the profile, the schedule (``ours`` gets r from the costs) and the clock type's plan.
+
+    With no profile (type ``baseline``) the schedule uses its default r and every unit runs at the top clock.
+    """
+    from envpipe.schedules import get_schedule
+
+    if profile is None:
+        schedule = get_schedule(config.scheduling, config.stages, config.micro_batches)
+        return None, schedule, None
+    from envpipe.clock_types import assign_clocks
+    from envpipe.profiling import cost_model_from_profile
+
+    costs = cost_model_from_profile(profile)
+    schedule = get_schedule(config.scheduling, config.stages, config.micro_batches, costs=costs)
+    return costs, schedule, assign_clocks(schedule, costs, config.type)
+
+
+def make_reconfigurer(schedule: Any, costs: Any, config: TrainConfig) -> Any:
+    """The planner's online reconfigurer for the run's policy."""
+    from envpipe.planner import Reconfigurer
+
+    return Reconfigurer(schedule, costs, config.reconfig, slowdown_bound=config.slowdown_bound,
+                        max_rounds=config.reconfig_max_rounds)
+
+
+def plot_timeline(spans: list[dict[str, Any]], path: str, *, title: str) -> None:
+    """Draw measured spans (dicts of :class:`envpipe.sim.UnitSpan` fields) with the simulator's Gantt code."""
+    from envpipe.render import plot_gantt
+    from envpipe.sim import UnitSpan
+
+    timeline = [UnitSpan(s["stage"], s["unit"], s["start_ms"], s["end_ms"], s["clock_mhz"]) for s in spans]
+    plot_gantt(timeline, path, title=title)

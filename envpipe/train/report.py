@@ -1,0 +1,120 @@
+"""The end of a run: summary numbers, the rich summary table, the ``--report`` JSON and the ``--plot`` Gantt.
+
+Rank 0's result (see :func:`envpipe.train.phases.run_phases`) holds the measured windows; this module only
+derives and renders. Energy from the sim agent is labelled "simulated" in the table, the JSON and the plot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from envpipe.train.config import TrainConfig
+
+REPORT_FORMAT = "envpipe-train-report/1"
+# Config fields that describe the machine rather than the run; left out of the report.
+_NOT_REPORTED = ("ds_config", "job_id")
+
+
+def build_report(config: TrainConfig, result: dict[str, Any]) -> dict[str, Any]:
+    """The report dict: config, summary (throughput, time, energy, saving), phases, plan and last iteration."""
+    tokens = config.tokens_per_iteration * int(result.get("dp_size", 1))
+    baseline = _window_summary(result["baseline"], tokens)
+    steady = _window_summary(result["steady"], tokens)
+    saving = 1.0 - steady["energy_j_per_iteration"] / baseline["energy_j_per_iteration"] \
+        if baseline["energy_j_per_iteration"] > 0 else None
+    summary = {
+        "energy_label": "simulated" if result["simulated"] else "measured",
+        "tokens_per_iteration": tokens,
+        "baseline": baseline,
+        "steady": steady,
+        "energy_saving": saving,
+        "slowdown": steady["iteration_ms"] / baseline["iteration_ms"] - 1.0,
+    }
+    config_dict = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_REPORTED}
+    return {
+        "format": REPORT_FORMAT,
+        "simulated": bool(result["simulated"]),
+        "energy_source": result["energy_source"],
+        "config": config_dict,
+        "summary": summary,
+        **{k: result.get(k) for k in ("agent", "gpu", "world_size", "dp_size", "schedule", "clocks", "phases",
+                                      "profile", "last_iteration")},
+    }
+
+
+def _window_summary(window: dict[str, Any], tokens_per_iteration: int) -> dict[str, Any]:
+    iteration_ms = float(window["iteration_ms"])
+    return {
+        "iteration_ms": iteration_ms,
+        "iteration_ms_median": float(window["iteration_ms_median"]),
+        "tokens_per_s": tokens_per_iteration / (iteration_ms / 1000.0) if iteration_ms > 0 else None,
+        "energy_j_per_iteration": float(window["energy_j"]),
+        "stage_energy_j": {str(k): float(v) for k, v in window["stage_energy_j"].items()},
+        "iterations": int(window["iterations"]),
+        "loss_last": window["losses"][-1] if window.get("losses") else None,
+    }
+
+
+def print_summary(report: dict[str, Any], console: Any) -> None:
+    """The final table: tokens/s, iteration time, energy per iteration per stage and in total, saving."""
+    from rich.table import Table
+
+    summary = report["summary"]
+    label = summary["energy_label"]
+    base, steady = summary["baseline"], summary["steady"]
+    config = report["config"]
+    title = f"envpipe train: {config['type']} / {config['scheduling']} / reconfig {config['reconfig']}"
+    table = Table(title=title, caption=f"energy: {report['energy_source']}")
+    table.add_column("")
+    table.add_column("baseline (1f1b, top clock)", justify="right")
+    table.add_column(f"{config['type']} ({report['schedule']['name']})", justify="right")
+    table.add_column("change", justify="right")
+    table.add_row("tokens/s", f"{base['tokens_per_s']:,.0f}", f"{steady['tokens_per_s']:,.0f}",
+                  _pct(steady["tokens_per_s"] / base["tokens_per_s"] - 1.0))
+    table.add_row("iteration time (ms)", f"{base['iteration_ms']:.1f}", f"{steady['iteration_ms']:.1f}",
+                  _pct(summary["slowdown"]))
+    for stage in sorted(base["stage_energy_j"], key=int):
+        b, s = base["stage_energy_j"][stage], steady["stage_energy_j"].get(stage, 0.0)
+        table.add_row(f"stage {stage} energy/iteration (J, {label})", f"{b:.3f}", f"{s:.3f}",
+                      _pct(s / b - 1.0) if b else "-")
+    table.add_row(f"[bold]total energy/iteration (J, {label})", f"{base['energy_j_per_iteration']:.3f}",
+                  f"{steady['energy_j_per_iteration']:.3f}", _pct(-summary["energy_saving"])
+                  if summary["energy_saving"] is not None else "-", end_section=True)
+    saving = summary["energy_saving"]
+    table.add_row(f"[bold]energy saving vs baseline ({label})", "", "",
+                  f"[bold]{saving * 100:.1f}%" if saving is not None else "-")
+    console.print(table)
+
+
+def _pct(fraction: float) -> str:
+    return f"{fraction * 100:+.1f}%"
+
+
+def write_json(report: dict[str, Any], path: str | Path) -> None:
+    """Write JSON atomically: an existing file is replaced only by a complete one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.resolve().parent)
+    try:
+        with os.fdopen(fd, "w") as out:
+            json.dump(report, out, indent=2, sort_keys=False)
+            out.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def draw_plot(report: dict[str, Any], path: str | Path) -> None:
+    """Draw the measured Gantt chart of the last iteration with the simulator's plot code."""
+    from envpipe.train.planning import plot_timeline
+
+    config = report["config"]
+    label = "simulated energy" if report["simulated"] else "measured"
+    title = (f"envpipe train, last iteration (measured times; {label}): {config['type']} / "
+             f"{report['schedule']['name']} / {config['reconfig']}")
+    plot_timeline(report["last_iteration"], path, title=title)

@@ -1,0 +1,161 @@
+"""`envpipe train` / `envpipe profile` option handling: validation, exit codes and config precedence.
+
+No rank starts here: the launcher entry points are replaced by recorders.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from envpipe.train import launch
+from envpipe.train.config import TrainConfig
+from envpipe_cli.main import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> list[TrainConfig]:
+    """Record the configs `train`/`profile` would run, instead of running them."""
+    seen: list[TrainConfig] = []
+    monkeypatch.setattr(launch, "train", lambda config, console: seen.append(config))
+    monkeypatch.setattr(launch, "profile", lambda config, output, console: seen.append((config, output)))
+    return seen
+
+
+def _invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_defaults_when_no_flags(calls):
+    result = _invoke("train")
+    assert result.exit_code == 0, result.output
+    (config,) = calls
+    assert (config.type, config.scheduling, config.reconfig) == ("envelope", "ours", "balanced")
+    assert (config.stages, config.micro_batches, config.model) == (2, 4, "llama-tiny")
+    assert config.emulate_dvfs is None  # decided once the agent is known
+    assert config.ds_config["gradient_accumulation_steps"] == 4
+
+
+def test_every_flag_reaches_the_config(calls, tmp_path: Path):
+    data = tmp_path / "corpus.txt"
+    data.write_text("hello world " * 100)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node1 slots=8\n")
+    result = _invoke(
+        "train", "--type", "uniform", "--scheduling", "1f1b", "--reconfig", "greedy", "--stages", "4",
+        "--micro-batches", "8", "--micro-batch-size", "3", "--seq-len", "32", "--steps", "5", "--model", "llama-160m",
+        "--data", str(data), "--agent", "tcp://127.0.0.1:5555", "--no-emulate-dvfs", "--device", "cpu",
+        "--num-gpus", "4", "--hostfile", str(hostfile), "--num-nodes", "2",
+        "--report", str(tmp_path / "r.json"), "--plot", str(tmp_path / "g.png"),
+    )
+    assert result.exit_code == 0, result.output
+    (c,) = calls
+    assert (c.type, c.scheduling, c.reconfig, c.stages, c.micro_batches, c.micro_batch_size) == (
+        "uniform", "1f1b", "greedy", 4, 8, 3)
+    assert (c.seq_len, c.steps, c.model, c.data, c.agent, c.emulate_dvfs) == (
+        32, 5, "llama-160m", str(data), "tcp://127.0.0.1:5555", False)
+    assert (c.device, c.num_gpus, c.hostfile, c.num_nodes) == ("cpu", 4, str(hostfile), 2)
+    assert c.report.endswith("r.json") and c.plot.endswith("g.png")
+
+
+def test_flags_beat_envpipe_block_beats_deepspeed_keys(calls, tmp_path: Path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({
+        "train_micro_batch_size_per_gpu": 5, "gradient_accumulation_steps": 6,
+        "envpipe": {"micro-batches": 7, "stages": 3, "type": "uniform", "profile_clocks": 2},
+        "fp16": {"enabled": False},
+    }))
+    result = _invoke("train", "--deepspeed-config", str(ds), "--stages", "2")
+    assert result.exit_code == 0, result.output
+    (c,) = calls
+    assert c.stages == 2  # flag beats the block
+    assert c.micro_batches == 7 and c.type == "uniform" and c.profile_clocks == 2  # block beats DS keys
+    assert c.micro_batch_size == 5  # DeepSpeed's own key beats the default
+    assert c.ds_config["gradient_accumulation_steps"] == 7 and c.ds_config["fp16"] == {"enabled": False}
+    assert "envpipe" not in c.ds_config and c.deepspeed_config == str(ds)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--model", "org/llama-2-7b"], "never downloads models"),
+        (["--model", "llama-99b"], "give a preset"),
+        (["--data", "missing.txt"], "no such file"),
+        (["--deepspeed-config", "missing.json"], "no such file"),
+        (["--scheduling", "ours", "--stages", "4", "--micro-batches", "2"], "raise --micro-batches"),
+        (["--num-nodes", "2"], "needs --hostfile"),
+        (["--report", "no-such-dir/r.json"], "folder does not exist"),
+        (["--report", "r.txt"], "use a .json file name"),
+        (["--plot", "g.gif"], "use a .png"),
+    ],
+)
+def test_bad_input_is_one_error_line_and_exit_1(calls, args, needle, tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = _invoke("train", *args)
+    assert result.exit_code == 1, result.output
+    assert calls == []
+    text = _one_line(result.output)
+    assert text.startswith("error:") and needle in text
+    assert "Traceback" not in result.output
+
+
+def test_bad_envpipe_block(calls, tmp_path: Path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"envpipe": {"stagez": 2}}))
+    result = _invoke("train", "--deepspeed-config", str(ds))
+    assert result.exit_code == 1
+    assert 'unknown key "stagez"' in _one_line(result.output) and calls == []
+    ds.write_text(json.dumps({"envpipe": {"stages": "two"}}))
+    result = _invoke("train", "--deepspeed-config", str(ds))
+    assert result.exit_code == 1 and "--stages must be an integer" in _one_line(result.output)
+    ds.write_text("{not json")
+    result = _invoke("train", "--deepspeed-config", str(ds))
+    assert result.exit_code == 1 and "not valid JSON" in _one_line(result.output)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--type", "fast"], ["--scheduling", "gpipe"], ["--reconfig", "magic"], ["--stages", "0"],
+     ["--seq-len", "1"], ["--bogus"], ["--device", "tpu"]],
+)
+def test_usage_errors_exit_2(calls, args):
+    result = _invoke("train", *args)
+    assert result.exit_code == 2, result.output
+    assert calls == []
+
+
+def test_run_failure_is_one_line(monkeypatch):
+    def fail(config, console):
+        raise launch.RunError("rank 1 exited with code 1: boom; the job was stopped. Logs are kept in /tmp/x")
+
+    monkeypatch.setattr(launch, "train", fail)
+    result = _invoke("train")
+    assert result.exit_code == 1
+    assert _one_line(result.output).startswith("error: rank 1 exited with code 1: boom")
+
+
+def test_profile_command(calls, tmp_path: Path):
+    out = tmp_path / "p.json"
+    result = _invoke("profile", "--stages", "2", "--micro-batches", "4", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    ((config, output),) = calls
+    assert config.mode == "profile" and config.stages == 2 and Path(output) == out
+
+
+def test_help_lists_every_option():
+    result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for option in ("--type", "--scheduling", "--reconfig", "--stages", "--micro-batches", "--micro-batch-size",
+                   "--seq-len", "--steps", "--model", "--data", "--deepspeed-config", "--agent",
+                   "--emulate-dvfs", "--no-emulate-dvfs", "--num-gpus", "--hostfile", "--num-nodes", "--report",
+                   "--plot"):
+        assert option in result.output, option
