@@ -1,0 +1,149 @@
+"""The run's plain parts without ranks: config round trip, progress markers, clock candidates, profile,
+report numbers, the DeepSpeed command line and the launcher's failure handling (with stand-in processes)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from envpipe.errors import ConfigError
+from envpipe.train import launch, report
+from envpipe.train.config import TrainConfig, resolve
+from envpipe.train.phases import Window
+from envpipe.train.planning import build_profile, candidate_clocks
+from envpipe.train.progress import MARKER, ProgressDisplay, parse_marker
+
+
+def test_config_round_trips_through_json():
+    config = resolve({"stages": 3, "micro_batches": 6, "emulate_dvfs": True})
+    assert TrainConfig.from_json(config.to_json()) == config
+    assert config.tokens_per_iteration == 6 * 2 * 64
+
+
+def test_resolve_rejects_internal_keys_in_block(tmp_path: Path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"envpipe": {"job_id": "x"}}))
+    with pytest.raises(ConfigError, match='unknown key "job_id"'):
+        resolve({}, ds)
+
+
+def test_resolve_checks_floats_and_choices():
+    with pytest.raises(ConfigError, match="--slowdown-bound must be a number"):
+        resolve({"slowdown_bound": 2.0})
+    with pytest.raises(ConfigError, match="dvfs_model = 'steep'"):
+        resolve({"dvfs_model": "steep"})
+
+
+def test_markers_survive_launcher_prefixes():
+    line = "[1,0]<stdout>: " + MARKER + json.dumps({"event": "phase", "phase": "steady", "total": 3})
+    assert parse_marker(line) == {"event": "phase", "phase": "steady", "total": 3}
+    assert parse_marker("plain log line") is None
+    assert parse_marker(MARKER + "{broken") is None
+
+
+def test_progress_display_accepts_every_event():
+    console = Console(file=open("/dev/null", "w"), force_terminal=False)
+    with ProgressDisplay(console) as display:
+        display.handle({"event": "phase", "phase": "p", "label": "profiling", "total": 4})
+        display.handle({"event": "advance", "phase": "p", "completed": 2, "info": "1410 MHz"})
+        display.handle({"event": "phase_done", "phase": "p", "info": "done"})
+        display.handle({"event": "advance", "phase": "unknown"})
+        display.handle({"event": "message", "text": "hello"})
+        display.handle({"event": "from-the-future"})
+        task = display._progress.tasks[0]
+        assert task.completed == 4 and task.finished
+
+
+def test_candidate_clocks_spread_over_the_window():
+    h100 = list(range(1980, 344, -15))
+    picks = candidate_clocks(h100, 4, 0.5)
+    assert picks[0] == 1980 and len(picks) == 4 and picks == sorted(picks, reverse=True)
+    assert all(c in h100 and c >= 990 for c in picks)
+    assert candidate_clocks(h100, 1, 0.5) == [1980]
+    assert candidate_clocks([1410], 5, 0.5) == [1410]
+
+
+def _window(energy: dict[int, float], iteration_ms: float, units=None) -> Window:
+    return Window(iterations=2, iteration_ms=iteration_ms, iteration_ms_median=iteration_ms,
+                  stage_energy_j=energy, simulated=True, losses=[5.0, 4.0], stage_unit_ms=units or {})
+
+
+def test_profile_finds_the_energy_valley_per_stage():
+    points = [
+        (1980, _window({0: 10.0, 1: 12.0}, 100.0, {0: {"F": 1.0, "B": 2.0}, 1: {"F": 1.0, "B": 2.0}})),
+        (1500, _window({0: 8.0, 1: 12.5}, 120.0, {0: {"F": 1.3, "B": 2.6}, 1: {"F": 1.3, "B": 2.6}})),
+        (1000, _window({0: 9.0, 1: 13.0}, 160.0, {0: {"F": 1.9, "B": 3.8}, 1: {"F": 1.9, "B": 3.8}})),
+    ]
+    profile = build_profile(points, gpu_name="sim", clocks_mhz=[1000, 1500, 1980], idle_power_w=50.0,
+                            simulated=True, source="sim agent (simulated)")
+    assert profile["format"] == "envpipe-profile/1" and profile["gpu"]["clocks_mhz"] == [1980, 1500, 1000]
+    assert [s["f_low_mhz"] for s in profile["stages"]] == [1500, 1980]
+    assert profile["stages"][0]["points"][1] == {"clock_mhz": 1500, "fwd_ms": 1.3, "bwd_ms": 2.6,
+                                                 "iteration_ms": 120.0, "energy_j": 8.0}
+
+
+def _result() -> dict:
+    base = _window({0: 10.0, 1: 10.0}, 100.0).to_dict()
+    steady = _window({0: 7.0, 1: 9.0}, 101.0).to_dict()
+    return {"simulated": True, "energy_source": "sim agent (simulated)", "dp_size": 1, "world_size": 2,
+            "baseline": base, "steady": steady, "schedule": {"name": "ours", "r": [1, 0], "text": ""},
+            "clocks": {}, "phases": [], "profile": None, "last_iteration": [], "agent": {}, "gpu": {}}
+
+
+def test_report_summary_numbers(tmp_path: Path):
+    config = resolve({"stages": 2, "micro_batches": 4, "micro_batch_size": 2, "seq_len": 64})
+    rep = report.build_report(config, _result())
+    summary = rep["summary"]
+    assert summary["energy_label"] == "simulated"
+    assert summary["energy_saving"] == pytest.approx(0.2)
+    assert summary["slowdown"] == pytest.approx(0.01)
+    assert summary["baseline"]["tokens_per_s"] == pytest.approx(512 / 0.1)
+    assert summary["steady"]["stage_energy_j"] == {"0": 7.0, "1": 9.0}
+    out = tmp_path / "r.json"
+    report.write_json(rep, out)
+    assert json.loads(out.read_text())["summary"]["energy_saving"] == pytest.approx(0.2)
+    console = Console(record=True, width=140)
+    report.print_summary(rep, console)
+    text = console.export_text()
+    assert "simulated" in text and "20.0%" in text and "tokens/s" in text
+
+
+def test_deepspeed_command_forwards_launcher_options():
+    config = resolve({"num_gpus": 4, "num_nodes": 1, "device": "cuda"})
+    cmd = launch.deepspeed_command(config, "QUJD", 29500)
+    assert cmd[1:3] == ["-m", "deepspeed.launcher.runner"]
+    assert cmd[cmd.index("--num_gpus") + 1] == "4" and cmd[cmd.index("--num_nodes") + 1] == "1"
+    assert cmd[-4:] == ["--module", "envpipe.train.worker", "--config-b64", "QUJD"]
+
+
+def _stand_in(code: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def test_one_failing_rank_stops_the_others_with_a_clear_error(tmp_path: Path):
+    survivor = _stand_in(f"import time; print({MARKER!r} + '{{\"event\":\"message\",\"text\":\"hi\"}}', flush=True); "
+                         "time.sleep(60)")
+    log = tmp_path / "rank1.log"
+    log.write_text("Traceback ...\nerror: rank 1: RuntimeError: stage 1 ran out of memory\n")
+    failing = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"], start_new_session=True)
+    ranks = [launch._Rank("rank 0", survivor, tmp_path / "rank0.log"), launch._Rank("rank 1", failing, log)]
+    console = Console(file=open("/dev/null", "w"))
+    start = time.monotonic()
+    with ProgressDisplay(console) as display, pytest.raises(launch.RunError) as info:
+        launch._follow(ranks, survivor.stdout, display, tmp_path)
+    assert time.monotonic() - start < 10
+    message = str(info.value)
+    assert "rank 1 exited with code 3" in message and "ran out of memory" in message and str(tmp_path) in message
+    assert survivor.poll() is not None  # stopped, not left running
+
+
+def test_rank_env_is_what_the_launchers_set():
+    env = launch.rank_env(1, 4, 12345, agent="ipc:///tmp/x")
+    assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"], env["MASTER_PORT"]) == ("1", "1", "4", "12345")
+    assert env["OMP_NUM_THREADS"] == "1" and env["ENVPIPE_AGENT"] == "ipc:///tmp/x"
