@@ -1,0 +1,126 @@
+"""EnvPipe on stock DeepSpeed pipelines: ``setup_distributed`` then ``initialize`` → :class:`EnvpipeEngine`.
+
+Importing this package is cheap; torch and deepspeed load when a function here is called.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from envpipe.errors import ConfigError
+
+log = logging.getLogger("envpipe.deepspeed")
+
+__all__ = ["initialize", "setup_distributed", "connect_agent"]
+
+
+def setup_distributed(timeout_s: float = 1800.0, backend: str | None = None) -> None:
+    """Initialise torch.distributed for pipeline training, avoiding the known CPU traps.
+
+    Sets up gloo on CPU (nccl on GPU), skips DeepSpeed's shm-comm JIT build (25–55 s, unused by pipelines),
+    and requires ``LOCAL_RANK`` (DeepSpeed's PipelineModule reads it).
+
+    Args:
+        timeout_s: process-group timeout; a dead peer surfaces as an error after at most this long.
+        backend: force a backend ("gloo", "nccl").
+
+    Raises:
+        ConfigError: ``LOCAL_RANK`` missing in a multi-rank job.
+    """
+    import datetime
+
+    import deepspeed
+    import torch
+
+    if "LOCAL_RANK" not in os.environ:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("LOCAL_RANK is not set; start ranks with `envpipe train`, torchrun or the deepspeed launcher")
+        os.environ["LOCAL_RANK"] = "0"
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    deepspeed.init_distributed(dist_backend=backend or ("nccl" if on_gpu else "gloo"), verbose=False,
+                               timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def connect_agent(agent: Any, local_rank: int, *, claim: bool = True) -> tuple[Any, Any]:
+    """Say hello to the agent and lease this rank's GPU; on failure warn once and return ``(None, None)``.
+
+    On GPU the CUDA device is translated to the agent's UUID (never trusting indices); on CPU with the sim
+    agent, rank ``local_rank`` takes simulated GPU ``local_rank mod n``.
+
+    Returns:
+        ``(agent, gpu_info)``, or ``(None, None)`` when no agent answered (training goes on).
+    """
+    if agent is None:
+        return None, None
+    import torch
+
+    try:
+        info = agent.hello()
+        if torch.cuda.is_available():
+            uuid = agent.gpu_uuid_for_cuda_index(torch.cuda.current_device())
+            gpu = next(g for g in info.gpus if g.uuid == uuid)
+        else:
+            if not info.gpus:
+                raise ConfigError("the agent manages no GPUs")
+            gpu = info.gpus[local_rank % len(info.gpus)]
+        if claim:
+            agent.claim(gpu.uuid)
+    except Exception as exc:  # noqa: BLE001 - any agent failure: train on without it, say so once
+        log.warning("envpipe agent not usable (%s): training goes on at the card's default clocks", exc)
+        return None, None
+    return agent, gpu
+
+
+def initialize(model: Any, config: dict[str, Any], schedule: Any, clocks: dict[Any, dict[str, int]] | None = None,
+               agent: Any = None, emulate_dvfs: bool = False, *, dvfs_model: Any = "central",
+               max_clock_mhz: int | None = None, claim_gpu: bool = True, local_rank: int | None = None) -> Any:
+    """Build an :class:`~envpipe.deepspeed.engine.EnvpipeEngine` for ``model`` running ``schedule``.
+
+    Args:
+        model: this rank's ``PipelineModule`` (``envpipe.models.llama.build_pipeline``).
+        config: DeepSpeed config dict; ``gradient_accumulation_steps`` must equal ``schedule.micro_batches``.
+            An ``"envpipe"`` block is ignored here (the CLI reads it).
+        schedule: an ``envpipe.ir.Schedule`` (``envpipe.schedules.get_schedule``).
+        clocks: ``ClockPlan`` (stage → unit → MHz); None runs every unit at the top clock.
+        agent: an ``envpipe_agent.client.AgentClient`` or None; if it does not answer, training goes on.
+        emulate_dvfs: stretch each unit by its clock's modelled slowdown (simulated; for CPU / sim agent).
+        dvfs_model: the ``envpipe_agent.dvfs`` model name or object used to stretch.
+        max_clock_mhz: the card's top clock; default the agent's GPU's, else 1980 (H100) when emulating.
+        claim_gpu: lease this rank's GPU from the agent (set False if the caller already did).
+        local_rank: default ``$LOCAL_RANK``.
+
+    Raises:
+        ConfigError: mismatched schedule/config, or a clock plan naming units the stage does not run.
+    """
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from envpipe.deepspeed.engine import EnvpipeEngine
+
+    ds_config = {k: v for k, v in config.items() if k != "envpipe"}
+    accumulation = ds_config.get("gradient_accumulation_steps")
+    if accumulation is not None and accumulation != schedule.micro_batches:
+        raise ConfigError(f"gradient_accumulation_steps={accumulation} but the schedule has "
+                          f"{schedule.micro_batches} micro-batches; they must be equal")
+    ds_config.setdefault("gradient_accumulation_steps", schedule.micro_batches)
+    mpu = model.mpu()
+    engine = EnvpipeEngine(args=None, model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                           mpu=mpu, config=ds_config, config_class=DeepSpeedConfig(ds_config, mpu),
+                           envpipe_schedule=schedule)
+    rank = int(os.environ.get("LOCAL_RANK", "0")) if local_rank is None else local_rank
+    agent, gpu = connect_agent(agent, rank, claim=claim_gpu)
+    top_mhz = max_clock_mhz or (gpu.max_mhz if gpu is not None else None)
+    stretcher = None
+    if emulate_dvfs:
+        from envpipe.deepspeed.dvfs_emulation import DvfsStretcher
+
+        top_mhz = top_mhz or 1980
+        stretcher = DvfsStretcher(dvfs_model, max_clock_mhz=top_mhz)
+    engine.attach(agent, max_clock_mhz=top_mhz, stretcher=stretcher)
+    engine.set_clocks(clocks)
+    engine.agent = agent
+    return engine

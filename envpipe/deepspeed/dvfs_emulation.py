@@ -1,0 +1,70 @@
+"""Emulated DVFS: stretch a unit's wall time by its clock's modelled slowdown (simulated, for CPU/sim runs).
+
+With the sim agent nothing really slows down at a lower clock, so reconfiguration would see flat timings
+and learn nothing. Here a unit planned at clock f takes ``time_ratio(f / f_max)`` times its real duration:
+on CPU the extra is slept after the unit; on GPU a ``torch.cuda._sleep`` spin is queued after the unit's
+kernels, sized from the unit's duration in the latest measured timeline (the device is not waited on).
+The curve is an ``envpipe_agent.dvfs`` model, the same one the sim agent integrates energy with.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from envpipe.errors import ConfigError
+
+
+class DvfsStretcher:
+    """Slows units down as if they ran at their planned clock (a model, labelled simulated)."""
+
+    simulated = True
+
+    def __init__(self, model: str | Any = "central", *, max_clock_mhz: int) -> None:
+        from envpipe_agent.dvfs import DvfsModel, get_model
+
+        if max_clock_mhz is None or max_clock_mhz <= 0:
+            raise ConfigError(f"emulated DVFS needs the card's top clock, got {max_clock_mhz!r}")
+        self.model = model if isinstance(model, DvfsModel) else get_model(model)
+        self.max_clock_mhz = int(max_clock_mhz)
+        self._ratio_cache: dict[int, float] = {}
+        self._last_ms: dict[str, float] = {}
+        self._cycles_per_ms: float | None = None
+
+    def ratio(self, clock_mhz: int | None) -> float:
+        """Modelled duration at ``clock_mhz`` over the duration at the top clock (1.0 for None)."""
+        if clock_mhz is None:
+            return 1.0
+        if clock_mhz not in self._ratio_cache:
+            x = min(clock_mhz, self.max_clock_mhz) / self.max_clock_mhz
+            self._ratio_cache[clock_mhz] = self.model.time_ratio(x)
+        return self._ratio_cache[clock_mhz]
+
+    def stretch_cpu(self, elapsed_s: float, clock_mhz: int | None) -> None:
+        """Sleep the modelled extra of a unit that took ``elapsed_s`` at the top clock."""
+        extra_s = elapsed_s * (self.ratio(clock_mhz) - 1.0)
+        if extra_s > 0:
+            time.sleep(extra_s)
+
+    def stretch_gpu(self, unit: str, clock_mhz: int | None) -> None:
+        """Queue a device spin of the modelled extra, sized from the unit's last measured top-clock time."""
+        import torch
+
+        base_ms = self._last_ms.get(unit)
+        extra_ms = 0.0 if base_ms is None else base_ms * (self.ratio(clock_mhz) - 1.0)
+        if extra_ms > 0:
+            torch.cuda._sleep(int(extra_ms * self._device_cycles_per_ms()))
+
+    def observe(self, spans: list[Any]) -> None:
+        """Learn each unit's un-stretched duration from a measured timeline (GPU sizing)."""
+        for span in spans:
+            self._last_ms[span.unit] = (span.end_ms - span.start_ms) / self.ratio(span.clock_mhz)
+
+    def _device_cycles_per_ms(self) -> float:
+        if self._cycles_per_ms is None:
+            import torch
+
+            props = torch.cuda.get_device_properties(torch.cuda.current_device())
+            clock_khz = getattr(props, "clock_rate", 0) or 1_500_000  # kHz; fall back to a typical boost clock
+            self._cycles_per_ms = float(clock_khz)  # kHz = cycles per ms
+        return self._cycles_per_ms

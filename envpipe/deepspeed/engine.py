@@ -1,0 +1,213 @@
+"""``EnvpipeEngine``: a stock DeepSpeed ``PipelineEngine`` that executes EnvPipe's schedule IR.
+
+Hook points used, all public in DeepSpeed's pipeline design (no fork, nothing patched globally):
+``_train_schedule`` (the schedule factory) returns the translated IR program, ``_INSTRUCTION_MAP`` gains the
+IR's instruction classes, and ``_exec_schedule`` dispatches through handlers bound once. Stock handlers do
+the model work (``_exec_forward_pass`` / ``_exec_backward_pass``); this class adds what the stock engine
+lacks for EnvPipe:
+
+* per-buffer state: each micro-batch has its own loss and received-gradient slot, because ``ours`` runs
+  several forwards before the matching backward (the stock engine keeps one ``self.loss``/``grad_layer``);
+* async sends that are waited on before their buffer is dropped (``iSA3`` … ``wSA3``), deadlock-free under
+  rendezvous semantics without NCCL_BUFFSIZE;
+* the planner's clock per unit, announced to the agent when the device reaches the unit;
+* per-unit spans for reconfiguration, and optional emulated DVFS.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import MethodType
+from typing import Any
+
+import torch
+from deepspeed.runtime.pipe.engine import PipelineEngine
+
+from envpipe.deepspeed import translate as tr
+from envpipe.deepspeed.events import make_notifier
+from envpipe.deepspeed.p2p import Link, as_list
+from envpipe.deepspeed.timing import gather, make_timer
+from envpipe.errors import ConfigError
+
+log = logging.getLogger("envpipe.deepspeed")
+
+
+class EnvpipeEngine(PipelineEngine):
+    """Pipeline engine running an EnvPipe ``Schedule`` (1f1b or ours) with a clock per unit.
+
+    Build it with :func:`envpipe.deepspeed.initialize`, not directly.
+    """
+
+    def __init__(self, *args: Any, envpipe_schedule: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pipe_buffers["losses"] = [None] * self.num_pipe_buffers
+        self.pipe_buffers["grads"] = [None] * self.num_pipe_buffers
+        self._link = Link(self.stage_id, self.grid.stage_to_global, self.device)
+        self._handlers = {cls: MethodType(fn, self) for cls, fn in self._INSTRUCTION_MAP.items()}
+        self._timer = make_timer(self.device.type == "cuda")
+        self._notifier = make_notifier(None, False)
+        self._stretcher = None
+        self.max_clock_mhz: int | None = None
+        self._unit_clocks: dict[str, int | None] = {}
+        self._clocks = None
+        self._timeline: list[Any] | None = None
+        self.set_schedule(envpipe_schedule)
+
+    # -- configuration ----------------------------------------------------------------------------------
+    def attach(self, agent: Any, *, max_clock_mhz: int | None, stretcher: Any = None) -> None:
+        """Connect the phase-event notifier (agent may be None) and the DVFS emulation (may be None)."""
+        self._notifier.close()
+        self._notifier = make_notifier(agent, self._timer.on_device)
+        self.max_clock_mhz = max_clock_mhz
+        self._stretcher = stretcher
+        self.set_clocks(self._clocks)
+
+    def set_schedule(self, schedule: Any) -> None:
+        """Run ``schedule`` from the next iteration on (same stage and micro-batch counts).
+
+        Raises:
+            ConfigError: the schedule's stages or micro-batches do not match the engine's.
+        """
+        if schedule.stages != self.num_stages or schedule.micro_batches != self.micro_batches:
+            raise ConfigError(
+                f"schedule {schedule.name!r} is for {schedule.stages} stages x {schedule.micro_batches} micro-batches, "
+                f"the engine runs {self.num_stages} x {self.micro_batches} (gradient_accumulation_steps)"
+            )
+        self.schedule = schedule
+        self._pipe_schedule = tr.IRPipeSchedule(schedule, self.stage_id)
+        self._units = tr.unit_names(schedule, self.stage_id)
+        self.set_clocks(self._clocks)
+
+    def set_clocks(self, clocks: dict[Any, dict[str, int]] | None) -> None:
+        """Use ``clocks`` (stage → unit → MHz) from the next unit on; None runs every unit at the top clock.
+
+        Raises:
+            ConfigError: the plan names a unit this stage does not run.
+        """
+        mine = {}
+        if clocks is not None:
+            mine = dict(clocks.get(self.stage_id, clocks.get(str(self.stage_id), {})))
+            unknown = sorted(set(mine) - set(self._units))
+            if unknown:
+                raise ConfigError(f"clock plan names units {unknown} that stage {self.stage_id} does not run "
+                                  f"in schedule {self.schedule.name!r}; its units are {self._units}")
+        self._clocks = clocks
+        self._unit_clocks = {unit: mine.get(unit, self.max_clock_mhz) for unit in self._units}
+
+    def close(self) -> None:
+        """Stop the notifier thread (the agent client stays open: its owner closes it)."""
+        self._notifier.close()
+
+    # -- iteration --------------------------------------------------------------------------------------
+    def train_batch(self, data_iter: Any = None) -> Any:
+        """Run one iteration of the schedule; returns the mean loss over micro-batches (same on all stages)."""
+        self._timeline = None
+        self._timer.start_iteration()
+        return super().train_batch(data_iter)
+
+    def _train_schedule(self) -> tr.IRPipeSchedule:
+        return self._pipe_schedule
+
+    def _exec_schedule(self, pipe_schedule: Any) -> None:
+        self._reserve_pipe_buffers(pipe_schedule.num_pipe_buffers())
+        self.fwd_outputs = []
+        handlers = self._handlers
+        for step in pipe_schedule:
+            for cmd in step:
+                handler = handlers.get(type(cmd))
+                if handler is None:
+                    raise RuntimeError(f"{type(self).__name__} does not understand instruction {cmd!r}")
+                handler(**cmd.kwargs)
+
+    def last_timeline(self) -> list[Any]:
+        """This stage's unit spans of the last iteration, ms from its start (waits for the device on GPU)."""
+        if self._timeline is None:
+            self._timeline = self._timer.spans(self.stage_id)
+            if self._stretcher is not None and self._timer.on_device:
+                self._stretcher.observe(self._timeline)
+        return self._timeline
+
+    def gather_timeline(self) -> list[Any]:
+        """Every stage's spans of the last iteration on one time axis (collective over the pipeline group)."""
+        return gather(self.last_timeline(), self._timer.origin_wall_s, self.grid.get_pipe_parallel_group())
+
+    # -- units ------------------------------------------------------------------------------------------
+    def _unit_begin(self, unit: str) -> None:
+        marker = self._timer.begin(unit)
+        self._notifier.send(unit, "begin", self._unit_clocks[unit] or 0, marker)
+
+    def _unit_end(self, unit: str) -> None:
+        clock_mhz = self._unit_clocks[unit]
+        stretcher = self._stretcher
+        if stretcher is not None:
+            if self._timer.on_device:
+                stretcher.stretch_gpu(unit, clock_mhz)
+            else:
+                stretcher.stretch_cpu(self._timer.elapsed_s(unit), clock_mhz)
+        marker = self._timer.end(unit, clock_mhz)
+        self._notifier.send(unit, "end", clock_mhz or 0, marker)
+
+    def _exec_run_forward(self, buffer_id: int, unit: str) -> None:
+        self._unit_begin(unit)
+        PipelineEngine._exec_forward_pass(self, buffer_id)
+        if self.is_last_stage():
+            self.pipe_buffers["losses"][buffer_id] = self.loss  # per buffer: several forwards may precede B
+        self._unit_end(unit)
+
+    def _exec_run_backward(self, buffer_id: int, unit: str) -> None:
+        self._unit_begin(unit)
+        buffers = self.pipe_buffers
+        if self.is_last_stage():
+            self.loss, buffers["losses"][buffer_id] = buffers["losses"][buffer_id], None
+        else:
+            self.grad_layer, buffers["grads"][buffer_id] = buffers["grads"][buffer_id], None
+        PipelineEngine._exec_backward_pass(self, buffer_id)
+        self.grad_layer = None
+        buffers["outputs"][buffer_id] = None
+        if self.is_first_stage():  # no SendGrad frees the first stage's inputs
+            buffers["inputs"][buffer_id] = None
+        if self.is_last_stage():
+            buffers["labels"][buffer_id] = None
+        self._unit_end(unit)
+
+    # -- communication ----------------------------------------------------------------------------------
+    def _exec_send_act(self, buffer_id: int, asynchronous: bool) -> None:
+        outputs = self.pipe_buffers["outputs"][buffer_id]
+        self._link.send(("SA", buffer_id), outputs, self.next_stage, asynchronous=asynchronous, with_header=True)
+
+    def _exec_recv_act(self, buffer_id: int) -> None:
+        self.pipe_buffers["inputs"][buffer_id] = self._link.recv_activations(self.prev_stage, ("RA", buffer_id))
+
+    def _exec_send_grad(self, buffer_id: int, asynchronous: bool) -> None:
+        inputs = self.pipe_buffers["inputs"][buffer_id]
+        grads = [t.grad for t in as_list(inputs) if t.is_floating_point()]
+        if any(g is None for g in grads):
+            raise RuntimeError(f"stage {self.stage_id}: no input gradient for micro-batch {buffer_id}; "
+                               "was its backward run before SG?")
+        payload = grads[0] if torch.is_tensor(inputs) else tuple(grads)
+        self._link.send(("SG", buffer_id), payload, self.prev_stage, asynchronous=asynchronous)
+        self.pipe_buffers["inputs"][buffer_id] = None  # an async send keeps its own reference until waited
+
+    def _exec_recv_grad(self, buffer_id: int) -> None:
+        outputs = self.pipe_buffers["outputs"][buffer_id]
+        grads = [torch.empty_like(t) for t in as_list(outputs) if t.is_floating_point()]
+        self._link.recv_into(grads, self.next_stage, ("RG", buffer_id))
+        self.pipe_buffers["grads"][buffer_id] = grads[0] if torch.is_tensor(outputs) else grads
+
+    def _exec_wait_send(self, buffer_id: int, kind: str) -> None:
+        self._link.wait((kind, buffer_id), self.next_stage if kind == "SA" else self.prev_stage)
+
+    def _exec_drain_sends(self) -> None:
+        self._link.drain(lambda key: self.next_stage if key[0] == "SA" else self.prev_stage)
+
+    _INSTRUCTION_MAP = {
+        **PipelineEngine._INSTRUCTION_MAP,
+        tr.RunForward: _exec_run_forward,
+        tr.RunBackward: _exec_run_backward,
+        tr.SendActivationIR: _exec_send_act,
+        tr.RecvActivationIR: _exec_recv_act,
+        tr.SendGradIR: _exec_send_grad,
+        tr.RecvGradIR: _exec_recv_grad,
+        tr.WaitSendIR: _exec_wait_send,
+        tr.DrainSends: _exec_drain_sends,
+    }

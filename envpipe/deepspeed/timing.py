@@ -1,0 +1,138 @@
+"""Per-unit timings of one iteration on one stage: CUDA events on GPU, ``perf_counter`` on CPU.
+
+On GPU nothing here synchronises on the hot path: each unit gets a begin and an end event (which the
+notifier thread also watches), and durations are read only when someone asks for the timeline, after the
+iteration. ``gather`` puts every stage's spans on one time axis for reconfiguration.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+
+def unit_span_class() -> Any:
+    """The shared ``UnitSpan`` record (``envpipe.sim``), so simulated and measured timelines are one type."""
+    try:
+        from envpipe.sim import UnitSpan
+    except ImportError:  # the simulator package is optional for a training-only install
+        return _UnitSpan
+    return UnitSpan
+
+
+@dataclass(frozen=True, slots=True)
+class _UnitSpan:
+    stage: int
+    unit: str
+    start_ms: float
+    end_ms: float
+    clock_mhz: int | None
+
+
+class CpuUnitTimer:
+    """Wall-clock spans (``perf_counter``) of the units of one iteration."""
+
+    on_device = False
+
+    def __init__(self) -> None:
+        self._origin_s = 0.0
+        self.origin_wall_s = 0.0
+        self._open: dict[str, float] = {}
+        self._spans: list[tuple[str, float, float, int | None]] = []
+
+    def start_iteration(self) -> None:
+        """Mark the iteration's start (time zero of this stage's spans)."""
+        self._spans = []
+        self._open = {}
+        self.origin_wall_s = time.time()
+        self._origin_s = time.perf_counter()
+
+    def begin(self, unit: str) -> None:
+        """Mark the start of ``unit``; returns no device marker (events on CPU are immediate)."""
+        self._open[unit] = time.perf_counter()
+
+    def elapsed_s(self, unit: str) -> float:
+        """Seconds since ``unit`` began (used to stretch it under emulated DVFS)."""
+        return time.perf_counter() - self._open[unit]
+
+    def end(self, unit: str, clock_mhz: int | None) -> None:
+        """Mark the end of ``unit``."""
+        self._spans.append((unit, self._open.pop(unit), time.perf_counter(), clock_mhz))
+
+    def spans(self, stage: int) -> list[Any]:
+        """This iteration's spans in ms from its start."""
+        span = unit_span_class()
+        origin = self._origin_s
+        return [span(stage, unit, (t0 - origin) * 1e3, (t1 - origin) * 1e3, clock) for unit, t0, t1, clock in self._spans]
+
+
+class CudaUnitTimer:
+    """Spans from CUDA events recorded on the current stream at each unit boundary."""
+
+    on_device = True
+
+    def __init__(self) -> None:
+        self.origin_wall_s = 0.0
+        self._origin = None
+        self._open: dict[str, Any] = {}
+        self._spans: list[tuple[str, Any, Any, int | None]] = []
+
+    def _event(self) -> Any:
+        import torch
+
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def start_iteration(self) -> None:
+        """Record the iteration's start event."""
+        self._spans = []
+        self._open = {}
+        self.origin_wall_s = time.time()
+        self._origin = self._event()
+
+    def begin(self, unit: str) -> Any:
+        """Record ``unit``'s begin event and return it (the notifier waits on it)."""
+        self._open[unit] = self._event()
+        return self._open[unit]
+
+    def end(self, unit: str, clock_mhz: int | None) -> Any:
+        """Record ``unit``'s end event and return it."""
+        event = self._event()
+        self._spans.append((unit, self._open.pop(unit), event, clock_mhz))
+        return event
+
+    def spans(self, stage: int) -> list[Any]:
+        """This iteration's spans in ms from its start (waits for the last event: call after the iteration)."""
+        span = unit_span_class()
+        if self._spans:
+            self._spans[-1][2].synchronize()
+        origin = self._origin
+        return [span(stage, unit, origin.elapsed_time(b), origin.elapsed_time(e), clock)
+                for unit, b, e, clock in self._spans]
+
+
+def make_timer(on_gpu: bool) -> CpuUnitTimer | CudaUnitTimer:
+    """The timer for this device."""
+    return CudaUnitTimer() if on_gpu else CpuUnitTimer()
+
+
+def gather(spans: list[Any], origin_wall_s: float, group: Any) -> list[Any]:
+    """Every stage's spans on every rank of ``group``, shifted so 0 ms is the earliest stage's start.
+
+    Stages start their iterations at slightly different moments; the wall clock at each stage's start puts
+    them on one axis (exact on one node, NTP-accurate across nodes).
+    """
+    import torch.distributed as dist
+
+    rows = [(s.stage, s.unit, s.start_ms, s.end_ms, s.clock_mhz) for s in spans]
+    gathered: list[Any] = [None] * dist.get_world_size(group=group)
+    dist.all_gather_object(gathered, (origin_wall_s, rows), group=group)
+    earliest = min(origin for origin, _ in gathered)
+    span = unit_span_class()
+    out = []
+    for origin, stage_rows in gathered:
+        shift_ms = (origin - earliest) * 1e3
+        out += [span(st, unit, t0 + shift_ms, t1 + shift_ms, clock) for st, unit, t0, t1, clock in stage_rows]
+    return sorted(out, key=lambda s: (s.stage, s.start_ms))
