@@ -1,0 +1,111 @@
+"""Leases: which rank holds which GPU, until it releases, stops heartbeating or its process dies.
+
+Every way a lease ends returns the GPU to the caller of :meth:`LeaseManager.expire` / :meth:`release`,
+which resets its clocks (DESIGN invariant 2). Holder pids are only checked when the peer is on this node
+(ipc endpoints); over tcp a pid names a process on another host and only heartbeats count.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class Lease:
+    """One GPU held by one rank of one job."""
+
+    lease_id: int
+    gpu_index: int
+    gpu_uuid: str
+    job_id: str
+    rank: int
+    pid: int
+    created_s: float = field(default_factory=time.monotonic)
+    heartbeat_s: float = field(default_factory=time.monotonic)
+    windows: dict[int, tuple[int, float]] = field(default_factory=dict)  # window id -> (energy_mj, t_s)
+
+    def holder(self) -> dict[str, object]:
+        """Who holds it, for refusals and status."""
+        return {"job_id": self.job_id, "rank": self.rank, "pid": self.pid}
+
+    def describe(self) -> str:
+        age_s = time.monotonic() - self.created_s
+        return f"job {self.job_id!r} rank {self.rank} pid {self.pid} (lease age {age_s:.1f} s)"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this node (a process of another user counts as alive)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class LeaseManager:
+    """Leases by id and by GPU index. Used only from the agent's event-loop thread (no locking)."""
+
+    def __init__(self, timeout_s: float, check_pids: bool) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"lease_timeout_s must be positive, got {timeout_s}")
+        self.timeout_s = timeout_s
+        self.check_pids = check_pids
+        self.by_id: dict[int, Lease] = {}
+        self.by_gpu: dict[int, Lease] = {}
+
+    def claim(self, gpu_index: int, gpu_uuid: str, job_id: str, rank: int, pid: int) -> tuple[Lease, bool]:
+        """Grant a lease, or return the caller's own lease again (a claim is idempotent).
+
+        Returns:
+            The lease and whether it is new.
+
+        Raises:
+            LookupError: the GPU is held by someone else; the message names the holder.
+        """
+        held = self.by_gpu.get(gpu_index)
+        if held is not None:
+            if (held.job_id, held.rank, held.pid) == (job_id, rank, pid):
+                held.heartbeat_s = time.monotonic()
+                return held, False
+            raise LookupError(f"GPU {gpu_uuid} is held by {held.describe()}; wait for it to end or stop that job")
+        lease_id = secrets.randbelow(0xFFFFFFFE) + 1  # never 0: 0 marks "no lease" in event frames
+        while lease_id in self.by_id:
+            lease_id = secrets.randbelow(0xFFFFFFFE) + 1
+        lease = Lease(lease_id, gpu_index, gpu_uuid, job_id, rank, pid)
+        self.by_id[lease_id] = lease
+        self.by_gpu[gpu_index] = lease
+        return lease, True
+
+    def heartbeat(self, lease_id: int) -> Lease | None:
+        lease = self.by_id.get(lease_id)
+        if lease is not None:
+            lease.heartbeat_s = time.monotonic()
+        return lease
+
+    def release(self, lease_id: int) -> Lease | None:
+        lease = self.by_id.pop(lease_id, None)
+        if lease is not None:
+            del self.by_gpu[lease.gpu_index]
+        return lease
+
+    def expire(self) -> list[tuple[Lease, str]]:
+        """End every lease whose heartbeat is overdue or whose local holder process is gone."""
+        now_s = time.monotonic()
+        ended: list[tuple[Lease, str]] = []
+        for lease in list(self.by_id.values()):
+            if now_s - lease.heartbeat_s > self.timeout_s:
+                reason = f"no heartbeat for {now_s - lease.heartbeat_s:.1f} s"
+            elif self.check_pids and not pid_alive(lease.pid):
+                reason = f"holder pid {lease.pid} is gone"
+            else:
+                continue
+            self.release(lease.lease_id)
+            ended.append((lease, reason))
+        return ended

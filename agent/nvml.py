@@ -1,0 +1,100 @@
+"""The ``nvml`` backend: real GPUs through pynvml (nvidia-ml-py), optionally read-only.
+
+Locks use ``nvmlDeviceSetGpuLockedClocks(h, f, f)`` and ``nvmlDeviceResetGpuLockedClocks(h)`` (the
+application-clocks API is deprecated). A success return is not proof, so every set is followed by a read
+of the SM clock. Supported SM clocks are those at the highest memory clock. In read-only mode every
+setter only logs what it would have done and counts it; nothing is ever written (DESIGN invariant 8).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from envpipe_agent.backend import GpuDesc
+from envpipe_agent.errors import AgentError
+
+log = logging.getLogger("envpipe_agent.nvml")
+T = TypeVar("T")
+
+
+class NvmlBackend:
+    """All NVIDIA GPUs of the node, by NVML index."""
+
+    name = "nvml"
+    simulated = False
+    energy_read_cheap = False
+
+    def __init__(self, read_only: bool = False) -> None:
+        import pynvml
+
+        self._nvml: Any = pynvml
+        self.read_only = read_only
+        self.would_set: list[tuple[str, int, int]] = []  # read-only: what would have been applied
+        self.readback_mismatches = 0
+        self._call("initialise NVML (is the NVIDIA driver installed? --backend sim simulates GPUs)", pynvml.nvmlInit)
+        count = self._call("count GPUs", pynvml.nvmlDeviceGetCount)
+        self._handles = [self._call(f"open GPU {i}", pynvml.nvmlDeviceGetHandleByIndex, i) for i in range(count)]
+        self._descs = [self._describe(i, handle) for i, handle in enumerate(self._handles)]
+
+    def _call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return fn(*args)
+        except self._nvml.NVMLError as exc:
+            raise AgentError(f"NVML: cannot {what}: {exc}") from None
+
+    def _describe(self, index: int, handle: Any) -> GpuDesc:
+        nvml = self._nvml
+        uuid = self._call(f"read the UUID of GPU {index}", nvml.nvmlDeviceGetUUID, handle)
+        name = self._call(f"read the name of GPU {index}", nvml.nvmlDeviceGetName, handle)
+        memory_mhz = max(self._call(f"list memory clocks of GPU {index}", nvml.nvmlDeviceGetSupportedMemoryClocks, handle))
+        clocks = self._call(f"list SM clocks of GPU {index}", nvml.nvmlDeviceGetSupportedGraphicsClocks, handle, memory_mhz)
+        return GpuDesc(index, uuid, name, tuple(sorted(set(clocks), reverse=True)))
+
+    def gpus(self) -> list[GpuDesc]:
+        return list(self._descs)
+
+    def set_locked_clock(self, index: int, clock_mhz: int) -> None:
+        if self.read_only:
+            self.would_set.append(("lock", index, clock_mhz))
+            log.info("read-only: would lock GPU %d at %d MHz", index, clock_mhz)
+            return
+        handle = self._handles[index]
+        self._call(f"lock GPU {index} at {clock_mhz} MHz", self._nvml.nvmlDeviceSetGpuLockedClocks,
+                   handle, clock_mhz, clock_mhz)
+        actual_mhz = self.read_clock_mhz(index)
+        if actual_mhz > clock_mhz:
+            # Below the lock is normal (idle, power or thermal cap); above it means the lock did not hold.
+            self.readback_mismatches += 1
+            log.warning("GPU %d: locked at %d MHz but reads %d MHz", index, clock_mhz, actual_mhz)
+
+    def reset_clocks(self, index: int) -> None:
+        if self.read_only:
+            self.would_set.append(("reset", index, 0))
+            log.info("read-only: would reset the locked clocks of GPU %d", index)
+            return
+        self._call(f"reset the clocks of GPU {index}", self._nvml.nvmlDeviceResetGpuLockedClocks, self._handles[index])
+
+    def read_clock_mhz(self, index: int) -> int:
+        return self._call(f"read the SM clock of GPU {index}", self._nvml.nvmlDeviceGetClockInfo,
+                          self._handles[index], self._nvml.NVML_CLOCK_SM)
+
+    def read_power_w(self, index: int) -> float:
+        return self._call(f"read the power of GPU {index}", self._nvml.nvmlDeviceGetPowerUsage, self._handles[index]) / 1000.0
+
+    def read_energy_mj(self, index: int) -> int:
+        return self._call(f"read the energy counter of GPU {index}", self._nvml.nvmlDeviceGetTotalEnergyConsumption,
+                          self._handles[index])
+
+    def on_phase(self, index: int, busy: bool) -> None:
+        """Real GPUs measure their own energy; phase events only carry clocks here."""
+
+    def describe(self) -> str:
+        return "NVML (read-only)" if self.read_only else "NVML"
+
+    def close(self) -> None:
+        try:
+            self._nvml.nvmlShutdown()
+        except self._nvml.NVMLError as exc:
+            log.debug("nvmlShutdown: %s", exc)

@@ -1,0 +1,161 @@
+"""The envpipe-agent wire protocol, version 1 (documented in docs/protocol.md).
+
+Two sockets, two encodings:
+
+* control (client DEALER/REQ -> agent ROUTER): one JSON object per frame,
+  request ``{"v": 1, "id": 7, "op": "claim", "args": {...}}``,
+  reply ``{"v": 1, "id": 7, "ok": true, "result": {...}}`` or
+  ``{"v": 1, "id": 7, "ok": false, "error": {"code": "lease_held", "message": "..."}}``.
+* events (client PUSH -> agent PULL): a fixed little-endian struct plus the unit name, no JSON, because a
+  training rank sends one per compute unit and must spend only microseconds on it.
+
+Standard library only: both the root agent and the training ranks import this module.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+PROTOCOL_VERSION = 1
+
+# Control frames above this size are answered with ``too_large`` (zmq drops frames above MAX_FRAME_BYTES).
+MAX_CONTROL_BYTES = 64 * 1024
+MAX_FRAME_BYTES = 1024 * 1024
+
+# Event frame: magic, version, kind, lease id, target clock (0 = keep), then the unit name (ASCII).
+EVENT_MAGIC = 0xE7
+EVENT_STRUCT = struct.Struct("<BBBIH")
+MAX_UNIT_BYTES = 32
+EVENT_BEGIN = 0
+EVENT_END = 1
+EVENT_KINDS = {"begin": EVENT_BEGIN, "end": EVENT_END}
+
+OPS = ("hello", "claim", "heartbeat", "release", "set_clock", "window_begin", "window_end", "status")
+
+
+class ErrorCode:
+    """Error codes carried in ``error.code`` of a reply (stable strings; clients switch on them)."""
+
+    BAD_REQUEST = "bad_request"
+    UNKNOWN_OP = "unknown_op"
+    VERSION_MISMATCH = "version_mismatch"
+    TOO_LARGE = "too_large"
+    NO_SUCH_GPU = "no_such_gpu"
+    LEASE_HELD = "lease_held"
+    UNKNOWN_LEASE = "unknown_lease"
+    UNKNOWN_WINDOW = "unknown_window"
+    INTERNAL = "internal"
+
+
+class ProtocolError(Exception):
+    """A frame that cannot be decoded; ``code`` is one of :class:`ErrorCode`."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A decoded control request."""
+
+    id: int
+    op: str
+    args: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class PhaseEvent:
+    """A decoded phase event: unit ``unit`` of lease ``lease_id`` began or ended; 0 MHz = no clock change."""
+
+    kind: int
+    lease_id: int
+    clock_mhz: int
+    unit: str
+
+
+def encode_request(request_id: int, op: str, args: dict[str, Any] | None = None) -> bytes:
+    """Serialise a control request."""
+    return json.dumps({"v": PROTOCOL_VERSION, "id": request_id, "op": op, "args": args or {}}).encode()
+
+
+def decode_request(frame: bytes) -> Request:
+    """Parse and validate a control request.
+
+    Raises:
+        ProtocolError: with ``too_large``, ``bad_request``, ``version_mismatch`` or ``unknown_op``.
+    """
+    if len(frame) > MAX_CONTROL_BYTES:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"control frame of {len(frame)} bytes exceeds {MAX_CONTROL_BYTES}")
+    try:
+        message = json.loads(frame)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"control frame is not JSON: {exc}") from None
+    if not isinstance(message, dict):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "control frame must be a JSON object")
+    version = message.get("v")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            ErrorCode.VERSION_MISMATCH,
+            f"agent speaks protocol {PROTOCOL_VERSION}, request says {version!r}; "
+            "install the same envpipe version for the agent and the client",
+        )
+    request_id, op, args = message.get("id", 0), message.get("op"), message.get("args", {})
+    if not isinstance(request_id, int) or isinstance(request_id, bool):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"request id must be an integer, got {request_id!r}")
+    if not isinstance(args, dict):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"args must be a JSON object, got {type(args).__name__}")
+    if op not in OPS:
+        raise ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown op {op!r}; the agent knows {', '.join(OPS)}")
+    return Request(request_id, op, args)
+
+
+def request_id_of(frame: bytes) -> int:
+    """Best-effort request id of an undecodable frame, so the error reply still matches its request."""
+    try:
+        value = json.loads(frame).get("id", 0)
+    except (UnicodeDecodeError, ValueError, AttributeError):
+        return 0
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def encode_reply(request_id: int, result: dict[str, Any]) -> bytes:
+    """Serialise a successful reply."""
+    return json.dumps({"v": PROTOCOL_VERSION, "id": request_id, "ok": True, "result": result}).encode()
+
+
+def encode_error(request_id: int, code: str, message: str) -> bytes:
+    """Serialise an error reply (no tracebacks ever cross the socket)."""
+    error = {"code": code, "message": message}
+    return json.dumps({"v": PROTOCOL_VERSION, "id": request_id, "ok": False, "error": error}).encode()
+
+
+def encode_event(kind: int, lease_id: int, clock_mhz: int, unit: bytes) -> bytes:
+    """Serialise a phase event; ``unit`` is the ASCII unit name, at most MAX_UNIT_BYTES."""
+    return EVENT_STRUCT.pack(EVENT_MAGIC, PROTOCOL_VERSION, kind, lease_id, clock_mhz) + unit[:MAX_UNIT_BYTES]
+
+
+def decode_event(frame: bytes) -> PhaseEvent:
+    """Parse a phase event.
+
+    Raises:
+        ProtocolError: ``bad_request`` for a short, oversized or non-event frame, ``version_mismatch``.
+    """
+    size = EVENT_STRUCT.size
+    if not size <= len(frame) <= size + MAX_UNIT_BYTES:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"event frame of {len(frame)} bytes")
+    magic, version, kind, lease_id, clock_mhz = EVENT_STRUCT.unpack_from(frame)
+    if magic != EVENT_MAGIC:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"event magic {magic:#x}")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(ErrorCode.VERSION_MISMATCH, f"event protocol {version}, agent {PROTOCOL_VERSION}")
+    if kind not in (EVENT_BEGIN, EVENT_END):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"event kind {kind}")
+    try:
+        unit = frame[size:].decode("ascii")
+    except UnicodeDecodeError:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "event unit name is not ASCII") from None
+    return PhaseEvent(kind, lease_id, clock_mhz, unit)

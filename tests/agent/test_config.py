@@ -1,0 +1,49 @@
+"""Config: TOML + flags; a bad key or value names itself and exits with code 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from envpipe_agent.config import resolve_config
+from envpipe_agent.errors import AgentConfigError
+from envpipe_agent.main import main
+
+
+def _toml(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_flags_override_the_file(tmp_path: Path) -> None:
+    path = _toml(tmp_path, 'backend = "sim"\ngpus = 4\nlease_timeout_s = 3\n')
+    config = resolve_config(path, {"gpus": 2, "min_mhz": None})
+    assert (config.backend, config.gpus, config.lease_timeout_s) == ("sim", 2, 3.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [('colour = "blue"\n', "colour"), ('gpus = "two"\n', "gpus"), ('backend = "cuda"\n', "backend"),
+     ("min_mhz = 1500\nmax_mhz = 900\n", "min_mhz"), ('prometheus_addr = "0.0.0.0"\n', "prometheus_addr"),
+     ("lease_timeout_s = -1\n", "lease_timeout_s"), ("gpus = [\n", "not valid TOML")],
+)
+def test_bad_key_or_value_exits_2_naming_it(tmp_path: Path, capsys, text: str, named: str) -> None:
+    assert main(["--config", _toml(tmp_path, text)]) == 2
+    assert named in capsys.readouterr().err
+
+
+def test_unknown_flag_exits_2(capsys) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["--colour", "blue"])
+    assert caught.value.code == 2
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(AgentConfigError, match="cannot read config"):
+        resolve_config(str(tmp_path / "nope.toml"), {})
+
+
+def test_read_only_needs_nvml(tmp_path: Path) -> None:
+    assert main(["--config", "", "--backend", "sim", "--read-only", "--runtime-dir", str(tmp_path)]) == 2

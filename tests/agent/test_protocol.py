@@ -1,0 +1,71 @@
+"""Frames round-trip; every malformed frame maps to a named error code."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from envpipe_agent.protocol import (
+    EVENT_BEGIN,
+    EVENT_END,
+    MAX_CONTROL_BYTES,
+    ErrorCode,
+    ProtocolError,
+    decode_event,
+    decode_request,
+    encode_event,
+    encode_request,
+    request_id_of,
+)
+
+
+def test_request_round_trip() -> None:
+    request = decode_request(encode_request(7, "claim", {"gpu_uuid": "GPU-1"}))
+    assert (request.id, request.op, request.args) == (7, "claim", {"gpu_uuid": "GPU-1"})
+
+
+def test_event_round_trip_and_size() -> None:
+    frame = encode_event(EVENT_BEGIN, 123456, 1410, b"F3")
+    assert len(frame) == 11  # 9-byte header + unit: cheap enough for one event per unit
+    event = decode_event(frame)
+    assert (event.kind, event.lease_id, event.clock_mhz, event.unit) == (EVENT_BEGIN, 123456, 1410, "F3")
+    assert decode_event(encode_event(EVENT_END, 1, 0, b"")).unit == ""
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (b"not json", ErrorCode.BAD_REQUEST),
+        (b"[1, 2]", ErrorCode.BAD_REQUEST),
+        (json.dumps({"v": 2, "id": 1, "op": "hello"}).encode(), ErrorCode.VERSION_MISMATCH),
+        (json.dumps({"v": 1, "id": 1, "op": "format_disk"}).encode(), ErrorCode.UNKNOWN_OP),
+        (json.dumps({"v": 1, "id": "x", "op": "hello"}).encode(), ErrorCode.BAD_REQUEST),
+        (json.dumps({"v": 1, "id": 1, "op": "hello", "args": []}).encode(), ErrorCode.BAD_REQUEST),
+        (b"{" + b" " * MAX_CONTROL_BYTES + b"}", ErrorCode.TOO_LARGE),
+    ],
+)
+def test_bad_requests_name_their_error(frame: bytes, code: str) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        decode_request(frame)
+    assert caught.value.code == code
+
+
+def test_version_mismatch_message_says_what_to_do() -> None:
+    with pytest.raises(ProtocolError, match="install the same envpipe version"):
+        decode_request(json.dumps({"v": 99, "id": 1, "op": "hello"}).encode())
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [b"", b"\xe7\x01", b"\x00\x01\x00\x01\x00\x00\x00\x00\x00", b"\xe7\x01\x05\x01\x00\x00\x00\x00\x00",
+     encode_event(EVENT_BEGIN, 1, 0, b"") + b"x" * 40, b"\xe7\x01\x00\x01\x00\x00\x00\x00\x00\xff"],
+)
+def test_bad_events_are_rejected(frame: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        decode_event(frame)
+
+
+def test_request_id_survives_bad_frames() -> None:
+    assert request_id_of(json.dumps({"v": 9, "id": 42}).encode()) == 42
+    assert request_id_of(b"\xff\xfe") == 0

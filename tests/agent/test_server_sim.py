@@ -1,0 +1,152 @@
+"""Claim, phase, release and energy windows against an in-process sim agent over ipc."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+import zmq
+
+from envpipe_agent.client import AgentClient
+from envpipe_agent.errors import AgentError, LeaseError
+from envpipe_agent.protocol import EVENT_BEGIN, encode_event
+
+
+def _wait_for(predicate, timeout_s: float = 3.0) -> None:
+    deadline_s = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline_s:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def client(sim_agent):
+    c = AgentClient(sim_agent.endpoint, job_id="job-a", rank=0)
+    yield c
+    c.close()
+
+
+def test_hello_lists_simulated_gpus(sim_agent, client) -> None:
+    info = client.hello()
+    assert info.backend == "sim" and info.simulated
+    assert len(info.gpus) == 2 and info.gpus[0].uuid.startswith("GPU-")
+    assert info.gpus[0].clocks_mhz[0] == 1980 and info.gpus[0].clocks_mhz[-1] == 345
+
+
+def test_claim_phase_release_resets(sim_agent, client) -> None:
+    uuid = client.hello().gpus[1].uuid
+    client.claim(uuid)
+    client.phase("F0", "begin", 1410)
+    client.phase("F0", "end", 0)
+    _wait_for(lambda: sim_agent.backend.read_clock_mhz(1) == 1410)
+    assert sim_agent.backend.is_locked(1)
+    client.release()
+    _wait_for(lambda: not sim_agent.backend.is_locked(1))
+    assert sim_agent.backend.read_clock_mhz(1) == 1980
+    assert sim_agent.agent.counters["leases_released"] == 1
+
+
+def test_duplicate_clocks_are_skipped_and_others_snapped(sim_agent, client) -> None:
+    client.claim(client.hello().gpus[0].uuid)
+    for _ in range(5):
+        client.phase("B1", "begin", 1410)
+    # The mailbox keeps only the latest target, so let 1410 land before asking for more.
+    _wait_for(lambda: sim_agent.backend.read_clock_mhz(0) == 1410)
+    client.phase("B2", "begin", 1412)  # not a supported clock: snapped to 1410, a duplicate
+    client.phase("B3", "begin", 5000)  # above the top clock: snapped to 1980
+    _wait_for(lambda: sim_agent.agent.stats[0].events == 7)
+    _wait_for(lambda: sim_agent.backend.read_clock_mhz(0) == 1980)
+    sets = [call for call in sim_agent.backend.calls if call[0] == "set"]
+    assert sets == [("set", 0, 1410), ("set", 0, 1980)]
+    stats = sim_agent.agent.stats[0]
+    assert stats.duplicates == 5 and stats.snapped == 2
+
+
+def test_second_claimant_is_refused_with_the_holder(sim_agent, client) -> None:
+    uuid = client.hello().gpus[0].uuid
+    client.claim(uuid)
+    other = AgentClient(sim_agent.endpoint, job_id="job-b", rank=3)
+    try:
+        with pytest.raises(LeaseError, match=rf"job 'job-a' rank 0 pid {os.getpid()}"):
+            other.claim(uuid)
+    finally:
+        other.close()
+
+
+def test_events_of_a_non_holder_are_dropped_and_counted(sim_agent, client) -> None:
+    client.claim(client.hello().gpus[0].uuid)
+    context = zmq.Context.instance()
+    push = context.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 1000)
+    push.connect(sim_agent.config.events_endpoint())
+    bogus_lease = client.lease_id ^ 0x5A5A
+    for _ in range(10):
+        push.send(encode_event(EVENT_BEGIN, bogus_lease, 900, b"F0"))
+    push.close()
+    _wait_for(lambda: sim_agent.agent.counters["events_no_lease"] == 10)
+    assert sim_agent.backend.read_clock_mhz(0) == 1980
+
+
+def test_lease_expires_without_heartbeats_and_gpu_is_reset(sim_agent) -> None:
+    c = AgentClient(sim_agent.endpoint, job_id="job-x", rank=0, timeout_s=1.0)
+    c.claim(c.hello().gpus[0].uuid)
+    c.phase("F0", "begin", 990)
+    _wait_for(lambda: sim_agent.backend.is_locked(0))
+    c._stop.set()  # silence the heartbeat thread, as a hung rank would be
+    c._heartbeat.join()
+    _wait_for(lambda: not sim_agent.backend.is_locked(0), timeout_s=2.0)
+    assert sim_agent.agent.counters["leases_expired"] == 1
+    c._heartbeat = None
+    c.close()
+
+
+def test_dead_holder_pid_releases_the_gpu(sim_agent, client) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    uuid = client.hello().gpus[0].uuid
+    reply = client.call("claim", {"gpu_uuid": uuid, "job_id": "ghost", "rank": 0, "pid": dead_pid})
+    assert reply["lease_id"]
+    _wait_for(lambda: sim_agent.agent.counters["leases_expired"] == 1, timeout_s=1.0)
+
+
+def test_energy_window_integrates_busy_and_idle(sim_agent, client) -> None:
+    info = client.hello()
+    client.claim(info.gpus[0].uuid)
+    window = client.window_begin()
+    client.phase("F0", "begin", 1980)
+    time.sleep(0.2)
+    client.phase("F0", "end", 0)
+    time.sleep(0.2)
+    result = client.window_end(window)
+    assert result.simulated
+    # ~0.2 s at 700 W busy + ~0.2 s at 127 W idle = ~165 J (simulated); timing slack both ways.
+    expected_j = 700 * 0.2 + 127 * 0.2
+    assert 0.7 * expected_j < result.energy_j < 1.4 * expected_j
+    assert 0.35 < result.duration_s < 0.6
+
+
+def test_control_errors_are_replies_not_crashes(sim_agent, client) -> None:
+    with pytest.raises(AgentError) as caught:
+        client.call("window_end", {"lease_id": 1, "window_id": 1})
+    assert caught.value.code == "unknown_lease"
+    with pytest.raises(AgentError) as caught:
+        client.call("claim", {"gpu_uuid": "GPU-nope", "job_id": "j", "rank": 0, "pid": 1})
+    assert caught.value.code == "no_such_gpu"
+    with pytest.raises(AgentError) as caught:
+        client.call("claim", {"gpu_uuid": 3})
+    assert caught.value.code == "bad_request"
+    assert client.status()["counters"]["control_errors"] == 3
+
+
+def test_sockets_are_group_restricted(sim_agent) -> None:
+    runtime_dir = sim_agent.config.resolved_runtime_dir()
+    assert stat.S_IMODE(os.stat(runtime_dir).st_mode) == 0o750
+    for name in ("control.sock", "events.sock"):
+        info = os.stat(os.path.join(runtime_dir, name))
+        assert stat.S_IMODE(info.st_mode) == 0o660
+        assert info.st_gid == os.getegid()
