@@ -167,7 +167,7 @@ def _buffer_report(schedule: Schedule, limit: int | None) -> VerifyReport:
 # ------------------------------------------------------------------------------------- rendezvous execution
 
 
-def _channel_index(programs: tuple[tuple[Action, ...], ...]) -> list[list[tuple[tuple[int, int], int]]]:
+def channel_index(programs: tuple[tuple[Action, ...], ...]) -> list[list[tuple[tuple[int, int], int]]]:
     """For every action: its directed channel (src, dst) and its FIFO index k on that channel."""
     result = []
     for stage, program in enumerate(programs):
@@ -196,7 +196,7 @@ def _channel_index(programs: tuple[tuple[Action, ...], ...]) -> list[list[tuple[
 
 def _rendezvous(programs: tuple[tuple[Action, ...], ...]) -> list[int] | None:
     """Run the programs under rendezvous semantics; None if all finish, else each stage's stuck position."""
-    index = _channel_index(programs)
+    index = channel_index(programs)
     posted: dict[tuple[int, int], int] = defaultdict(int)
     received: dict[tuple[int, int], int] = defaultdict(int)
     pcs = [0] * len(programs)
@@ -274,7 +274,7 @@ def _deadlock_message(schedule: Schedule, stuck: list[int]) -> str:
 
 
 def _lockstep(programs: tuple[tuple[Action, ...], ...]) -> tuple[list[list[str]], list[int]]:
-    index = _channel_index(programs)
+    index = channel_index(programs)
     posted: dict[tuple[int, int], int] = defaultdict(int)
     received: dict[tuple[int, int], int] = defaultdict(int)
     pcs = [0] * len(programs)

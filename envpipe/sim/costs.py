@@ -1,0 +1,183 @@
+"""Per-unit time and power at each SM clock, p2p transfer time and clock-switch latency.
+
+Power model (all simulated, named by :meth:`CostModel.describe`):
+
+* busy power of a unit at clock f: ``busy_power_w * p(f / f_max)`` with the DVFS model's power curve, or the
+  profile's derived active power at f;
+* idle power (bubbles, blocked in p2p) at the current clock f: ``idle_w * (1 - idle_clock_drop * (f_max - f)
+  / (f_max - f_min))`` with ``idle_w = idle_fraction * busy_power_w`` (model) or the profile's idle power.
+  Only a Titan V pair is public for idle power at locked low clocks (~25% lower at the bottom clock), so
+  ``idle_clock_drop`` defaults to 0.25 and is a parameter, not a fact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from envpipe.errors import ConfigError, SimulationError
+from envpipe.ir import ActionKind
+from envpipe.sim.profile import MeasuredProfile
+from envpipe_agent.dvfs import Card, DvfsModel, get_card, get_model
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """What a unit costs on each stage at each clock.
+
+    Attributes:
+        fwd_ms: per-stage forward time at the top clock.
+        bwd_ms: per-stage backward time at the top clock.
+        card: the GPU (clock set, busy and idle power).
+        curve: a sourced/explicit ``DvfsModel`` or a ``MeasuredProfile``.
+        p2p_latency_ms: fixed cost of one activation/gradient transfer.
+        p2p_bandwidth_gb_s: link bandwidth (GB/s); with ``message_mb`` gives the size-dependent part.
+        message_mb: size of one activation (= one gradient) message in MB.
+        clock_switch_ms: how long a unit keeps running at the previous clock after a clock change.
+        idle_clock_drop: share of idle power saved at the lowest clock (linear in between).
+    """
+
+    fwd_ms: tuple[float, ...]
+    bwd_ms: tuple[float, ...]
+    card: Card
+    curve: DvfsModel | MeasuredProfile
+    p2p_latency_ms: float = 0.05
+    p2p_bandwidth_gb_s: float = 25.0
+    message_mb: float = 0.0
+    clock_switch_ms: float = 1.0
+    idle_clock_drop: float = 0.25
+    _clocks: tuple[int, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if len(self.fwd_ms) != len(self.bwd_ms) or not self.fwd_ms:
+            raise ConfigError(f"give one forward and one backward time per stage (got {len(self.fwd_ms)} "
+                              f"and {len(self.bwd_ms)})")
+        if any(t <= 0 for t in (*self.fwd_ms, *self.bwd_ms)):
+            raise ConfigError(f"unit times must be > 0 ms, got fwd {self.fwd_ms} bwd {self.bwd_ms}")
+        if min(self.p2p_latency_ms, self.message_mb, self.clock_switch_ms) < 0 or self.p2p_bandwidth_gb_s <= 0:
+            raise ConfigError("p2p latency, message size and clock-switch latency must be >= 0, bandwidth > 0")
+        if not 0 <= self.idle_clock_drop < 1:
+            raise ConfigError(f"idle_clock_drop must be in [0, 1), got {self.idle_clock_drop}")
+        clocks = self.card.clocks_mhz
+        if isinstance(self.curve, MeasuredProfile):
+            object.__setattr__(self, "curve", self.curve.for_stages(len(self.fwd_ms)))
+            clocks = self.curve.clocks_mhz
+        object.__setattr__(self, "_clocks", tuple(clocks))
+
+    @classmethod
+    def build(
+        cls,
+        stages: int,
+        *,
+        gpu: str = "h100",
+        model: str | DvfsModel = "central",
+        profile: MeasuredProfile | None = None,
+        fwd_ms: Sequence[float] | float | None = None,
+        bwd_ms: Sequence[float] | float | None = None,
+        **options: float,
+    ) -> CostModel:
+        """Costs for ``stages`` stages: balanced 10/20 ms units unless times are given (one or per stage).
+
+        With a profile and no times, the profile's top-clock times are used; given times scale the
+        profile's curve.
+        """
+        card = get_card(gpu)
+        curve: DvfsModel | MeasuredProfile = get_model(model) if isinstance(model, str) else model
+        if profile is not None:
+            curve = profile.for_stages(stages)
+            top = curve.clocks_mhz[0]
+            fwd_ms = fwd_ms if fwd_ms is not None else [curve.unit_ms(s, True, top) for s in range(stages)]
+            bwd_ms = bwd_ms if bwd_ms is not None else [curve.unit_ms(s, False, top) for s in range(stages)]
+        return cls(_per_stage(fwd_ms, 10.0, stages, "fwd_ms"), _per_stage(bwd_ms, 20.0, stages, "bwd_ms"),
+                   card, curve, **options)
+
+    @property
+    def stages(self) -> int:
+        """Number of stages the costs describe."""
+        return len(self.fwd_ms)
+
+    @property
+    def clocks_mhz(self) -> tuple[int, ...]:
+        """Candidate clocks, descending: the card's, or the profiled ones."""
+        return self._clocks
+
+    @property
+    def max_clock_mhz(self) -> int:
+        """The top candidate clock (baseline)."""
+        return self._clocks[0]
+
+    @property
+    def min_clock_mhz(self) -> int:
+        """The lowest candidate clock."""
+        return self._clocks[-1]
+
+    def _ratio(self, clock_mhz: float) -> float:
+        if not self.min_clock_mhz <= clock_mhz <= self.max_clock_mhz:
+            raise SimulationError(f"clock {clock_mhz} MHz is outside {self.min_clock_mhz}-{self.max_clock_mhz} MHz "
+                                  f"({self.describe()}); choose a supported clock")
+        return clock_mhz / self.card.max_clock_mhz
+
+    def unit_duration_ms(self, stage: int, kind: ActionKind | str, clock_mhz: float) -> float:
+        """Duration of a forward (``F``) or backward (``B``) unit of ``stage`` at ``clock_mhz``."""
+        forward = _is_forward(kind)
+        base = self.fwd_ms[stage] if forward else self.bwd_ms[stage]
+        if isinstance(self.curve, MeasuredProfile):
+            self._ratio(clock_mhz)
+            top = self.max_clock_mhz
+            return base * self.curve.unit_ms(stage, forward, clock_mhz) / self.curve.unit_ms(stage, forward, top)
+        return base * self.curve.time_ratio(self._ratio(clock_mhz))
+
+    def unit_power_w(self, stage: int, kind: ActionKind | str, clock_mhz: float) -> float:
+        """Busy power of a unit at ``clock_mhz`` (forward and backward share the shape)."""
+        _is_forward(kind)
+        if isinstance(self.curve, MeasuredProfile):
+            self._ratio(clock_mhz)
+            return self.curve.active_power_w(stage, clock_mhz)
+        return self.card.busy_power_w * self.curve.power_ratio(self._ratio(clock_mhz))
+
+    def idle_power_w(self, stage: int, clock_mhz: float) -> float:
+        """Power while the stage waits (bubble, blocked in p2p) with its clock locked at ``clock_mhz``."""
+        self._ratio(clock_mhz)
+        if isinstance(self.curve, MeasuredProfile):
+            idle_top = self.curve.idle_power_w
+        else:
+            idle_top = self.curve.idle_fraction * self.card.busy_power_w
+        span = self.max_clock_mhz - self.min_clock_mhz
+        lowered = (self.max_clock_mhz - clock_mhz) / span if span else 0.0
+        return idle_top * (1.0 - self.idle_clock_drop * lowered)
+
+    def transfer_ms(self, src_stage: int, dst_stage: int) -> float:
+        """Time of one activation or gradient transfer between neighbouring stages."""
+        return self.p2p_latency_ms + self.message_mb / self.p2p_bandwidth_gb_s
+
+    def f_low_mhz(self, stage: int) -> int:
+        """Energy-optimal clock of ``stage``: least unit energy (model) or least iteration energy (profile)."""
+        if isinstance(self.curve, MeasuredProfile):
+            return self.curve.f_low_mhz(stage)
+        top = self.card.max_clock_mhz
+        return min(self._clocks, key=lambda f: (self.curve.energy_ratio(f / top), -f))
+
+    def describe(self) -> str:
+        """Which model produced the numbers, for labels: every number from here is simulated."""
+        return (f"{self.curve.describe()}; {self.card.name}; p2p {self.p2p_latency_ms} ms + "
+                f"{self.message_mb} MB @ {self.p2p_bandwidth_gb_s} GB/s; clock switch {self.clock_switch_ms} ms")
+
+
+def _is_forward(kind: ActionKind | str) -> bool:
+    value = kind.value if isinstance(kind, ActionKind) else str(kind)
+    if value not in ("F", "B"):
+        raise SimulationError(f"only F and B units have a duration, got {kind!r}")
+    return value == "F"
+
+
+def _per_stage(value: Sequence[float] | float | None, default: float, stages: int, name: str) -> tuple[float, ...]:
+    if value is None:
+        return (default,) * stages
+    if isinstance(value, int | float):
+        return (float(value),) * stages
+    values = tuple(float(v) for v in value)
+    if len(values) == 1:
+        return values * stages
+    if len(values) != stages:
+        raise ConfigError(f"{name} has {len(values)} entries for {stages} stages; give one or one per stage")
+    return values
