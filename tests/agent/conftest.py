@@ -5,9 +5,13 @@ from __future__ import annotations
 import grp
 import os
 import shutil
+import struct
+import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +55,68 @@ def sim_agent(short_dir: str) -> Iterator[ThreadAgent]:
     agent = ThreadAgent(short_dir)
     yield agent
     agent.stop()
+
+
+# -- fake NVML -------------------------------------------------------------------------------------------
+_HEADER = struct.Struct("<IIQ")
+_GPU = struct.Struct("<IIIIQQQQQQ")
+_GPU_FIELDS = ("locked", "min_mhz", "max_mhz", "sm_mhz", "set_calls", "reset_calls", "bad_calls",
+               "last_set_ns", "energy_uj", "energy_ns")
+
+
+class FakeNvmlState:
+    """Reads (and pre-seeds) the fake library's shared state file (layout: struct fake_state in fake_nvml.c)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def gpu(self, index: int) -> dict[str, int]:
+        with open(self.path, "rb") as handle:
+            data = handle.read()
+        return dict(zip(_GPU_FIELDS, _GPU.unpack_from(data, _HEADER.size + index * _GPU.size)))
+
+    def seed_locked(self, ngpus: int, clock_mhz: int) -> None:
+        """Write a state with every GPU locked at ``clock_mhz``, as a crashed agent would leave it."""
+        data = bytearray(_HEADER.size + 8 * _GPU.size)
+        _HEADER.pack_into(data, 0, 0x4E564D4C, ngpus, 0)
+        for index in range(8):
+            _GPU.pack_into(data, _HEADER.size + index * _GPU.size, 1, clock_mhz, clock_mhz, clock_mhz,
+                           0, 0, 0, 0, 0, time.monotonic_ns())
+        with open(self.path, "wb") as handle:
+            handle.write(data)
+
+
+@pytest.fixture(scope="session")
+def fake_nvml_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Build tests/agent/fake_nvml.c into <dir>/libnvidia-ml.so.1 with gcc (skip without gcc)."""
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    if gcc is None:
+        pytest.skip("needs gcc to build the fake libnvidia-ml.so.1")
+    out_dir = tmp_path_factory.mktemp("fakenvml")
+    source = Path(__file__).with_name("fake_nvml.c")
+    subprocess.run([gcc, "-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-o", str(out_dir / "libnvidia-ml.so.1"),
+                    str(source)], check=True)
+    return str(out_dir)
+
+
+@pytest.fixture
+def fake_nvml(fake_nvml_dir: str, short_dir: str) -> tuple[FakeNvmlState, dict[str, str]]:
+    """A fresh fake-NVML state and the environment that makes a subprocess load the fake library."""
+    state_path = os.path.join(short_dir, "nvml.state")
+    env = dict(os.environ, LD_LIBRARY_PATH=fake_nvml_dir, ENVPIPE_FAKE_NVML_STATE=state_path,
+               ENVPIPE_FAKE_NVML_GPUS="2")
+    return FakeNvmlState(state_path), env
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    """Poll ``predicate`` until true (tests of cross-process effects)."""
+    deadline_s = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline_s:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def waiter() -> Callable[..., None]:
+    return wait_for
