@@ -122,5 +122,5 @@ def initialize(model: Any, config: dict[str, Any], schedule: Any, clocks: dict[A
         stretcher = DvfsStretcher(dvfs_model, max_clock_mhz=top_mhz)
     engine.attach(agent, max_clock_mhz=top_mhz, stretcher=stretcher)
     engine.set_clocks(clocks)
-    engine.agent = agent
+    engine.agent, engine.gpu = agent, gpu
     return engine

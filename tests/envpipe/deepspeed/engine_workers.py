@@ -1,0 +1,131 @@
+"""Rank-side functions of the multi-rank engine tests (run by ``envpipe.deepspeed.harness.run_ranks``).
+
+Each returns plain JSON so the test process can assert on every rank's view.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+MICRO_BATCH_SIZE = 2
+SEQ_LEN = 16
+
+
+def _ds_config(micro_batches: int) -> dict[str, Any]:
+    return {"train_micro_batch_size_per_gpu": MICRO_BATCH_SIZE, "gradient_accumulation_steps": micro_batches,
+            "steps_per_print": 10**9, "optimizer": {"type": "SGD", "params": {"lr": 0.05}}}
+
+
+def _data(vocab_size: int) -> Any:
+    from envpipe.data import batches
+
+    return batches(None, vocab_size=vocab_size, micro_batch_size=MICRO_BATCH_SIZE, seq_len=SEQ_LEN, seed=7)
+
+
+def _agent(endpoint: str | None) -> Any:
+    if endpoint is None:
+        return None
+    from envpipe_agent.client import AgentClient
+
+    return RecordingAgent(AgentClient(endpoint, job_id="engine-test", rank=int(os.environ["RANK"])))
+
+
+class RecordingAgent:
+    """The real client, with every phase event also recorded here (the order the engine sent them in)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.sent: list[tuple[str, str, int]] = []
+
+    def phase(self, unit: str, event: str, clock_mhz: int = 0) -> None:
+        self.sent.append((unit, event, clock_mhz))
+        self.client.phase(unit, event, clock_mhz)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+
+def _train(model_dir: str, schedule: Any, steps: int, *, clocks: Any = None, agent: Any = None,
+           emulate: bool = False) -> tuple[Any, list[float]]:
+    from envpipe.deepspeed import initialize
+    from envpipe.models.llama import build_pipeline, load_config
+
+    config = load_config(model_dir)
+    module = build_pipeline(config, schedule.stages, model_dir=model_dir)
+    engine = initialize(module, _ds_config(schedule.micro_batches), schedule, clocks, agent, emulate)
+    data = _data(config.vocab_size)
+    losses = [float(engine.train_batch(data)) for _ in range(steps)]
+    return engine, losses
+
+
+def _params(engine: Any) -> dict[str, Any]:
+    return {name: p.detach().clone() for name, p in engine.module.named_parameters()}
+
+
+def _max_rel_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
+    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)) for k in a)
+
+
+def _reference_loss(model_dir: str, micro_batches: int) -> float:
+    """Mean loss of the unsplit HF model over the first batch (what the pipeline's first loss must equal)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(model_dir, local_files_only=True, attn_implementation="sdpa")
+    data = _data(model.config.vocab_size)
+    with torch.no_grad():
+        losses = [model(input_ids=ids, labels=labels).loss for ids, labels in (next(data) for _ in range(micro_batches))]
+    return float(torch.stack(losses).mean())
+
+
+def equivalence(model_dir: str, agent_endpoint: str, micro_batches: int = 4, steps: int = 3) -> dict[str, Any]:
+    """2 stages: 1f1b vs ours (same init) losses/params; pipeline vs unsplit loss; phase events to the agent."""
+    from envpipe.deepspeed import setup_distributed
+    from envpipe.schedules import get_schedule
+
+    setup_distributed(timeout_s=60)
+    stage_count = int(os.environ["WORLD_SIZE"])
+    base, base_losses = _train(model_dir, get_schedule("1f1b", stage_count, micro_batches), steps)
+    base_params = _params(base)
+    is_last = base.is_last_stage()
+    ours = get_schedule("ours", stage_count, micro_batches, [2] + [0] * (stage_count - 1))
+    stage = base.stage_id
+    # A plan with a different clock per unit kind and a distinctive last unit, to see it at the agent.
+    units = [a.unit for a in ours.units(stage)]
+    clocks = {stage: {u: (1200 if u.startswith("F") else 1500) for u in units}}
+    clocks[stage][units[-1]] = 990
+    agent = _agent(agent_endpoint)
+    engine, ours_losses = _train(model_dir, ours, steps, clocks=clocks, agent=agent, emulate=True)
+    timeline = engine.gather_timeline()
+    result = {
+        "stage": stage, "base_losses": base_losses, "ours_losses": ours_losses,
+        "param_rel_diff": _max_rel_diff(_params(engine), base_params),
+        "units": units, "clocks": clocks[stage], "sent": agent.sent,
+        "gpu_uuid": engine.gpu.uuid, "timeline_stages": sorted({s.stage for s in timeline}),
+        "timeline_units": len(timeline), "stage_clock_in_spans": sorted({s.clock_mhz for s in timeline if s.stage == stage}),
+    }
+    if is_last:
+        result["reference_loss"] = _reference_loss(model_dir, micro_batches)
+    engine.close()
+    agent.client.close()
+    return result
+
+
+def killed_rank(model_dir: str, agent_endpoint: str, progress_dir: str, victim: int,
+                micro_batches: int = 8, steps_before: int = 2) -> dict[str, Any]:
+    """4 stages of ours with a non-monotone r; after ``steps_before`` steps rank ``victim`` dies."""
+    from envpipe.deepspeed import setup_distributed
+    from envpipe.schedules import get_schedule
+
+    setup_distributed(timeout_s=20)
+    rank = int(os.environ["RANK"])
+    schedule = get_schedule("ours", int(os.environ["WORLD_SIZE"]), micro_batches, [1, 2, 0, 0])
+    agent = _agent(agent_endpoint)
+    engine, losses = _train(model_dir, schedule, steps_before, agent=agent)
+    Path(progress_dir, f"rank{rank}.txt").write_text(f"{engine.gpu.uuid} {losses}")
+    if rank == victim:
+        os._exit(3)  # no cleanup at all: as if the process were killed
+    engine.train_batch(_data(256))  # must fail with a clear error: a neighbour is gone
+    return {"unexpected": "finished an iteration without rank {victim}"}

@@ -1,0 +1,106 @@
+"""Multi-rank EnvpipeEngine runs on CPU (gloo over loopback), 2 and 4 ranks, against the embedded sim agent.
+
+Assertions are grouped into two jobs to keep CI time low (each rank imports torch + deepspeed):
+* 2 ranks: 1f1b vs ours give identical losses and parameters; the pipeline's loss equals an unsplit
+  LlamaForCausalLM; phase events reach the agent in order with the planned clocks.
+* 4 ranks: ours with a non-monotone r finishes; a killed rank ends the job with a clear error and the agent
+  resets that rank's GPU.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from envpipe.deepspeed.harness import run_ranks
+
+WORKERS = str(Path(__file__).with_name("engine_workers.py"))
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """llama-tiny saved as a local HF directory (config + safetensors) with a fixed seed."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from envpipe.models.llama import load_config
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("llama-tiny")
+    LlamaForCausalLM(load_config("llama-tiny")).save_pretrained(path, safe_serialization=True)
+    return str(path)
+
+
+@pytest.fixture()
+def sim_agent(tmp_path: Path):
+    from envpipe_agent.client import AgentClient
+    from envpipe_agent.embedded import start_agent
+
+    agent = start_agent("sim", gpus=4, extra_args=["--lease-timeout-s", "1.0"], log_path=str(tmp_path / "agent.log"))
+    client = AgentClient(agent.endpoint, job_id="observer", rank=-1)
+    try:
+        yield agent, client
+    finally:
+        client.close()
+        agent.stop()
+
+
+def _failures(results) -> str:
+    return "\n".join(f"rank {r.rank} exit {r.returncode}:\n{r.stderr_tail}" for r in results if r.returncode)
+
+
+def test_two_stages_ours_matches_1f1b_and_unsplit_model_and_reaches_agent(model_dir, sim_agent):
+    agent, observer = sim_agent
+    results = run_ranks(2, f"{WORKERS}:equivalence", {"model_dir": model_dir, "agent_endpoint": agent.endpoint},
+                        timeout_s=150)
+    assert all(r.returncode == 0 for r in results), _failures(results)
+    values = [r.value for r in results]
+    for v in values:
+        # identical losses and parameters: fp32, SGD, 3 steps, same backward order per micro-batch
+        for ours, base in zip(v["ours_losses"], v["base_losses"], strict=True):
+            assert abs(ours - base) <= 1e-6 * abs(base)
+        assert v["param_rel_diff"] <= 1e-6
+        assert v["base_losses"] == values[0]["base_losses"]  # every stage reports the same loss
+    last = values[-1]
+    assert abs(last["base_losses"][0] - last["reference_loss"]) <= 1e-5 * last["reference_loss"]
+
+    status = {g["uuid"]: g for g in observer.status()["gpus"]}
+    for v in values:
+        # the engine sent begin/end for every unit, in the schedule's unit order, with the planned clock
+        expected = [(u, e, v["clocks"][u]) for _ in range(3) for u in v["units"] for e in ("begin", "end")]
+        assert [tuple(s) for s in v["sent"]] == expected
+        gpu = status[v["gpu_uuid"]]
+        assert gpu["events"] == len(expected)  # all of them reached the agent
+        assert gpu["snapped"] == 0
+        assert gpu["holder"] is None and gpu["target_mhz"] is None  # lease released at close: reset
+        assert gpu["clock_changes"] >= 1
+        assert v["timeline_stages"] == [0, 1] and v["timeline_units"] == 2 * 2 * 4
+        assert v["stage_clock_in_spans"] == sorted(set(v["clocks"].values()))
+
+
+def test_four_stages_non_monotone_r_then_killed_rank(model_dir, sim_agent, tmp_path):
+    agent, observer = sim_agent
+    victim = 2
+    results = run_ranks(4, f"{WORKERS}:killed_rank",
+                        {"model_dir": model_dir, "agent_endpoint": agent.endpoint, "progress_dir": str(tmp_path),
+                         "victim": victim}, timeout_s=150, grace_s=60)
+    progress = {r.rank: (tmp_path / f"rank{r.rank}.txt").read_text().split(" ", 1) for r in results}
+    assert len(progress) == 4, _failures(results)  # every rank finished the ours steps with r=[1,2,0,0]
+    assert len({losses for _, losses in progress.values()}) == 1
+    assert results[victim].returncode == 3
+    for r in results:
+        if r.rank != victim:
+            assert r.returncode not in (0, None), f"rank {r.rank} did not fail"
+    for neighbour in (victim - 1, victim + 1):
+        assert "PeerLostError" in results[neighbour].stderr_tail and f"lost stage {victim}" in results[neighbour].stderr_tail
+    victim_uuid = progress[victim][0]
+    deadline = time.monotonic() + 10
+    while True:  # the agent notices the dead pid / missed heartbeats and resets that GPU
+        gpu = next(g for g in observer.status()["gpus"] if g["uuid"] == victim_uuid)
+        if gpu["holder"] is None and gpu["resets"] >= 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert gpu["holder"] is None and gpu["resets"] >= 1 and not gpu["locked"]
