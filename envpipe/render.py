@@ -58,14 +58,15 @@ def gantt_png(result: SimResult, path: str | Path, *, title: str | None = None) 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib import cm, colors
+    from matplotlib import cm, colormaps, colors
 
     stages = len(result.stage_busy_ms)
     clocks = sorted({span.clock_mhz for span in result.timeline})
     norm = colors.Normalize(vmin=min(clocks), vmax=max(clocks) if max(clocks) > min(clocks) else min(clocks) + 1)
-    cmap = cm.get_cmap("viridis")
+    cmap = colormaps["viridis"]
     critical = set(result.critical_path)
-    fig, ax = plt.subplots(figsize=(max(8.0, 0.12 * len(result.timeline) / max(stages, 1) + 6), 1.0 + 0.6 * stages))
+    width_in = max(9.0, 0.12 * len(result.timeline) / max(stages, 1) + 6)
+    fig, ax = plt.subplots(figsize=(width_in, 1.4 + 0.6 * stages))
     for span in result.timeline:
         on_path = (span.stage, span.unit) in critical
         ax.barh(
@@ -80,11 +81,14 @@ def gantt_png(result: SimResult, path: str | Path, *, title: str | None = None) 
     ax.invert_yaxis()
     ax.set_xlim(0, result.iteration_time_ms * 1.01)
     ax.set_xlabel("time (ms, simulated)")
-    ax.set_title(title or f"simulated: {result.model}", fontsize=9)
+    import textwrap
+
+    text = title or f"simulated: {result.model}"
+    ax.set_title("\n".join(textwrap.fill(line, int(width_in * 13)) for line in text.splitlines()), fontsize=8)
     mappable = cm.ScalarMappable(norm=norm, cmap=cmap)
     fig.colorbar(mappable, ax=ax, label="SM clock (MHz)", pad=0.01)
     ax.plot([], [], color="red", linewidth=2, label="critical path")
-    ax.legend(loc="lower right", fontsize=7)
+    ax.legend(loc="upper right", bbox_to_anchor=(1.0, -0.12), fontsize=7, frameon=False)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
