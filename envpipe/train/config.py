@@ -51,6 +51,7 @@ class TrainConfig:
         plot: where to draw the measured Gantt chart of the last iteration.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         dvfs_model: the DVFS curve the sim agent and the DVFS emulation use.
+        warmup_steps: unmeasured iterations before the baseline window.
         baseline_steps: iterations of the baseline window measured at the start.
         profile_steps: iterations per candidate clock in the profiling phase.
         profile_clocks: how many candidate clocks to profile (evenly spread over the window below).
@@ -58,7 +59,7 @@ class TrainConfig:
         min_window_s: shortest energy window with a real agent (its counter advances every ~100 ms).
         reconfig_max_rounds: cap on reconfiguration iterations.
         slowdown_bound: allowed iteration-time slowdown for the planner (0.01 = 1 %).
-        lr: learning rate (SGD).
+        lr: learning rate of the default optimizer (SGD), used when the DeepSpeed config names none.
         seed: seed of the model initialisation and the synthetic data.
         job_id: names the run's leases at the agent (set by the launcher).
         mode: ``train`` (every phase) or ``profile`` (baseline window and profiling only).
@@ -85,14 +86,15 @@ class TrainConfig:
     plot: str | None = None
     device: str = "auto"
     dvfs_model: str = "central"
-    baseline_steps: int = 3
+    warmup_steps: int = 3
+    baseline_steps: int = 5
     profile_steps: int = 2
     profile_clocks: int = 4
     profile_min_ratio: float = 0.5
     min_window_s: float = 1.0
     reconfig_max_rounds: int = 20
     slowdown_bound: float = 0.01
-    lr: float = 1e-3
+    lr: float = 0.05
     seed: int = 1234
     job_id: str = ""
     mode: str = "train"
@@ -121,7 +123,7 @@ _FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 # Keys that only the resolver sets; a user must not put them in the "envpipe" block.
 _INTERNAL = {"deepspeed_config", "ds_config", "job_id", "mode"}
 _INT_MIN = {
-    "stages": 1, "micro_batches": 1, "micro_batch_size": 1, "seq_len": 2, "steps": 1, "baseline_steps": 1,
+    "stages": 1, "micro_batches": 1, "micro_batch_size": 1, "seq_len": 2, "steps": 1, "warmup_steps": 1, "baseline_steps": 1,
     "profile_steps": 1, "profile_clocks": 1, "reconfig_max_rounds": 0, "num_gpus": 1, "num_nodes": 1,
 }
 _CHOICES = {

@@ -80,7 +80,11 @@ def train(config: TrainConfig, *, console: Any) -> dict[str, Any]:
         report_mod.write_json(report, config.report)
         console.print(f"report written to {config.report}")
     if config.plot:
-        report_mod.draw_plot(report, config.plot)
+        try:
+            report_mod.draw_plot(report, config.plot)
+        except Exception as exc:  # noqa: BLE001 - the run is done; say what failed, keep the rest
+            kept = f"; the report is complete in {config.report}" if config.report else ""
+            raise RunError(f"could not draw --plot {config.plot} ({type(exc).__name__}: {exc}){kept}") from None
         console.print(f"Gantt chart of the last iteration drawn to {config.plot}")
     return report
 

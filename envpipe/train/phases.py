@@ -62,10 +62,13 @@ class PhaseRunner:
     # -- measurement ------------------------------------------------------------------------------------
 
     def warm_up(self) -> None:
-        """One unmeasured iteration (first-touch allocations, the gloo connections) and a time estimate."""
-        start = time.perf_counter()
-        self.ctx.engine.train_batch(self.ctx.data_iter)
-        self.iteration_s_estimate = _broadcast(time.perf_counter() - start)
+        """Unmeasured iterations (first-touch allocations, gloo connections, allocator growth), then a time
+        estimate from the last one."""
+        for _ in range(self.config.warmup_steps):
+            start = time.perf_counter()
+            self.ctx.engine.train_batch(self.ctx.data_iter)
+            elapsed_s = time.perf_counter() - start
+        self.iteration_s_estimate = _broadcast(elapsed_s)
 
     def idle_power(self) -> float:
         """Mean power of an idle GPU (all ranks wait together), for the profile's active-power split."""
@@ -142,7 +145,8 @@ class PhaseRunner:
         profile = None
         if self.ctx.is_rank0:
             profile = build_profile(points, gpu_name=self.ctx.gpu_name, clocks_mhz=self.ctx.clocks_mhz,
-                                    idle_power_w=idle_power_w, simulated=self.ctx.agent_simulated, source=self._energy_source())
+                                    idle_power_w=idle_power_w,
+                                    micro_batches=self.config.micro_batches, simulated=self.ctx.agent_simulated, source=self._energy_source())
             lows = ", ".join(f"s{s['stage']}: {s['f_low_mhz']}" for s in profile["stages"])
             self._done("profiling", f"f_low {lows} MHz")
         self.phases.append({"name": "profiling", "clocks_mhz": candidates, "iterations_per_clock": n,

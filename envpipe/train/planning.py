@@ -35,7 +35,7 @@ def candidate_clocks(clocks_mhz: Sequence[int], count: int, min_ratio: float) ->
 
 
 def build_profile(points: list[tuple[int, Any]], *, gpu_name: str, clocks_mhz: Sequence[int], idle_power_w: float,
-                  simulated: bool, source: str) -> dict[str, Any]:
+                  micro_batches: int, simulated: bool, source: str) -> dict[str, Any]:
     """The profile JSON (docs/architecture.md, "Profile JSON") from the profiling windows.
 
     Each stage also gets ``f_low_mhz``, the argmin of its energy per iteration (the energy valley).
@@ -45,6 +45,7 @@ def build_profile(points: list[tuple[int, Any]], *, gpu_name: str, clocks_mhz: S
         gpu_name: the GPU model the agent reports.
         clocks_mhz: the GPU's supported clocks.
         idle_power_w: the measured power of an idle GPU.
+        micro_batches: micro-batches per iteration (busy time = M x (fwd + bwd)).
         simulated: True with the sim agent.
         source: where the energy came from.
     """
@@ -63,7 +64,7 @@ def build_profile(points: list[tuple[int, Any]], *, gpu_name: str, clocks_mhz: S
     return {
         "format": PROFILE_FORMAT, "simulated": simulated, "source": source,
         "gpu": {"name": gpu_name, "clocks_mhz": sorted((int(c) for c in clocks_mhz), reverse=True)},
-        "idle_power_w": idle_power_w, "stages": out_stages,
+        "idle_power_w": idle_power_w, "micro_batches": micro_batches, "stages": out_stages,
     }
 
 
@@ -78,11 +79,30 @@ def initial_plan(profile: dict[str, Any] | None, config: TrainConfig) -> tuple[A
         schedule = get_schedule(config.scheduling, config.stages, config.micro_batches)
         return None, schedule, None
     from envpipe.clock_types import assign_clocks
-    from envpipe.profiling import cost_model_from_profile
 
-    costs = cost_model_from_profile(profile)
+    costs = costs_from_profile(profile)
     schedule = get_schedule(config.scheduling, config.stages, config.micro_batches, costs=costs)
     return costs, schedule, assign_clocks(schedule, costs, config.type)
+
+
+def costs_from_profile(profile: dict[str, Any]) -> Any:
+    """The simulator's CostModel on a run's own profile (measured, or from the sim agent: labelled so).
+
+    The card is described by the profile itself (its clocks and idle power), so any GPU the agent reports
+    works, not only the cards the simulator knows by name.
+    """
+    from envpipe.sim import CostModel, profile_from_dict
+    from envpipe_agent.dvfs import Card
+
+    measured = profile_from_dict(profile, origin="profiling phase")
+    card = Card(str(profile["gpu"]["name"]), tuple(profile["gpu"]["clocks_mhz"]), busy_power_w=0.0,
+                idle_power_w=float(profile["idle_power_w"]), source=measured.describe())
+    top_mhz = measured.clocks_mhz[0]
+    stages = len(profile["stages"])
+    return CostModel(
+        tuple(measured.unit_ms(s, True, top_mhz) for s in range(stages)),
+        tuple(measured.unit_ms(s, False, top_mhz) for s in range(stages)), card, measured,
+    )
 
 
 def make_reconfigurer(schedule: Any, costs: Any, config: TrainConfig) -> Any:
@@ -95,8 +115,15 @@ def make_reconfigurer(schedule: Any, costs: Any, config: TrainConfig) -> Any:
 
 def plot_timeline(spans: list[dict[str, Any]], path: str, *, title: str) -> None:
     """Draw measured spans (dicts of :class:`envpipe.sim.UnitSpan` fields) with the simulator's Gantt code."""
-    from envpipe.render import plot_gantt
+    from types import SimpleNamespace
+
+    from envpipe.render import gantt_png
     from envpipe.sim import UnitSpan
 
     timeline = [UnitSpan(s["stage"], s["unit"], s["start_ms"], s["end_ms"], s["clock_mhz"]) for s in spans]
-    plot_gantt(timeline, path, title=title)
+    stages = 1 + max((s.stage for s in timeline), default=0)
+    busy_ms = [sum(s.end_ms - s.start_ms for s in timeline if s.stage == stage) for stage in range(stages)]
+    # gantt_png reads these SimResult fields; a measured iteration has no critical path of its own.
+    measured = SimpleNamespace(timeline=timeline, stage_busy_ms=busy_ms, critical_path=[], model=title,
+                               iteration_time_ms=max((s.end_ms for s in timeline), default=1.0))
+    gantt_png(measured, path, title=title)

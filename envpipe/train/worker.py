@@ -112,21 +112,25 @@ def _build(config: TrainConfig, client: Any) -> RankContext:
     """Model, data and engine of this rank (the engine starts on 1F1B at the top clock)."""
     import torch.distributed as dist
 
-    from envpipe.deepspeed import initialize
+    from envpipe.deepspeed import connect_agent, initialize
     from envpipe.models.llama import build_pipeline, load_config
     from envpipe.schedules import get_schedule
 
     model_dir = config.model if Path(config.model).is_dir() else None
     llama = load_config(config.model)
     module = build_pipeline(llama, config.stages, model_dir=model_dir, seed=config.seed)
-    info = client.hello()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    gpu = info.gpus[local_rank % len(info.gpus)]
+    agent, gpu = connect_agent(client, local_rank, claim=True)
+    if agent is None:
+        # The launcher found (or started) this agent a moment ago; energy figures need it.
+        raise RuntimeError(f"the agent at {client.endpoint} did not answer or refused this rank's GPU; "
+                           "check `envpipe status` and that no other job holds the GPU")
+    info = client.hello()
     schedule = get_schedule("1f1b", config.stages, config.micro_batches)
     engine = initialize(
-        module, dict(config.ds_config), schedule, top_clock_plan(schedule, max(gpu.clocks_mhz)), agent=client,
+        module, dict(config.ds_config), schedule, top_clock_plan(schedule, gpu.max_mhz), agent=client,
         emulate_dvfs=bool(config.emulate_dvfs), dvfs_model=config.dvfs_model,
-        max_clock_mhz=max(gpu.clocks_mhz), local_rank=local_rank,
+        max_clock_mhz=gpu.max_mhz, claim_gpu=False, local_rank=local_rank,
     )
     stage, dp_index, dp_size = _placement(engine)
     data_iter = None

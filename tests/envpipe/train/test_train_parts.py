@@ -80,7 +80,7 @@ def test_profile_finds_the_energy_valley_per_stage():
         (1500, _window({0: 8.0, 1: 12.5}, 120.0, {0: {"F": 1.3, "B": 2.6}, 1: {"F": 1.3, "B": 2.6}})),
         (1000, _window({0: 9.0, 1: 13.0}, 160.0, {0: {"F": 1.9, "B": 3.8}, 1: {"F": 1.9, "B": 3.8}})),
     ]
-    profile = build_profile(points, gpu_name="sim", clocks_mhz=[1000, 1500, 1980], idle_power_w=50.0,
+    profile = build_profile(points, gpu_name="sim", clocks_mhz=[1000, 1500, 1980], idle_power_w=50.0, micro_batches=4,
                             simulated=True, source="sim agent (simulated)")
     assert profile["format"] == "envpipe-profile/1" and profile["gpu"]["clocks_mhz"] == [1980, 1500, 1000]
     assert [s["f_low_mhz"] for s in profile["stages"]] == [1500, 1980]

@@ -1,0 +1,51 @@
+"""One real run: `envpipe train --type envelope --scheduling ours --reconfig balanced` on llama-tiny with 2 CPU
+ranks (gloo) and the embedded sim agent, checked through its --report JSON and --plot file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from envpipe_cli.main import app
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_envelope_ours_balanced_on_two_cpu_ranks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # Nothing answers here, so the run must start (and stop) its own sim agent.
+    monkeypatch.setenv("ENVPIPE_AGENT", f"ipc://{tmp_path}/no-agent.sock")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    report_path, plot_path = tmp_path / "report.json", tmp_path / "last.png"
+    result = CliRunner().invoke(app, [
+        "train", "--type", "envelope", "--scheduling", "ours", "--reconfig", "balanced", "--model", "llama-tiny",
+        "--stages", "2", "--micro-batches", "4", "--seq-len", "32", "--steps", "4",
+        "--report", str(report_path), "--plot", str(plot_path),
+    ])
+    assert result.exit_code == 0, result.output
+    assert "started an embedded sim agent" in " ".join(result.output.split())
+
+    report = json.loads(report_path.read_text())
+    assert [p["name"] for p in report["phases"]] == ["baseline", "profiling", "reconfiguration", "steady"]
+    assert report["simulated"] is True and report["agent"]["embedded"] is True
+    summary = report["summary"]
+    assert summary["energy_label"] == "simulated" and "simulated" in report["energy_source"]
+    assert isinstance(summary["energy_saving"], float) and -1.0 < summary["energy_saving"] < 1.0
+    assert summary["baseline"]["energy_j_per_iteration"] > 0 and summary["steady"]["tokens_per_s"] > 0
+    assert set(summary["steady"]["stage_energy_j"]) == {"0", "1"}
+
+    profiling = report["phases"][1]
+    assert len(profiling["clocks_mhz"]) >= 2
+    assert [s["stage"] for s in report["profile"]["stages"]] == [0, 1]
+    assert all(s["f_low_mhz"] in profiling["clocks_mhz"] for s in report["profile"]["stages"])
+    assert report["phases"][2]["policy"] == "balanced" and report["phases"][2]["rounds"] >= 1
+
+    assert report["schedule"]["name"] == "ours" and report["config"]["emulate_dvfs"] is True
+    clocks = {int(s): units for s, units in report["clocks"].items()}
+    assert set(clocks) == {0, 1} and all(len(units) == 8 for units in clocks.values())
+    assert min(min(units.values()) for units in clocks.values()) < max(report["gpu"]["clocks_mhz"])
+    spans = report["last_iteration"]
+    assert {(s["stage"], s["unit"]) for s in spans} == {(s, f"{k}{m}") for s in (0, 1) for k in "FB" for m in range(4)}
+    assert plot_path.stat().st_size > 1000
