@@ -68,11 +68,11 @@ def print_summary(report: dict[str, Any], console: Any) -> None:
     label = summary["energy_label"]
     base, steady = summary["baseline"], summary["steady"]
     config = report["config"]
-    title = f"envpipe train: {config['type']} / {config['scheduling']} / reconfig {config['reconfig']}"
-    table = Table(title=title, caption=f"energy: {report['energy_source']}")
+    table = Table(title=f"envpipe train: {config['type']} · {report['schedule']['name']} · reconfig "
+                        f"{config['reconfig']}", caption=f"energy ({label}): {report['energy_source']}")
     table.add_column("")
-    table.add_column("baseline (1f1b, top clock)", justify="right")
-    table.add_column(f"{config['type']} ({report['schedule']['name']})", justify="right")
+    table.add_column("baseline", justify="right")
+    table.add_column(f"{config['type']}", justify="right")
     table.add_column("change", justify="right")
     table.add_row("tokens/s", f"{base['tokens_per_s']:,.0f}", f"{steady['tokens_per_s']:,.0f}",
                   _pct(steady["tokens_per_s"] / base["tokens_per_s"] - 1.0))
@@ -80,14 +80,13 @@ def print_summary(report: dict[str, Any], console: Any) -> None:
                   _pct(summary["slowdown"]))
     for stage in sorted(base["stage_energy_j"], key=int):
         b, s = base["stage_energy_j"][stage], steady["stage_energy_j"].get(stage, 0.0)
-        table.add_row(f"stage {stage} energy/iteration (J, {label})", f"{b:.3f}", f"{s:.3f}",
-                      _pct(s / b - 1.0) if b else "-")
-    table.add_row(f"[bold]total energy/iteration (J, {label})", f"{base['energy_j_per_iteration']:.3f}",
-                  f"{steady['energy_j_per_iteration']:.3f}", _pct(-summary["energy_saving"])
-                  if summary["energy_saving"] is not None else "-", end_section=True)
+        table.add_row(f"stage {stage} energy/it (J, {label})", f"{b:.3f}", f"{s:.3f}", _pct(s / b - 1.0) if b else "-")
     saving = summary["energy_saving"]
-    table.add_row(f"[bold]energy saving vs baseline ({label})", "", "",
-                  f"[bold]{saving * 100:.1f}%" if saving is not None else "-")
+    table.add_row(f"total energy/it (J, {label})", f"{base['energy_j_per_iteration']:.3f}",
+                  f"{steady['energy_j_per_iteration']:.3f}", _pct(-saving) if saving is not None else "-",
+                  style="bold", end_section=True)
+    table.add_row(f"energy saving ({label})", "", "", f"{saving * 100:.1f}%" if saving is not None else "-",
+                  style="bold")
     console.print(table)
 
 
