@@ -15,9 +15,10 @@ err_console = Console(stderr=True)
 def user_errors(exit_code: int = 1) -> Iterator[None]:
     """Show EnvPipe, agent and value errors as ``error: ...`` and exit with ``exit_code``."""
     from envpipe.errors import EnvpipeError
+    from envpipe_agent.errors import AgentError
 
     try:
         yield
-    except (EnvpipeError, ValueError, FileNotFoundError) as exc:
+    except (EnvpipeError, AgentError, ValueError, FileNotFoundError) as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(code=exit_code) from None

@@ -57,6 +57,16 @@ def sim_agent(short_dir: str) -> Iterator[ThreadAgent]:
     agent.stop()
 
 
+@pytest.fixture(scope="module")
+def module_sim_agent() -> Iterator[ThreadAgent]:
+    """One sim agent for a whole module (hypothesis runs many examples against it)."""
+    directory = tempfile.mkdtemp(prefix="ep-")
+    agent = ThreadAgent(directory)
+    yield agent
+    agent.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
 # -- fake NVML -------------------------------------------------------------------------------------------
 _HEADER = struct.Struct("<IIQ")
 _GPU = struct.Struct("<IIIIQQQQQQ")

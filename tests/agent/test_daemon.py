@@ -1,0 +1,83 @@
+"""Daemon plumbing end to end: sd_notify, Prometheus, the single-instance lock, and socket access by uid."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from envpipe_agent.embedded import agent_command, start_agent
+
+pytestmark = pytest.mark.slow
+
+_PROBE = """
+import sys
+from envpipe_agent.client import AgentClient
+from envpipe_agent.errors import AgentUnavailable
+try:
+    AgentClient(sys.argv[1], job_id="probe", rank=0, timeout_s=1.0).hello()
+    print("connected")
+except AgentUnavailable:
+    print("refused")
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_sd_notify_ready_and_stopping(short_dir: str) -> None:
+    notify_path = os.path.join(short_dir, "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(notify_path)
+        listener.settimeout(10)
+        agent = start_agent(gpus=1, runtime_dir=os.path.join(short_dir, "run"),
+                            env=dict(os.environ, NOTIFY_SOCKET=notify_path))
+        try:
+            assert listener.recv(64) == b"READY=1"
+        finally:
+            assert agent.stop() == 0
+        assert listener.recv(64) == b"STOPPING=1"
+
+
+def test_prometheus_serves_the_status_on_loopback(short_dir: str) -> None:
+    port = _free_port()
+    with start_agent(gpus=2, runtime_dir=short_dir, extra_args=["--prometheus-port", str(port)]):
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'envpipe_gpu_sm_clock_mhz{gpu="1"' in body and 'simulated="true"' in body
+    assert "envpipe_agent_events_received_total" in body
+
+
+def test_a_second_agent_on_the_same_sockets_is_refused(short_dir: str) -> None:
+    with start_agent(gpus=1, runtime_dir=short_dir):
+        second = subprocess.run(agent_command("sim", 1, short_dir, []), capture_output=True, text=True, timeout=20)
+    assert second.returncode == 2
+    assert "another envpipe-agent" in second.stderr
+
+
+def _as_nobody(endpoint: str, *groups: str) -> str:
+    group_args = ["--groups", ",".join(groups)] if groups else ["--clear-groups"]
+    command = ["setpriv", "--reuid", "65534", "--regid", "65534", *group_args, sys.executable, "-c", _PROBE, endpoint]
+    return subprocess.run(command, capture_output=True, text=True, timeout=20).stdout.strip()
+
+
+def test_another_uid_cannot_connect_but_a_group_member_can(short_dir: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("switching to another uid needs root (setpriv); run the suite as root to cover this")
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv (util-linux) to run a client as another uid")
+    probe = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", sys.executable,
+                            "-c", "import envpipe_agent.client"], capture_output=True, timeout=20)
+    if probe.returncode != 0:
+        pytest.skip("uid 65534 cannot run this Python/checkout (file permissions), so it cannot probe the socket")
+    os.chmod(short_dir, 0o755)  # the agent tightens it to 0750 with its socket group
+    with start_agent(gpus=1, runtime_dir=short_dir, extra_args=["--socket-group", "root"]) as agent:
+        assert _as_nobody(agent.endpoint) == "refused"
+        assert _as_nobody(agent.endpoint, "0") == "connected"

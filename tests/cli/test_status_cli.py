@@ -1,0 +1,68 @@
+"""``envpipe status``: table and JSON from a running sim agent; a clear message and exit 1 without one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+
+import pytest
+from typer.testing import CliRunner
+
+from envpipe_agent.client import AgentClient
+from envpipe_agent.embedded import start_agent
+from envpipe_cli.main import app
+from envpipe_cli.status import render_status
+
+runner = CliRunner(env={"COLUMNS": "250"})
+
+
+@pytest.fixture(scope="module")
+def agent():
+    running = start_agent(gpus=2)
+    yield running
+    running.stop()
+
+
+def test_status_json_lists_every_gpu(agent) -> None:
+    result = runner.invoke(app, ["status", "--endpoint", agent.endpoint, "--json"])
+    assert result.exit_code == 0, result.output
+    snapshot = json.loads(result.output)
+    assert snapshot["backend"] == "sim" and snapshot["simulated"] is True
+    assert [gpu["index"] for gpu in snapshot["gpus"]] == [0, 1]
+    assert all(gpu["simulated"] for gpu in snapshot["gpus"])
+
+
+def test_status_table_shows_holder_and_clock(agent) -> None:
+    with AgentClient(agent.endpoint, job_id="job-7", rank=3) as client:
+        client.claim(client.hello().gpus[1].uuid)
+        client.set_clock(1410)
+        result = runner.invoke(app, ["status", "--endpoint", agent.endpoint])
+    assert result.exit_code == 0, result.output
+    assert "backend sim" in result.output and "(simulated)" in result.output
+    row = next(line for line in result.output.splitlines() if line.strip().startswith("1 "))
+    assert "job-7/3/" in row and "/1410" in row
+
+
+def test_status_without_agent_says_how_to_start_one() -> None:
+    directory = tempfile.mkdtemp(prefix="ep-")
+    try:
+        result = runner.invoke(app, ["status", "--endpoint", f"ipc://{directory}/control.sock", "--timeout", "0.2"])
+    finally:
+        shutil.rmtree(directory)
+    assert result.exit_code == 1
+    assert "envpipe-agent --backend sim" in result.output
+
+
+def test_render_status_marks_read_only() -> None:
+    from rich.console import Console
+
+    snapshot = {"version": "0", "backend": "nvml", "read_only": True, "simulated": False, "uptime_s": 1.0,
+                "lease_timeout_s": 2.0, "gpus": [
+                    {"index": 0, "uuid": "GPU-12345678-aaaa", "name": "H100", "clock_mhz": 1980, "target_mhz": None,
+                     "locked": False, "power_w": 127.0, "energy_j": 5.0, "holder": None, "lease_age_s": None,
+                     "events_per_s": 0.0, "clock_changes": 0, "apply_latency_p99_ms": None}]}
+    console = Console(width=200, record=True)
+    console.print(render_status(snapshot))
+    text = console.export_text()
+    assert "nvml read-only" in text and "12345678" in text and "1980/-" in text
