@@ -41,8 +41,15 @@ def prepare_dir(path: str, gid: int) -> None:
     """Create the socket directory (0750, group ``gid``)."""
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    os.chown(directory, -1, gid)
+    _set_group(str(directory), gid)
     os.chmod(directory, DIR_MODE)
+
+
+def _set_group(path: str, gid: int) -> None:
+    # Skip the call when the group is already right: under the systemd unit (Group=envpipe, chown calls
+    # filtered out by SystemCallFilter=~@privileged) it always is.
+    if os.stat(path).st_gid != gid:
+        os.chown(path, -1, gid)
 
 
 def secure_socket(endpoint: str, gid: int) -> None:
@@ -51,7 +58,7 @@ def secure_socket(endpoint: str, gid: int) -> None:
         log.warning("endpoint %s is not group-restricted: anyone who can reach it can change clocks", endpoint)
         return
     path = endpoint[len("ipc://"):]
-    os.chown(path, -1, gid)
+    _set_group(path, gid)
     os.chmod(path, SOCKET_MODE)
 
 
