@@ -17,6 +17,7 @@ per directed pair of stages, so the k-th ``SA`` of stage s pairs with the k-th `
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from enum import Enum
@@ -121,6 +122,12 @@ class Action:
         return Action(self.kind, self.microbatch, clock_mhz=clock_mhz)
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def act(kind: ActionKind, microbatch: int, asynchronous: bool = False, waits: ActionKind | None = None) -> Action:
+    """A shared (cached) action without a clock: generators build many identical immutable actions."""
+    return Action(kind, microbatch, asynchronous, waits)
+
+
 ClockPlan = dict[int, dict[str, int]]
 """Stage -> unit name (``"F3"``) -> SM clock in MHz."""
 
@@ -149,7 +156,7 @@ class Schedule:
             raise ScheduleError(f"schedule {self.name!r} has {len(self.programs)} programs for {self.stages} stages")
         if len(self.r) != self.stages:
             raise ScheduleError(f"r has {len(self.r)} entries for {self.stages} stages; give one per stage")
-        units = tuple(tuple(a for a in prog if a.is_compute) for prog in self.programs)
+        units = tuple(tuple(a for a in prog if a.kind in COMPUTE_KINDS) for prog in self.programs)
         object.__setattr__(self, "_units", units)
 
     def units(self, stage: int) -> tuple[Action, ...]:

@@ -49,8 +49,9 @@ def verify(schedule: Schedule, max_outstanding_sends: int | None = None) -> Veri
         The per-stage buffer needs of the schedule.
     """
     for stage in range(schedule.stages):
-        _check_units(schedule, stage)
-        _check_comms(schedule, stage)
+        positions = _positions(schedule.programs[stage])
+        _check_units(schedule, stage, positions)
+        _check_comms(schedule, stage, positions)
     for stage in range(schedule.stages - 1):
         _check_pairing(schedule, stage)
     report = _buffer_report(schedule, max_outstanding_sends)
@@ -77,8 +78,7 @@ def _positions(program: tuple[Action, ...]) -> dict[tuple[ActionKind, int, bool]
     return found
 
 
-def _check_units(schedule: Schedule, stage: int) -> None:
-    pos = _positions(schedule.programs[stage])
+def _check_units(schedule: Schedule, stage: int, pos: dict[tuple[ActionKind, int, bool], list[int]]) -> None:
     for m in range(schedule.micro_batches):
         for kind in (K.F, K.B):
             where = pos.get((kind, m, False), [])
@@ -92,9 +92,8 @@ def _check_units(schedule: Schedule, stage: int) -> None:
         raise _fail(schedule, stage, None, f"stage {stage} runs {extra[0]} but M={schedule.micro_batches}")
 
 
-def _check_comms(schedule: Schedule, stage: int) -> None:
+def _check_comms(schedule: Schedule, stage: int, pos: dict[tuple[ActionKind, int, bool], list[int]]) -> None:
     program = schedule.programs[stage]
-    pos = _positions(program)
     first, last = stage == 0, stage == schedule.stages - 1
     # (kind, present on this stage?, must come before (True) / after (False) the unit, unit kind)
     rules = ((K.RA, not first, True, K.F), (K.SG, not first, False, K.B),
@@ -138,24 +137,26 @@ def _buffer_report(schedule: Schedule, limit: int | None) -> VerifyReport:
     for stage, program in enumerate(schedule.programs):
         outstanding = in_flight = peak_out = peak_flight = 0
         waited_sa: set[int] = set()
+        async_sa: set[int] = set()
         for i, action in enumerate(program):
             if action.asynchronous:
                 outstanding += 1
+                peak_out = max(peak_out, outstanding)
+                if action.kind is K.SA:
+                    async_sa.add(action.microbatch)
             elif action.kind is K.W:
                 outstanding -= 1
                 if action.waits is K.SA:
                     waited_sa.add(action.microbatch)
             elif action.kind is K.F:
                 in_flight += 1
+                peak_flight = max(peak_flight, in_flight)
             elif action.kind is K.B:
                 in_flight -= 1
-                sa_async = any(a.kind is K.SA and a.asynchronous and a.microbatch == action.microbatch
-                               for a in program[:i])
-                if sa_async and action.microbatch not in waited_sa:
+                if action.microbatch in async_sa and action.microbatch not in waited_sa:
                     raise _fail(schedule, stage, i, f"stage {stage}: B{action.microbatch} reuses the output "
                                 f"of F{action.microbatch} before its async send is waited; add wSA"
                                 f"{action.microbatch} before it")
-            peak_out, peak_flight = max(peak_out, outstanding), max(peak_flight, in_flight)
             if limit is not None and outstanding > limit:
                 raise _fail(schedule, stage, i, f"stage {stage} has {outstanding} async sends outstanding, "
                             f"more than max_outstanding_sends={limit}")

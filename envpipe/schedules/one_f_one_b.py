@@ -11,7 +11,7 @@ Neighbours are always in steps of opposite kind, so every blocking send meets it
 
 from __future__ import annotations
 
-from envpipe.ir import Action, ActionKind, Schedule
+from envpipe.ir import Action, ActionKind, Schedule, act
 
 K = ActionKind
 
@@ -42,17 +42,17 @@ def _program(stage: int, stages: int, micro_batches: int) -> tuple[Action, ...]:
         valid, prev_valid = 0 <= mb < micro_batches, 0 <= prev < micro_batches
         if forward:
             if has_prev and prev_valid:
-                prog.append(Action(K.SG, prev))
+                prog.append(act(K.SG, prev))
             if has_prev and valid:
-                prog.append(Action(K.RA, mb))
+                prog.append(act(K.RA, mb))
             if valid:
-                prog.append(Action(K.F, mb))
+                prog.append(act(K.F, mb))
         else:
             if has_next and valid:
-                prog.append(Action(K.RG, mb))
+                prog.append(act(K.RG, mb))
             if has_next and prev_valid:
-                prog.append(Action(K.SA, prev))
+                prog.append(act(K.SA, prev))
             if valid:
-                prog.append(Action(K.B, mb))
+                prog.append(act(K.B, mb))
         prev = mb
     return tuple(prog)

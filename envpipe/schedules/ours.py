@@ -25,12 +25,13 @@ Outstanding async sends per stage are therefore bounded by ``w_s`` activations p
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
 
 from envpipe.errors import ConfigError, ScheduleError
-from envpipe.ir import Action, ActionKind, Schedule
+from envpipe.ir import Action, ActionKind, Schedule, act
 
 K = ActionKind
 
@@ -71,7 +72,7 @@ def build(stages: int, micro_batches: int, r: Sequence[int]) -> Schedule:
     r = check_r(stages, micro_batches, r)
     w = warmups(stages, micro_batches, r)
     programs = tuple(
-        _program(s, stages, micro_batches, w[s], w[s - 1] if s else 0) for s in range(stages)
+        stage_program(s == 0, s == stages - 1, micro_batches, w[s], w[s - 1] if s else 0) for s in range(stages)
     )
     return Schedule("ours", stages, micro_batches, r, programs)
 
@@ -86,31 +87,32 @@ def unit_order(micro_batches: int, warmup: int) -> list[tuple[ActionKind, int]]:
     return order
 
 
-def _program(stage: int, stages: int, micro_batches: int, warmup: int, warmup_prev: int) -> tuple[Action, ...]:
-    first, last = stage == 0, stage == stages - 1
+@functools.lru_cache(maxsize=4096)
+def stage_program(first: bool, last: bool, micro_batches: int, warmup: int, warmup_prev: int) -> tuple[Action, ...]:
+    """One stage's program; it depends only on these five values, so it is cached (sweeps reuse it)."""
     prog: list[Action] = []
     grad_waits_after_ra: dict[int, int] = {}  # activation index j -> gradient m whose wait follows RA_j
     end_waits: list[int] = []
     for kind, m in unit_order(micro_batches, warmup):
         if kind is K.F:
             if not first:
-                prog.append(Action(K.RA, m))
+                prog.append(act(K.RA, m))
                 if m in grad_waits_after_ra:
-                    prog.append(Action(K.W, grad_waits_after_ra.pop(m), waits=K.SG))
-            prog.append(Action(K.F, m))
+                    prog.append(act(K.W, grad_waits_after_ra.pop(m), waits=K.SG))
+            prog.append(act(K.F, m))
             if not last:
-                prog.append(Action(K.SA, m, asynchronous=True))
+                prog.append(act(K.SA, m, True))
             continue
         if not last:
-            prog += [Action(K.RG, m), Action(K.W, m, waits=K.SA)]
-        prog.append(Action(K.B, m))
+            prog += [act(K.RG, m), act(K.W, m, waits=K.SA)]
+        prog.append(act(K.B, m))
         if not first:
-            prog.append(Action(K.SG, m, asynchronous=True))
+            prog.append(act(K.SG, m, True))
             if m + warmup_prev < micro_batches:
                 grad_waits_after_ra[m + warmup_prev] = m
             else:
                 end_waits.append(m)
-    prog += [Action(K.W, m, waits=K.SG) for m in end_waits]
+    prog += [act(K.W, m, waits=K.SG) for m in end_waits]
     return tuple(prog)
 
 

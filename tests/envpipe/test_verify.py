@@ -1,0 +1,164 @@
+"""Verifier: 0 deadlocks for 1f1b and ours over the whole sweep; the artifact's ours order deadlocks."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+
+import pytest
+
+from envpipe.errors import ScheduleError
+from envpipe.ir import Action, ActionKind, Schedule, schedule_from_text
+from envpipe.schedules import get_schedule
+from envpipe.schedules.one_f_one_b import step_unit
+from envpipe.verify import deadlocks, link_schedule, verify
+
+K = ActionKind
+
+
+def artifact_ours(stages: int, micro_batches: int, r: tuple[int, ...]) -> Schedule:
+    """The ATC'23 artifact's ``steps_ours`` order (DeepSpeed 0.7.4 fork), every send blocking.
+
+    Forward step: RecvActivation(m), SendGrad(previous step's micro-batch). Backward step: SendActivation of
+    the oldest queued forward output, RecvGrad(m). Forward outputs are queued after each ForwardPass.
+    """
+    programs = []
+    for stage in range(stages):
+        program: list[Action] = []
+        queue: deque[int] = deque()
+        prev = -1
+        for step in range(2 * (micro_batches + stages - 1 + max(r))):
+            mb, forward = step_unit(step, stage, stages, r[stage])
+            valid, prev_valid = 0 <= mb < micro_batches, 0 <= prev < micro_batches
+            if forward:
+                if valid and stage > 0:
+                    program.append(Action(K.RA, mb))
+                if prev_valid and stage > 0:
+                    program.append(Action(K.SG, prev))
+                if valid:
+                    program.append(Action(K.F, mb))
+                    if stage < stages - 1:
+                        queue.append(mb)
+            else:
+                if queue and stage < stages - 1:
+                    program.append(Action(K.SA, queue.popleft()))
+                if valid and stage < stages - 1:
+                    program.append(Action(K.RG, mb))
+                if valid:
+                    program.append(Action(K.B, mb))
+            prev = mb
+        programs.append(tuple(program))
+    return Schedule("artifact-ours", stages, micro_batches, tuple(r), tuple(programs))
+
+
+def admissible_r(stages: int, micro_batches: int) -> list[tuple[int, ...]]:
+    """Every r within the caps (0 <= r_s <= M-(S-s), r_{S-1} = 0) whose warm-up counts do not increase."""
+    ranges = [range(0, max(0, micro_batches - (stages - s)) + 1) for s in range(stages - 1)]
+    result = []
+    for head in itertools.product(*ranges):
+        r = (*head, 0)
+        w = [min(micro_batches, stages - s + r[s]) for s in range(stages)]
+        if all(w[s] <= w[s - 1] for s in range(1, stages)):
+            result.append(r)
+    return result
+
+
+def r_for_link(stages: int, micro_batches: int, stage: int, w_here: int, w_next: int) -> tuple[int, ...]:
+    """An admissible r whose warm-up counts are ``w_here`` on ``stage`` and ``w_next`` on ``stage + 1``."""
+    w = [min(micro_batches, max(w_here, stages - s)) for s in range(stage)] + [w_here, w_next]
+    w += [min(micro_batches, stages - s) for s in range(stage + 2, stages)]
+    return tuple(max(0, w[s] - (stages - s)) for s in range(stages))
+
+
+def test_1f1b_never_deadlocks() -> None:
+    for stages in range(2, 9):
+        for micro_batches in range(stages, 4 * stages + 1):
+            report = verify(get_schedule("1f1b", stages, micro_batches))
+            assert report.max_outstanding_sends == (0,) * stages
+            assert report.max_in_flight == tuple(min(micro_batches, stages - s) for s in range(stages))
+
+
+def test_ours_every_admissible_r_never_deadlocks() -> None:
+    """S 2..8, M S..4S, every r within the caps, through the link decomposition (module docstring of verify).
+
+    A link's two-stage projection depends only on (M, w_s, w_{s+1}), so each is verified once and reused.
+    """
+    started = time.process_time()  # CPU time: wall time depends on what else the machine runs
+    checked: dict[tuple[int, int, int], int] = {}
+    for stages in range(2, 9):
+        for micro_batches in range(stages, 4 * stages + 1):
+            for stage in range(stages - 1):
+                for w_here in range(min(micro_batches, stages - stage), micro_batches + 1):
+                    low_next = min(micro_batches, stages - stage - 1)
+                    highs = [1] if stage + 1 == stages - 1 else range(low_next, w_here + 1)
+                    for w_next in highs:
+                        key = (micro_batches, w_here, w_next)
+                        if key in checked:
+                            continue
+                        r = r_for_link(stages, micro_batches, stage, w_here, w_next)
+                        schedule = get_schedule("ours", stages, micro_batches, r)
+                        report = verify(link_schedule(schedule, stage))
+                        checked[key] = max(report.max_outstanding_sends)
+                        assert checked[key] <= micro_batches + 1
+    assert len(checked) > 5000
+    assert time.process_time() - started < 60
+
+
+def test_link_decomposition_agrees_with_the_whole_pipeline() -> None:
+    """Exhaustively for small pipelines: global result == all links' results, deadlocking orders included."""
+    for stages in range(2, 5):
+        for micro_batches in range(stages, 2 * stages + 1):
+            for r in admissible_r(stages, micro_batches):
+                for schedule in (get_schedule("ours", stages, micro_batches, r),
+                                 artifact_ours(stages, micro_batches, r)):
+                    links = [deadlocks(link_schedule(schedule, s).programs) for s in range(stages - 1)]
+                    assert deadlocks(schedule.programs) == any(links), (schedule.name, r)
+                verify(get_schedule("ours", stages, micro_batches, r))
+
+
+def test_artifact_ours_order_deadlocks_with_blocking_sends() -> None:
+    schedule = artifact_ours(4, 8, (4, 3, 1, 0))
+    with pytest.raises(ScheduleError) as caught:
+        verify(schedule)
+    message = str(caught.value)
+    assert "deadlocks under rendezvous sends" in message
+    assert "<-- ERROR HERE" in message and "*SA4*" in message and "stage 3" in message
+    # With r = 0 it is DeepSpeed 0.7.4's receive-first 1F1B, which is deadlock-free.
+    verify(artifact_ours(4, 8, (0, 0, 0, 0)))
+    # Every r > 0 of the sweep's small corner deadlocks there; ours never does.
+    assert all(deadlocks(artifact_ours(3, 6, r).programs) for r in admissible_r(3, 6) if any(r))
+
+
+def test_facing_blocking_sends_deadlock_with_grid() -> None:
+    schedule = schedule_from_text("s0: F0 SA0 RG0 B0\ns1: RA0 F0 B0 SG0")
+    verify(schedule)
+    bad = schedule_from_text("s0: F0 F1 SA0 SA1 RG0 B0 RG1 B1\ns1: RA0 F0 B0 SG0 RA1 F1 B1 SG1")
+    with pytest.raises(ScheduleError, match="stage 0 blocked at SA1.*stage 1 blocked at SG0") as caught:
+        verify(bad)
+    assert "<-- ERROR HERE" in str(caught.value)
+    # The same order with async sends waited late runs.
+    fixed = schedule_from_text(
+        "s0: F0 iSA0 F1 iSA1 RG0 wSA0 B0 RG1 wSA1 B1\ns1: RA0 F0 B0 iSG0 RA1 F1 B1 iSG1 wSG0 wSG1")
+    assert verify(fixed).max_outstanding_sends == (2, 2)
+    with pytest.raises(ScheduleError, match="more than max_outstanding_sends=1"):
+        verify(fixed, max_outstanding_sends=1)
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("s0: F0 SA0 RG0 B0\ns1: F0 B0 SG0", "stage 1 has 0 RA0"),
+        ("s0: F0 SA0 RG0 B0\ns1: RA0 F0 B0 SG0 F0", "runs F0 2 times"),
+        ("s0: F0 SA0 RG0 B0\ns1: RA0 B0 F0 SG0", "runs B0 before F0"),
+        ("s0: SA0 F0 RG0 B0\ns1: RA0 F0 B0 SG0", "SA0 must come after F0"),
+        ("s0: F0 SA0 F1 SA1 RG0 B0 RG1 B1\ns1: RA1 F1 RA0 F0 B0 SG0 B1 SG1", "send #0 is SA0 but"),
+        ("s0: F0 iSA0 RG0 B0\ns1: RA0 F0 B0 SG0", "must be waited exactly once"),
+        ("s0: F0 iSA0 RG0 B0 wSA0\ns1: RA0 F0 B0 SG0", "before its async send is waited"),
+        ("s0: F0 SA0 RG0 wSA0 B0\ns1: RA0 F0 B0 SG0", "waits on no earlier async send"),
+    ],
+)
+def test_static_errors_say_what_is_wrong(text: str, why: str) -> None:
+    with pytest.raises(ScheduleError, match=why) as caught:
+        verify(schedule_from_text(text))
+    assert "stage 0" in str(caught.value)  # the grid is attached
