@@ -46,6 +46,8 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+    except OverflowError:  # a pid no kernel can have (a forged claim): gone, not a crash of the agent's loop
+        return False
     return True
 
 
