@@ -48,7 +48,17 @@ def pid_alive(pid: int) -> bool:
         return True
     except OverflowError:  # a pid no kernel can have (a forged claim): gone, not a crash of the agent's loop
         return False
-    return True
+    return not _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    # A SIGKILLed rank stays a zombie until its launcher reaps it (which may be busy waiting for other
+    # ranks); kill(pid, 0) still succeeds then, and the GPU would wait for the lease timeout instead.
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return False
 
 
 class LeaseManager:
