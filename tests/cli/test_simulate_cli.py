@@ -1,0 +1,89 @@
+"""``envpipe simulate``: table, JSON fields, Gantt PNG, one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from envpipe_cli.main import app
+
+runner = CliRunner()
+
+
+def _run(*args: str) -> object:
+    return runner.invoke(app, ["simulate", *args])
+
+
+def test_table_compares_with_1f1b_at_max_clock() -> None:
+    result = _run("--stages", "4", "--micro-batches", "16", "--type", "envelope", "--scheduling", "ours",
+                  "--reconfig", "default", "--fwd-ms", "10,10,10,14", "--bwd-ms", "20,20,20,28")
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "simulated" in out and "baseline (1f1b, max clock)" in out
+    assert "ours / envelope / default" in out and "r = [4, 3, 1, 0]" in out and "central" in out
+
+
+def test_json_carries_the_contract_fields() -> None:
+    result = _run("-S", "4", "-M", "8", "--scheduling", "ours", "--type", "uniform", "--r", "4,3,1,0",
+                  "--model", "optimistic", "--gpu", "a100", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    for key in ("model", "iteration_time_s", "energy_j", "baseline", "energy_saving", "slowdown", "r", "order",
+                "clocks_mhz"):
+        assert key in data
+    assert data["simulated"] is True and "optimistic" in data["model"] and "A100" in data["model"]
+    assert set(data["baseline"]) >= {"iteration_time_s", "energy_j"}
+    assert data["r"] == [4, 3, 1, 0]
+    assert data["order"][3][:4] == ["F0", "B0", "F1", "B1"] and len(data["order"][0]) == 16
+    assert len(data["clocks_mhz"][0]) == 16 and set(data["clocks_mhz"][0]) == {data["f_low_mhz"][0]}
+    assert data["energy_saving"] == pytest.approx(1 - data["energy_j"] / data["baseline"]["energy_j"])
+
+
+def test_baseline_against_itself_saves_nothing() -> None:
+    data = json.loads(_run("--scheduling", "1f1b", "--type", "baseline", "--json").output)
+    assert data["energy_saving"] == pytest.approx(0) and data["slowdown"] == pytest.approx(0)
+
+
+def test_model_params_and_profile(tmp_path: Path) -> None:
+    data = json.loads(_run("--model-params", "a=0.5,p0=0.4,g=3,idle=0.2", "--json").output)
+    assert data["model"].startswith("explicit")
+    profile = {"format": "envpipe-profile/1", "simulated": True, "source": "cli test", "idle_power_w": 127.0,
+               "micro_batches": 4, "gpu": {"name": "H100"},
+               "stages": [{"stage": 0, "points": [
+                   {"clock_mhz": 1980, "fwd_ms": 10, "bwd_ms": 20, "iteration_ms": 190, "energy_j": 92.9},
+                   {"clock_mhz": 1350, "fwd_ms": 13, "bwd_ms": 26, "iteration_ms": 226, "energy_j": 80.0}]}]}
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(profile))
+    data = json.loads(_run("--profile", str(path), "-S", "2", "-M", "4", "--json").output)
+    assert "simulated profile (cli test" in data["model"] and data["f_low_mhz"] == [1350, 1350]
+
+
+def test_plot_writes_a_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "gantt.png"
+    result = _run("-S", "3", "-M", "6", "--plot", str(out))
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [
+        (["--reconfig", "greedy"], "--reconfig 'greedy' is not available"),
+        (["--model", "central", "--model-params", "a=1,p0=1,g=1,idle=0"], "give only one of"),
+        (["--type", "turbo"], "unknown clock type"),
+        (["--scheduling", "gpipe"], "unknown schedule"),
+        (["--r", "1,x"], "--r takes integers"),
+        (["--r", "0,0,3,0", "-M", "8"], "cannot run"),
+        (["--fwd-ms", "1,2"], "2 entries for 4 stages"),
+        (["--model", "fast"], "unknown DVFS model"),
+        (["--profile", "/nonexistent/p.json"], "No such file"),
+    ],
+)
+def test_errors_are_one_line(args: list[str], why: str) -> None:
+    result = _run(*args)
+    assert result.exit_code == 1
+    assert why in result.output and "Traceback" not in result.output

@@ -1,0 +1,144 @@
+"""Simulator: makespan and energy worked out by hand, the critical path, comm and clock-switch costs, speed."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from envpipe.clock_types import assign_clocks
+from envpipe.errors import SimulationError
+from envpipe.ir import schedule_from_text
+from envpipe.schedules import get_schedule
+from envpipe.sim import CostModel, SimResult, simulate
+from envpipe.sim.energy import unit_cost
+from envpipe_agent.dvfs import get_model
+
+
+def _costs(stages: int, **kw: object) -> CostModel:
+    return CostModel.build(stages, fwd_ms=10, bwd_ms=20, **kw)  # type: ignore[arg-type]
+
+
+def test_two_stage_one_microbatch_by_hand() -> None:
+    # s0: F0 [0,10], SA0 meets RA0 -> 10.05; s1: F0 [10.05,20.05], B0 [20.05,40.05]; SG0/RG0 -> 40.1;
+    # s0: B0 [40.1,60.1]. Busy 700 W at the top clock, idle 0.18 * 700 = 126 W.
+    result = simulate(get_schedule("1f1b", 2, 1), _costs(2, p2p_latency_ms=0.05))
+    assert result.simulated is True and result.model.startswith("simulated: central")
+    assert result.iteration_time_ms == pytest.approx(60.1)
+    assert [(u.stage, u.unit, round(u.start_ms, 6), round(u.end_ms, 6)) for u in result.timeline] == [
+        (0, "F0", 0, 10), (0, "B0", 40.1, 60.1), (1, "F0", 10.05, 20.05), (1, "B0", 20.05, 40.05)]
+    assert result.stage_busy_ms == pytest.approx((30, 30))
+    assert result.stage_idle_ms == pytest.approx((30.1, 30.1))
+    per_stage = 700 * 0.030 + 126 * 0.0301
+    assert result.stage_energy_j == pytest.approx((per_stage, per_stage))
+    assert result.energy_j == pytest.approx(2 * per_stage)
+    assert result.critical_path == [(0, "F0"), (1, "F0"), (1, "B0"), (0, "B0")]
+
+
+def test_balanced_1f1b_makespan_is_the_textbook_formula() -> None:
+    # (M + S - 1) * (f + b) plus one transfer per pipeline hop on the fill and drain paths.
+    for stages, micro_batches in [(2, 4), (4, 8), (8, 16)]:
+        result = simulate(get_schedule("1f1b", stages, micro_batches), _costs(stages, p2p_latency_ms=0.0))
+        assert result.iteration_time_ms == pytest.approx((micro_batches + stages - 1) * 30)
+
+
+def test_ours_at_top_clock_is_never_slower_than_1f1b() -> None:
+    for fwd, bwd in [((10,) * 4, (20,) * 4), ((10, 10, 10, 14), (20, 20, 20, 28)), ((14, 10, 10, 10), (28, 20, 20, 20))]:
+        costs = CostModel.build(4, fwd_ms=fwd, bwd_ms=bwd)
+        base = simulate(get_schedule("1f1b", 4, 16), costs).iteration_time_ms
+        for r in [(0, 0, 0, 0), (4, 3, 1, 0), (12, 12, 2, 0)]:
+            assert simulate(get_schedule("ours", 4, 16, r), costs).iteration_time_ms <= base + 1e-9
+
+
+def _assert_path_is_contiguous(result: SimResult, transfer_ms: float) -> None:
+    spans = {(u.stage, u.unit): u for u in result.timeline}
+    path = [spans[key] for key in result.critical_path]
+    assert path[0].start_ms == pytest.approx(0.0)
+    # Between two path units only transfers (a blocking send after a receive makes two), never slack.
+    gaps = [after.start_ms - before.end_ms for before, after in zip(path, path[1:])]
+    gaps.append(result.iteration_time_ms - path[-1].end_ms)
+    for gap in gaps:
+        hops = round(gap / transfer_ms)
+        assert 0 <= hops <= 2 and gap == pytest.approx(hops * transfer_ms, abs=1e-9), gaps
+
+
+@pytest.mark.parametrize("clock_type", ["baseline", "uniform", "envelope"])
+@pytest.mark.parametrize(("name", "r"), [("1f1b", None), ("ours", (4, 3, 1, 0)), ("ours", (8, 8, 3, 0))])
+def test_critical_path_explains_the_makespan(clock_type: str, name: str, r: tuple[int, ...] | None) -> None:
+    costs = CostModel.build(4, fwd_ms=[10, 12, 10, 14], bwd_ms=[20, 24, 20, 28], p2p_latency_ms=0.3)
+    schedule = get_schedule(name, 4, 8, r)
+    result = simulate(schedule, costs, assign_clocks(schedule, costs, clock_type))
+    _assert_path_is_contiguous(result, 0.3)
+
+
+def test_critical_path_follows_the_heavy_last_stage() -> None:
+    costs = CostModel.build(4, fwd_ms=[10, 10, 10, 20], bwd_ms=[20, 20, 20, 40])
+    result = simulate(get_schedule("ours", 4, 8), costs)
+    last_stage_units = [u for s, u in result.critical_path if s == 3]
+    assert len(last_stage_units) == 16  # every unit of the bottleneck stage
+
+
+def test_p2p_bandwidth_adds_message_time() -> None:
+    costs = _costs(2, p2p_latency_ms=0.1, message_mb=50.0, p2p_bandwidth_gb_s=25.0)
+    assert costs.transfer_ms(0, 1) == pytest.approx(2.1)
+    result = simulate(get_schedule("1f1b", 2, 1), costs)
+    assert result.iteration_time_ms == pytest.approx(60 + 2 * 2.1)
+
+
+def test_clock_switch_runs_the_start_of_a_unit_at_the_old_clock() -> None:
+    costs = _costs(1, clock_switch_ms=2.0)
+    model = get_model("central")
+    slow = 10 * model.time_ratio(1350 / 1980)
+    duration, energy = unit_cost(costs, 0, "F", 1350, 1980)
+    share_old = 2.0 / 10
+    assert duration == pytest.approx(share_old * 10 + (1 - share_old) * slow)
+    expected_j = (700 * share_old * 10 + 700 * model.power_ratio(1350 / 1980) * (1 - share_old) * slow) / 1e3
+    assert energy == pytest.approx(expected_j)
+    assert unit_cost(costs, 0, "F", 1350, 1350) == pytest.approx((slow, 700 * model.power_ratio(1350 / 1980) * slow / 1e3))
+    # A unit shorter than the switch runs entirely at the old clock.
+    assert unit_cost(_costs(1, clock_switch_ms=50.0), 0, "F", 1350, 1980) == pytest.approx((10, 7.0))
+
+
+def test_idle_gaps_are_charged_at_the_held_clock() -> None:
+    schedule = schedule_from_text("s0: F0 SA0 RG0 B0\ns1: RA0 F0 B0 SG0")
+    costs = _costs(2, p2p_latency_ms=0.0, clock_switch_ms=0.0)
+    low = {0: {"F0": 345, "B0": 1980}, 1: {"F0": 1980, "B0": 1980}}
+    result = simulate(schedule, costs, low)
+    f0 = next(u for u in result.timeline if (u.stage, u.unit) == (0, "F0"))
+    # Stage 0 idles between F0 and B0 holding 345 MHz: idle power 126 W * (1 - 0.25).
+    gap = result.timeline[1].start_ms - f0.end_ms
+    expected = (costs.unit_power_w(0, "F", 345) * f0.end_ms + 126 * 0.75 * gap + 700 * 20) / 1e3
+    assert result.stage_energy_j[0] == pytest.approx(expected)
+
+
+def test_balanced_savings_stay_below_the_per_unit_optimum() -> None:
+    # DVFS-MODELS.md: with balanced stages, far more than the per-unit saving at the optimum is a bug.
+    for name in ("central", "conservative", "optimistic"):
+        costs = CostModel.build(4, model=name)
+        best_unit_saving = 1 - min(get_model(name).energy_ratio(f / 1980) for f in costs.clocks_mhz)
+        base = simulate(get_schedule("1f1b", 4, 16), costs)
+        for clock_type in ("uniform", "envelope"):
+            schedule = get_schedule("ours", 4, 16, costs=costs)
+            result = simulate(schedule, costs, assign_clocks(schedule, costs, clock_type))
+            assert 0 < 1 - result.energy_j / base.energy_j < best_unit_saving + 0.05
+
+
+def test_simulation_errors() -> None:
+    with pytest.raises(SimulationError, match="costs describe 2 stages but the schedule has 4"):
+        simulate(get_schedule("1f1b", 4, 4), _costs(2))
+    with pytest.raises(SimulationError, match="outside 345-1980 MHz"):
+        simulate(get_schedule("1f1b", 2, 2), _costs(2), {0: {"F0": 2100}})
+    deadlocked = schedule_from_text("s0: F0 F1 SA0 SA1 RG0 B0 RG1 B1\ns1: RA0 F0 B0 SG0 RA1 F1 B1 SG1")
+    with pytest.raises(SimulationError, match="deadlocks"):
+        simulate(deadlocked, _costs(2))
+
+
+def test_s8_m64_simulates_in_under_200_ms() -> None:
+    costs = _costs(8)
+    schedule = get_schedule("ours", 8, 64, costs=costs)
+    clocks = assign_clocks(schedule, costs, "envelope")
+    simulate(schedule, costs, clocks)  # warm caches of the import
+    started = time.process_time()
+    result = simulate(schedule, costs, clocks)
+    assert time.process_time() - started < 0.2
+    assert len(result.timeline) == 8 * 64 * 2
