@@ -219,7 +219,10 @@ class AgentClient:
         """
         if self._info is None:
             self.hello()
-        result = self.call("claim", {"gpu_uuid": gpu_uuid, "job_id": self.job_id, "rank": self.rank, "pid": self.pid})
+        args = {"gpu_uuid": gpu_uuid, "job_id": self.job_id, "rank": self.rank, "pid": self.pid}
+        if self._lease_id and gpu_uuid == self._gpu_uuid:
+            args["lease_id"] = self._lease_id  # a repeated claim proves it holds the lease
+        result = self.call("claim", args)
         self._gpu_uuid, self._lease_id = gpu_uuid, int(result["lease_id"])
         self._wait_event_peer()
         if self._heartbeat is None:

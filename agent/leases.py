@@ -72,8 +72,12 @@ class LeaseManager:
         self.by_id: dict[int, Lease] = {}
         self.by_gpu: dict[int, Lease] = {}
 
-    def claim(self, gpu_index: int, gpu_uuid: str, job_id: str, rank: int, pid: int) -> tuple[Lease, bool]:
+    def claim(self, gpu_index: int, gpu_uuid: str, job_id: str, rank: int, pid: int,
+              lease_id: int = 0) -> tuple[Lease, bool]:
         """Grant a lease, or return the caller's own lease again (a claim is idempotent).
+
+        A repeated claim must name the lease it holds (``lease_id``): job, rank and pid are public (status
+        shows them), so they alone would hand the lease to anyone who copies them.
 
         Returns:
             The lease and whether it is new.
@@ -83,7 +87,7 @@ class LeaseManager:
         """
         held = self.by_gpu.get(gpu_index)
         if held is not None:
-            if (held.job_id, held.rank, held.pid) == (job_id, rank, pid):
+            if (held.job_id, held.rank, held.pid, held.lease_id) == (job_id, rank, pid, lease_id):
                 held.heartbeat_s = time.monotonic()
                 return held, False
             raise LookupError(f"GPU {gpu_uuid} is held by {held.describe()}; wait for it to end or stop that job")

@@ -278,7 +278,8 @@ class Agent:
             raise ProtocolError(ErrorCode.NO_SUCH_GPU,
                                 f"no GPU {gpu_uuid!r} on this agent; it manages {', '.join(self.by_uuid)}")
         try:
-            lease, new = self.leases.claim(gpu.index, gpu.uuid, job_id, rank, pid)
+            held_id = _arg(args, "lease_id", int) if "lease_id" in args else 0  # proof for a repeated claim
+            lease, new = self.leases.claim(gpu.index, gpu.uuid, job_id, rank, pid, held_id)
         except LookupError as exc:
             raise ProtocolError(ErrorCode.LEASE_HELD, str(exc)) from None
         if new:
