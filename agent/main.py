@@ -46,6 +46,9 @@ def serve(config: AgentConfig) -> int:
     """Run the agent until SIGTERM/SIGINT; every managed GPU is reset at start and on the way out."""
     from envpipe_agent.server import Agent
 
+    # The GPU workers wait for the GIL whenever the event loop is busy; Python's default 5 ms switch
+    # interval would then bound event->apply latency, so hand the GIL over more often (the agent is small).
+    sys.setswitchinterval(0.0005)
     backend = make_backend(config)
     stop = threading.Event()
     lock = InstanceLock(config.resolved_runtime_dir()) if config.is_local() else None

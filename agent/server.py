@@ -180,6 +180,7 @@ class Agent:
         if lease is None:
             self.counters["events_no_lease"] += 1
             return
+        lease.heartbeat_s = received_ns / 1e9  # an event proves the holder alive, like a heartbeat
         index = lease.gpu_index
         stats = self.stats[index]
         stats.events += 1

@@ -1,0 +1,64 @@
+"""Agent ingest rate: phase events per second the agent decodes, checks against the lease and queues
+(goal >= 100k events/s). A sim agent runs as a subprocess; this process floods it with valid events of
+its own lease through a blocking PUSH socket (so none is dropped) and times until the agent counted all.
+
+    python benchmarks/agent/bench_ingest.py [--events 300000] [--backend sim|nvml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import zmq
+from common import build_fake_nvml, machine
+
+from envpipe_agent.client import AgentClient
+from envpipe_agent.embedded import start_agent
+from envpipe_agent.protocol import EVENT_BEGIN, EVENT_END, encode_event
+
+
+def _flood(endpoint: str, lease_id: int, count: int) -> None:
+    sock = zmq.Context.instance().socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 5000)
+    sock.connect(endpoint)
+    clocks = (1410, 1200, 990)
+    frames = [encode_event(EVENT_BEGIN, lease_id, clocks[i % 3], b"F12") if i % 2 == 0
+              else encode_event(EVENT_END, lease_id, 0, b"F12") for i in range(6)]
+    for i in range(count):
+        sock.send(frames[i % 6])
+    sock.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=300_000)
+    parser.add_argument("--backend", choices=("sim", "nvml"), default="sim")
+    args = parser.parse_args()
+    env, extra = None, []
+    if args.backend == "nvml":  # the fake library only: never a real GPU
+        env = dict(os.environ, LD_LIBRARY_PATH=build_fake_nvml(),
+                   ENVPIPE_FAKE_NVML_STATE=f"/tmp/ep-bench-nvml-{os.getpid()}.state")
+    with start_agent(args.backend, gpus=1, env=env, extra_args=extra) as agent, \
+            AgentClient(agent.endpoint, job_id="bench", rank=0, timeout_s=10) as client:
+        info = client.hello()
+        client.claim(info.gpus[0].uuid)
+        before = client.status()["counters"]["events_received"]
+        started_s = time.perf_counter()
+        _flood(info.event_endpoint, client.lease_id, args.events)
+        sent_s = time.perf_counter()
+        while client.status()["counters"]["events_received"] < before + args.events:
+            time.sleep(0.001)
+        done_s = time.perf_counter()
+        gpu = client.status()["gpus"][0]
+    rate = args.events / (done_s - started_s)
+    print(json.dumps({"benchmark": "agent ingest", "backend": args.backend, "events": args.events,
+                      "events_per_s": round(rate), "sender_events_per_s": round(args.events / (sent_s - started_s)),
+                      "accepted": gpu["events"], "clock_changes_applied": gpu["clock_changes"],
+                      "machine": machine()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
