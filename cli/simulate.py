@@ -1,4 +1,4 @@
-"""``envpipe simulate``: simulated iteration time and energy of a schedule and clock type vs. 1F1B at max clock.
+"""``envpipe simulate``: simulated iteration time and energy of a schedule vs. 1F1B at the max clock.
 
 Every number it prints comes from a model (named in the output) and is labelled simulated.
 """
@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
+from envpipe_cli._errors import user_errors
 from rich.console import Console
 from rich.table import Table
 
-from envpipe_cli._errors import user_errors
-
 if TYPE_CHECKING:
     from envpipe.ir import ClockPlan, Schedule
-    from envpipe.sim import CostModel, SimResult
+    from envpipe.sim import CostModel
 
 RECONFIG_CHOICES = ("default",)
 
@@ -25,30 +24,50 @@ RECONFIG_CHOICES = ("default",)
 def simulate(
     stages: Annotated[int, typer.Option("--stages", "-S", help="Pipeline stages S.", min=1)] = 4,
     micro_batches: Annotated[int, typer.Option("--micro-batches", "-M", help="Micro-batches M.", min=1)] = 16,
-    clock_type: Annotated[str, typer.Option("--type", help="Clock type: baseline, uniform or envelope.")] = "envelope",
+    clock_type: Annotated[
+        str, typer.Option("--type", help="Clock type: baseline, uniform or envelope.")
+    ] = "envelope",
     scheduling: Annotated[str, typer.Option("--scheduling", help="Schedule: 1f1b or ours.")] = "ours",
-    reconfig: Annotated[str, typer.Option("--reconfig", help="Reconfiguration policy (default = none).")] = "default",
+    reconfig: Annotated[
+        str, typer.Option("--reconfig", help="Reconfiguration policy (default = none).")
+    ] = "default",
     gpu: Annotated[str, typer.Option("--gpu", help="Card: h100, v100, rtx3090, a100.")] = "h100",
-    model: Annotated[Optional[str], typer.Option(
-        "--model", help="DVFS model: central (default), conservative, optimistic.")] = None,
-    model_params: Annotated[Optional[str], typer.Option(
-        "--model-params", help="Explicit model, e.g. a=0.6,p0=0.5,g=3.5,idle=0.18.")] = None,
-    profile: Annotated[Optional[Path], typer.Option(
-        "--profile", help="Measured profile JSON (envpipe profile writes it).")] = None,
-    fwd_ms: Annotated[Optional[str], typer.Option(
-        "--fwd-ms", help="Forward time at the top clock: one value or one per stage, e.g. 10,10,10,14.")] = None,
-    bwd_ms: Annotated[Optional[str], typer.Option(
-        "--bwd-ms", help="Backward time at the top clock: one value or one per stage.")] = None,
-    r: Annotated[Optional[str], typer.Option(
-        "--r", help="ours only: extra warm-up forwards per stage, e.g. 4,3,1,0 (default: computed).")] = None,
+    model: Annotated[
+        Optional[str],
+        typer.Option("--model", help="DVFS model: central (default), conservative, optimistic."),
+    ] = None,
+    model_params: Annotated[
+        Optional[str],
+        typer.Option("--model-params", help="Explicit model, e.g. a=0.6,p0=0.5,g=3.5,idle=0.18."),
+    ] = None,
+    profile: Annotated[
+        Optional[Path], typer.Option("--profile", help="Measured profile JSON (envpipe profile writes it).")
+    ] = None,
+    fwd_ms: Annotated[
+        Optional[str],
+        typer.Option(
+            "--fwd-ms", help="Forward time at the top clock: one value or one per stage, e.g. 10,10,10,14."
+        ),
+    ] = None,
+    bwd_ms: Annotated[
+        Optional[str],
+        typer.Option("--bwd-ms", help="Backward time at the top clock: one value or one per stage."),
+    ] = None,
+    r: Annotated[
+        Optional[str],
+        typer.Option(
+            "--r", help="ours only: extra warm-up forwards per stage, e.g. 4,3,1,0 (default: computed)."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a Gantt chart PNG here.")] = None,
 ) -> None:
     """Simulate one training iteration and compare it with 1F1B at the maximum clock (simulated)."""
     with user_errors():
         costs = _costs(stages, gpu, model, model_params, profile, fwd_ms, bwd_ms)
-        report = run_simulation(costs, stages, micro_batches, scheduling, clock_type, reconfig,
-                                _int_list(r, "--r") if r else None)
+        report = run_simulation(
+            costs, stages, micro_batches, scheduling, clock_type, reconfig, _int_list(r, "--r") if r else None
+        )
         if plot is not None:
             from envpipe.render import gantt_png
 
@@ -57,7 +76,12 @@ def simulate(
 
 
 def run_simulation(
-    costs: CostModel, stages: int, micro_batches: int, scheduling: str, clock_type: str, reconfig: str,
+    costs: CostModel,
+    stages: int,
+    micro_batches: int,
+    scheduling: str,
+    clock_type: str,
+    reconfig: str,
     r: list[int] | None,
 ) -> dict[str, Any]:
     """Build, verify and simulate the schedule and the 1F1B baseline; return the report (JSON-ready)."""
@@ -75,13 +99,20 @@ def run_simulation(
     return {
         "simulated": True,
         "model": costs.describe(),
-        "scheduling": scheduling, "type": clock_type, "reconfig": reconfig,
-        "stages": stages, "micro_batches": micro_batches,
+        "scheduling": scheduling,
+        "type": clock_type,
+        "reconfig": reconfig,
+        "stages": stages,
+        "micro_batches": micro_batches,
         "iteration_time_s": result.iteration_time_s,
         "energy_j": result.energy_j,
         "stage_energy_j": list(result.stage_energy_j),
-        "baseline": {"scheduling": "1f1b", "type": "baseline", "iteration_time_s": baseline.iteration_time_s,
-                     "energy_j": baseline.energy_j},
+        "baseline": {
+            "scheduling": "1f1b",
+            "type": "baseline",
+            "iteration_time_s": baseline.iteration_time_s,
+            "energy_j": baseline.energy_j,
+        },
         "energy_saving": 1.0 - result.energy_j / baseline.energy_j,
         "slowdown": result.iteration_time_ms / baseline.iteration_time_ms - 1.0,
         "r": list(schedule.r),
@@ -96,22 +127,38 @@ def run_simulation(
 def reconfigure(policy: str, schedule: Schedule, costs: CostModel, clocks: ClockPlan) -> ClockPlan:
     """Apply ``--reconfig`` to the clock type's plan (only ``default``, no change, for now)."""
     if policy not in RECONFIG_CHOICES:
-        raise ValueError(f"--reconfig {policy!r} is not available; choose one of {', '.join(RECONFIG_CHOICES)}")
+        raise ValueError(
+            f"--reconfig {policy!r} is not available; choose one of {', '.join(RECONFIG_CHOICES)}"
+        )
     return clocks
 
 
-def _costs(stages: int, gpu: str, model: str | None, model_params: str | None, profile: Path | None,
-           fwd_ms: str | None, bwd_ms: str | None) -> CostModel:
-    from envpipe.sim import CostModel, load_profile
+def _costs(
+    stages: int,
+    gpu: str,
+    model: str | None,
+    model_params: str | None,
+    profile: Path | None,
+    fwd_ms: str | None,
+    bwd_ms: str | None,
+) -> CostModel:
     from envpipe_agent.dvfs import model_from_params
 
-    given = [name for name, value in (("--model", model), ("--model-params", model_params),
-                                      ("--profile", profile)) if value is not None]
+    from envpipe.sim import CostModel, load_profile
+
+    given = [
+        name
+        for name, value in (("--model", model), ("--model-params", model_params), ("--profile", profile))
+        if value is not None
+    ]
     if len(given) > 1:
         raise ValueError(f"give only one of --model, --model-params, --profile (got {' and '.join(given)})")
     curve: Any = model_from_params(model_params) if model_params else (model or "central")
     return CostModel.build(
-        stages, gpu=gpu, model=curve, profile=load_profile(profile) if profile else None,
+        stages,
+        gpu=gpu,
+        model=curve,
+        profile=load_profile(profile) if profile else None,
         fwd_ms=_float_list(fwd_ms, "--fwd-ms") if fwd_ms else None,
         bwd_ms=_float_list(bwd_ms, "--bwd-ms") if bwd_ms else None,
     )
@@ -121,7 +168,9 @@ def _float_list(text: str, option: str) -> list[float]:
     try:
         return [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ValueError(f"{option} takes numbers separated by commas, e.g. 10,10,10,14; got {text!r}") from None
+        raise ValueError(
+            f"{option} takes numbers separated by commas, e.g. 10,10,10,14; got {text!r}"
+        ) from None
 
 
 def _int_list(text: str, option: str) -> list[int]:
@@ -132,8 +181,10 @@ def _int_list(text: str, option: str) -> list[int]:
 
 
 def _plot_title(report: dict[str, Any]) -> str:
-    return (f"simulated: {report['scheduling']} / {report['type']} / reconfig {report['reconfig']}, "
-            f"S={report['stages']} M={report['micro_batches']} r={report['r']}\n{report['model']}")
+    return (
+        f"simulated: {report['scheduling']} / {report['type']} / reconfig {report['reconfig']}, "
+        f"S={report['stages']} M={report['micro_batches']} r={report['r']}\n{report['model']}"
+    )
 
 
 def _print(report: dict[str, Any], as_json: bool) -> None:
@@ -145,11 +196,20 @@ def _print(report: dict[str, Any], as_json: bool) -> None:
     for header in ("run", "iteration (ms)", "energy (J)", "saving", "slowdown"):
         table.add_column(header, justify="left" if header == "run" else "right", no_wrap=True)
     base = report["baseline"]
-    table.add_row("baseline (1f1b, max clock)", f"{base['iteration_time_s'] * 1e3:.2f}", f"{base['energy_j']:.1f}",
-                  "-", "-")
-    table.add_row(f"{report['scheduling']} / {report['type']} / {report['reconfig']}",
-                  f"{report['iteration_time_s'] * 1e3:.2f}", f"{report['energy_j']:.1f}",
-                  f"{report['energy_saving'] * 100:.1f}%", f"{report['slowdown'] * 100:+.1f}%")
+    table.add_row(
+        "baseline (1f1b, max clock)",
+        f"{base['iteration_time_s'] * 1e3:.2f}",
+        f"{base['energy_j']:.1f}",
+        "-",
+        "-",
+    )
+    table.add_row(
+        f"{report['scheduling']} / {report['type']} / {report['reconfig']}",
+        f"{report['iteration_time_s'] * 1e3:.2f}",
+        f"{report['energy_j']:.1f}",
+        f"{report['energy_saving'] * 100:.1f}%",
+        f"{report['slowdown'] * 100:+.1f}%",
+    )
     console.print(table)
     console.print(f"r = {report['r']}   f_low (MHz) = {report['f_low_mhz']}", highlight=False)
     console.print(f"model (simulated): {report['model']}", highlight=False)

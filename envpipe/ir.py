@@ -123,7 +123,9 @@ class Action:
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def act(kind: ActionKind, microbatch: int, asynchronous: bool = False, waits: ActionKind | None = None) -> Action:
+def act(
+    kind: ActionKind, microbatch: int, asynchronous: bool = False, waits: ActionKind | None = None
+) -> Action:
     """A shared (cached) action without a clock: generators build many identical immutable actions."""
     return Action(kind, microbatch, asynchronous, waits)
 
@@ -153,7 +155,9 @@ class Schedule:
 
     def __post_init__(self) -> None:
         if len(self.programs) != self.stages:
-            raise ScheduleError(f"schedule {self.name!r} has {len(self.programs)} programs for {self.stages} stages")
+            raise ScheduleError(
+                f"schedule {self.name!r} has {len(self.programs)} programs for {self.stages} stages"
+            )
         if len(self.r) != self.stages:
             raise ScheduleError(f"r has {len(self.r)} entries for {self.stages} stages; give one per stage")
         units = tuple(tuple(a for a in prog if a.kind in COMPUTE_KINDS) for prog in self.programs)
@@ -173,7 +177,7 @@ class Schedule:
         return count
 
     def render(self, clocks: ClockPlan | None = None, *, compute_only: bool = False) -> str:
-        """One line per stage, e.g. ``s0: F0 iSA0 F1 iSA1 RG0 wSA0 B0 ...``; with clocks, units print ``F0@1410``."""
+        """One line per stage, e.g. ``s0: F0 iSA0 RG0 wSA0 B0 ...``; with clocks units print ``F0@1410``."""
         lines = []
         for stage, program in enumerate(self.programs):
             words = []

@@ -16,7 +16,10 @@ _GRID_TAIL_ROWS = 24
 
 
 def format_grid(
-    columns: Sequence[Sequence[str]], *, error_row: int | None = None, row_label: str = "step",
+    columns: Sequence[Sequence[str]],
+    *,
+    error_row: int | None = None,
+    row_label: str = "step",
     tail_rows: int = _GRID_TAIL_ROWS,
 ) -> str:
     """A grid with one column per stage and one row per step; ``error_row`` gets ``<-- ERROR HERE``.
@@ -53,7 +56,7 @@ def timeline_text(result: SimResult, *, resolution_ms: float | None = None, widt
 
 
 def gantt_png(result: SimResult, path: str | Path, *, title: str | None = None) -> Path:
-    """Write a Gantt chart: a row per stage, units coloured by clock, bubbles blank, critical path outlined."""
+    """Write a Gantt chart: a row per stage, units coloured by clock, bubbles blank, critical path red."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,7 +65,9 @@ def gantt_png(result: SimResult, path: str | Path, *, title: str | None = None) 
 
     stages = len(result.stage_busy_ms)
     clocks = sorted({span.clock_mhz for span in result.timeline})
-    norm = colors.Normalize(vmin=min(clocks), vmax=max(clocks) if max(clocks) > min(clocks) else min(clocks) + 1)
+    norm = colors.Normalize(
+        vmin=min(clocks), vmax=max(clocks) if max(clocks) > min(clocks) else min(clocks) + 1
+    )
     cmap = colormaps["viridis"]
     critical = set(result.critical_path)
     width_in = max(9.0, 0.12 * len(result.timeline) / max(stages, 1) + 6)
@@ -70,13 +75,25 @@ def gantt_png(result: SimResult, path: str | Path, *, title: str | None = None) 
     for span in result.timeline:
         on_path = (span.stage, span.unit) in critical
         ax.barh(
-            span.stage, span.end_ms - span.start_ms, left=span.start_ms, height=0.8,
-            color=cmap(norm(span.clock_mhz)), edgecolor="red" if on_path else "black",
-            linewidth=2.0 if on_path else 0.4, hatch="//" if span.unit.startswith("B") else None,
+            span.stage,
+            span.end_ms - span.start_ms,
+            left=span.start_ms,
+            height=0.8,
+            color=cmap(norm(span.clock_mhz)),
+            edgecolor="red" if on_path else "black",
+            linewidth=2.0 if on_path else 0.4,
+            hatch="//" if span.unit.startswith("B") else None,
         )
         if span.end_ms - span.start_ms > result.iteration_time_ms / 60:
-            ax.text((span.start_ms + span.end_ms) / 2, span.stage, span.unit, ha="center", va="center",
-                    fontsize=7, color="white" if norm(span.clock_mhz) < 0.5 else "black")
+            ax.text(
+                (span.start_ms + span.end_ms) / 2,
+                span.stage,
+                span.unit,
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if norm(span.clock_mhz) < 0.5 else "black",
+            )
     ax.set_yticks(range(stages), [f"stage {s}" for s in range(stages)])
     ax.invert_yaxis()
     ax.set_xlim(0, result.iteration_time_ms * 1.01)

@@ -66,8 +66,10 @@ def verify(schedule: Schedule, max_outstanding_sends: int | None = None) -> Veri
 
 def _fail(schedule: Schedule, stage: int, index: int | None, why: str) -> ScheduleError:
     marks = {stage: index} if index is not None else {}
-    return ScheduleError(f"{schedule.name} S={schedule.stages} M={schedule.micro_batches}: {why}\n"
-                         + _program_grid(schedule, marks))
+    return ScheduleError(
+        f"{schedule.name} S={schedule.stages} M={schedule.micro_batches}: {why}\n"
+        + _program_grid(schedule, marks)
+    )
 
 
 def _positions(program: tuple[Action, ...]) -> dict[tuple[ActionKind, int, bool], list[int]]:
@@ -83,8 +85,12 @@ def _check_units(schedule: Schedule, stage: int, pos: dict[tuple[ActionKind, int
         for kind in (K.F, K.B):
             where = pos.get((kind, m, False), [])
             if len(where) != 1:
-                raise _fail(schedule, stage, where[1] if where else None,
-                            f"stage {stage} runs {kind}{m} {len(where)} times; every unit must run exactly once")
+                raise _fail(
+                    schedule,
+                    stage,
+                    where[1] if where else None,
+                    f"stage {stage} runs {kind}{m} {len(where)} times; every unit must run exactly once",
+                )
         if pos[(K.B, m, False)][0] < pos[(K.F, m, False)][0]:
             raise _fail(schedule, stage, pos[(K.B, m, False)][0], f"stage {stage} runs B{m} before F{m}")
     extra = [a for a in schedule.units(stage) if a.microbatch >= schedule.micro_batches]
@@ -96,21 +102,35 @@ def _check_comms(schedule: Schedule, stage: int, pos: dict[tuple[ActionKind, int
     program = schedule.programs[stage]
     first, last = stage == 0, stage == schedule.stages - 1
     # (kind, present on this stage?, must come before (True) / after (False) the unit, unit kind)
-    rules = ((K.RA, not first, True, K.F), (K.SG, not first, False, K.B),
-             (K.SA, not last, False, K.F), (K.RG, not last, True, K.B))
+    rules = (
+        (K.RA, not first, True, K.F),
+        (K.SG, not first, False, K.B),
+        (K.SA, not last, False, K.F),
+        (K.RG, not last, True, K.B),
+    )
     for m in range(schedule.micro_batches):
         for kind, needed, before, unit in rules:
             where = pos.get((kind, m, False), [])
             if len(where) != int(needed):
-                raise _fail(schedule, stage, where[0] if where else None,
-                            f"stage {stage} has {len(where)} {kind}{m}, needs {int(needed)}")
+                raise _fail(
+                    schedule,
+                    stage,
+                    where[0] if where else None,
+                    f"stage {stage} has {len(where)} {kind}{m}, needs {int(needed)}",
+                )
             if needed and (where[0] < pos[(unit, m, False)][0]) != before:
-                raise _fail(schedule, stage, where[0], f"stage {stage}: {kind}{m} must come "
-                            f"{'before' if before else 'after'} {unit}{m} (it carries that unit's data)")
+                raise _fail(
+                    schedule,
+                    stage,
+                    where[0],
+                    f"stage {stage}: {kind}{m} must come "
+                    f"{'before' if before else 'after'} {unit}{m} (it carries that unit's data)",
+                )
     for i, action in enumerate(program):
         if action.kind is K.W:
-            sends = [j for j in pos.get((action.waits, action.microbatch, False), [])
-                     if program[j].asynchronous]
+            sends = [
+                j for j in pos.get((action.waits, action.microbatch, False), []) if program[j].asynchronous
+            ]
             if not sends or sends[0] > i:
                 raise _fail(schedule, stage, i, f"stage {stage}: {action} waits on no earlier async send")
         elif action.asynchronous and len(pos.get((action.kind, action.microbatch, True), [])) != 1:
@@ -127,9 +147,13 @@ def _check_pairing(schedule: Schedule, stage: int) -> None:
         received = [a.microbatch for a in schedule.programs[receiver] if a.kind is recv_kind]
         for k, (m_sent, m_recv) in enumerate(zip(sent, received)):
             if m_sent != m_recv:
-                raise _fail(schedule, receiver, None,
-                            f"link {sender}->{receiver}: send #{k} is {send_kind}{m_sent} but the receive it "
-                            f"matches (FIFO) is {recv_kind}{m_recv}; order sends and receives alike")
+                raise _fail(
+                    schedule,
+                    receiver,
+                    None,
+                    f"link {sender}->{receiver}: send #{k} is {send_kind}{m_sent} but the receive it "
+                    f"matches (FIFO) is {recv_kind}{m_recv}; order sends and receives alike",
+                )
 
 
 def _buffer_report(schedule: Schedule, limit: int | None) -> VerifyReport:
@@ -154,12 +178,22 @@ def _buffer_report(schedule: Schedule, limit: int | None) -> VerifyReport:
             elif action.kind is K.B:
                 in_flight -= 1
                 if action.microbatch in async_sa and action.microbatch not in waited_sa:
-                    raise _fail(schedule, stage, i, f"stage {stage}: B{action.microbatch} reuses the output "
-                                f"of F{action.microbatch} before its async send is waited; add wSA"
-                                f"{action.microbatch} before it")
+                    raise _fail(
+                        schedule,
+                        stage,
+                        i,
+                        f"stage {stage}: B{action.microbatch} reuses the output "
+                        f"of F{action.microbatch} before its async send is waited; add wSA"
+                        f"{action.microbatch} before it",
+                    )
             if limit is not None and outstanding > limit:
-                raise _fail(schedule, stage, i, f"stage {stage} has {outstanding} async sends outstanding, "
-                            f"more than max_outstanding_sends={limit}")
+                raise _fail(
+                    schedule,
+                    stage,
+                    i,
+                    f"stage {stage} has {outstanding} async sends outstanding, "
+                    f"more than max_outstanding_sends={limit}",
+                )
         outstanding_max.append(peak_out)
         in_flight_max.append(peak_flight)
     return VerifyReport(tuple(outstanding_max), tuple(in_flight_max))
@@ -231,6 +265,7 @@ def _rendezvous(programs: tuple[tuple[Action, ...], ...]) -> list[int] | None:
 
 def link_schedule(schedule: Schedule, stage: int) -> Schedule:
     """The two-stage projection of link (stage, stage+1): only the actions on that link, plus units."""
+
     def keep(action: Action, s: int, peer: int) -> bool:
         kind = action.waits if action.kind is K.W else action.kind
         return action.is_compute or s + PEER_OFFSET[kind] == peer
@@ -239,8 +274,7 @@ def link_schedule(schedule: Schedule, stage: int) -> Schedule:
         tuple(a for a in schedule.programs[stage] if keep(a, stage, stage + 1)),
         tuple(a for a in schedule.programs[stage + 1] if keep(a, stage + 1, stage)),
     )
-    return Schedule(f"{schedule.name}[link {stage}-{stage + 1}]", 2, schedule.micro_batches,
-                    (0, 0), programs)
+    return Schedule(f"{schedule.name}[link {stage}-{stage + 1}]", 2, schedule.micro_batches, (0, 0), programs)
 
 
 def deadlocks(programs: tuple[tuple[Action, ...], ...]) -> bool:
@@ -269,9 +303,11 @@ def _deadlock_message(schedule: Schedule, stuck: list[int]) -> str:
             kind = action.waits if action.kind is K.W else action.kind
             peer = stage + PEER_OFFSET.get(kind, 0)
             reasons.append(f"stage {stage} blocked at {action} (on stage {peer})")
-    return (f"{schedule.name} S={schedule.stages} M={schedule.micro_batches} r={list(schedule.r)} deadlocks "
-            f"under rendezvous sends: {'; '.join(reasons)}\n"
-            + format_grid(columns, error_row=len(columns[0]) - 1, row_label="step"))
+    return (
+        f"{schedule.name} S={schedule.stages} M={schedule.micro_batches} r={list(schedule.r)} deadlocks "
+        f"under rendezvous sends: {'; '.join(reasons)}\n"
+        + format_grid(columns, error_row=len(columns[0]) - 1, row_label="step")
+    )
 
 
 def _lockstep(programs: tuple[tuple[Action, ...], ...]) -> tuple[list[list[str]], list[int]]:

@@ -33,15 +33,20 @@ def speed(repeats: int) -> list[str]:
         costs = CostModel.build(stages)
         schedule = get_schedule("ours", stages, micro_batches, costs=costs)
         clocks = assign_clocks(schedule, costs, "envelope")
-        sim_med, sim_max = _timed(lambda: simulate(schedule, costs, clocks), repeats)
-        ver_med, _ = _timed(lambda: verify(schedule), max(3, repeats // 4))
-        rows.append(f"| ours S={stages} M={micro_batches} envelope | {sim_med:.1f} | {sim_max:.1f} | {ver_med:.1f} |")
+        sim_med, sim_max = _timed(lambda s=schedule, c=costs, k=clocks: simulate(s, c, k), repeats)
+        ver_med, _ = _timed(lambda s=schedule: verify(s), max(3, repeats // 4))
+        rows.append(
+            f"| ours S={stages} M={micro_batches} envelope | {sim_med:.1f} | {sim_max:.1f} | {ver_med:.1f} |"
+        )
     return rows
 
 
 def savings() -> list[str]:
     """Simulated saving and slowdown vs 1f1b at the top clock (H100 card, S=4, M=16), reconfig default."""
-    cases = {"balanced 10/20 ms": ([10] * 4, [20] * 4), "heavy last 10/20, 14/28": ([10, 10, 10, 14], [20, 20, 20, 28])}
+    cases = {
+        "balanced 10/20 ms": ([10] * 4, [20] * 4),
+        "heavy last 10/20, 14/28": ([10, 10, 10, 14], [20, 20, 20, 28]),
+    }
     rows = ["| stages | model | schedule (r) | clock type | saving | slowdown |", "|---|---|---|---|---|---|"]
     for label, (fwd, bwd) in cases.items():
         for model in ("central", "conservative", "optimistic"):
@@ -53,8 +58,10 @@ def savings() -> list[str]:
                     result = simulate(schedule, costs, assign_clocks(schedule, costs, clock_type))
                     saving = 1 - result.energy_j / base.energy_j
                     slowdown = result.iteration_time_ms / base.iteration_time_ms - 1
-                    rows.append(f"| {label} | {model} | {name} {list(schedule.r)} | {clock_type} | "
-                                f"{saving * 100:.1f}% | {slowdown * 100:+.1f}% |")
+                    rows.append(
+                        f"| {label} | {model} | {name} {list(schedule.r)} | {clock_type} | "
+                        f"{saving * 100:.1f}% | {slowdown * 100:+.1f}% |"
+                    )
     return rows
 
 

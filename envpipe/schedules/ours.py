@@ -49,7 +49,9 @@ def check_r(stages: int, micro_batches: int, r: Sequence[int]) -> tuple[int, ...
     """
     r = tuple(int(x) for x in r)
     if len(r) != stages:
-        raise ScheduleError(f"r has {len(r)} entries for {stages} stages; give one per stage, e.g. {[0] * stages}")
+        raise ScheduleError(
+            f"r has {len(r)} entries for {stages} stages; give one per stage, e.g. {[0] * stages}"
+        )
     if any(x < 0 for x in r):
         raise ScheduleError(f"r entries must be >= 0, got {list(r)}")
     if r[-1] != 0:
@@ -72,7 +74,8 @@ def build(stages: int, micro_batches: int, r: Sequence[int]) -> Schedule:
     r = check_r(stages, micro_batches, r)
     w = warmups(stages, micro_batches, r)
     programs = tuple(
-        stage_program(s == 0, s == stages - 1, micro_batches, w[s], w[s - 1] if s else 0) for s in range(stages)
+        stage_program(s == 0, s == stages - 1, micro_batches, w[s], w[s - 1] if s else 0)
+        for s in range(stages)
     )
     return Schedule("ours", stages, micro_batches, r, programs)
 
@@ -88,7 +91,9 @@ def unit_order(micro_batches: int, warmup: int) -> list[tuple[ActionKind, int]]:
 
 
 @functools.lru_cache(maxsize=4096)
-def stage_program(first: bool, last: bool, micro_batches: int, warmup: int, warmup_prev: int) -> tuple[Action, ...]:
+def stage_program(
+    first: bool, last: bool, micro_batches: int, warmup: int, warmup_prev: int
+) -> tuple[Action, ...]:
     """One stage's program; it depends only on these five values, so it is cached (sweeps reuse it)."""
     prog: list[Action] = []
     grad_waits_after_ra: dict[int, int] = {}  # activation index j -> gradient m whose wait follows RA_j

@@ -4,5 +4,13 @@ from envpipe.sim.costs import CostModel
 from envpipe.sim.engine import SimResult, UnitSpan, simulate
 from envpipe.sim.profile import MeasuredProfile, ProfilePoint, load_profile, profile_from_dict
 
-__all__ = ["CostModel", "MeasuredProfile", "ProfilePoint", "SimResult", "UnitSpan", "load_profile",
-           "profile_from_dict", "simulate"]
+__all__ = [
+    "CostModel",
+    "MeasuredProfile",
+    "ProfilePoint",
+    "SimResult",
+    "UnitSpan",
+    "load_profile",
+    "profile_from_dict",
+    "simulate",
+]

@@ -15,10 +15,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from envpipe_agent.dvfs import Card, DvfsModel, get_card, get_model
+
 from envpipe.errors import ConfigError, SimulationError
 from envpipe.ir import ActionKind
 from envpipe.sim.profile import MeasuredProfile
-from envpipe_agent.dvfs import Card, DvfsModel, get_card, get_model
 
 
 @dataclass(frozen=True)
@@ -50,12 +51,19 @@ class CostModel:
 
     def __post_init__(self) -> None:
         if len(self.fwd_ms) != len(self.bwd_ms) or not self.fwd_ms:
-            raise ConfigError(f"give one forward and one backward time per stage (got {len(self.fwd_ms)} "
-                              f"and {len(self.bwd_ms)})")
+            raise ConfigError(
+                f"give one forward and one backward time per stage (got {len(self.fwd_ms)} "
+                f"and {len(self.bwd_ms)})"
+            )
         if any(t <= 0 for t in (*self.fwd_ms, *self.bwd_ms)):
             raise ConfigError(f"unit times must be > 0 ms, got fwd {self.fwd_ms} bwd {self.bwd_ms}")
-        if min(self.p2p_latency_ms, self.message_mb, self.clock_switch_ms) < 0 or self.p2p_bandwidth_gb_s <= 0:
-            raise ConfigError("p2p latency, message size and clock-switch latency must be >= 0, bandwidth > 0")
+        if (
+            min(self.p2p_latency_ms, self.message_mb, self.clock_switch_ms) < 0
+            or self.p2p_bandwidth_gb_s <= 0
+        ):
+            raise ConfigError(
+                "p2p latency, message size and clock-switch latency must be >= 0, bandwidth > 0"
+            )
         if not 0 <= self.idle_clock_drop < 1:
             raise ConfigError(f"idle_clock_drop must be in [0, 1), got {self.idle_clock_drop}")
         clocks = self.card.clocks_mhz
@@ -88,8 +96,13 @@ class CostModel:
             top = curve.clocks_mhz[0]
             fwd_ms = fwd_ms if fwd_ms is not None else [curve.unit_ms(s, True, top) for s in range(stages)]
             bwd_ms = bwd_ms if bwd_ms is not None else [curve.unit_ms(s, False, top) for s in range(stages)]
-        return cls(_per_stage(fwd_ms, 10.0, stages, "fwd_ms"), _per_stage(bwd_ms, 20.0, stages, "bwd_ms"),
-                   card, curve, **options)
+        return cls(
+            _per_stage(fwd_ms, 10.0, stages, "fwd_ms"),
+            _per_stage(bwd_ms, 20.0, stages, "bwd_ms"),
+            card,
+            curve,
+            **options,
+        )
 
     @property
     def stages(self) -> int:
@@ -113,8 +126,10 @@ class CostModel:
 
     def _ratio(self, clock_mhz: float) -> float:
         if not self.min_clock_mhz <= clock_mhz <= self.max_clock_mhz:
-            raise SimulationError(f"clock {clock_mhz} MHz is outside {self.min_clock_mhz}-{self.max_clock_mhz} MHz "
-                                  f"({self.describe()}); choose a supported clock")
+            raise SimulationError(
+                f"clock {clock_mhz} MHz is outside {self.min_clock_mhz}-{self.max_clock_mhz} MHz "
+                f"({self.describe()}); choose a supported clock"
+            )
         return clock_mhz / self.card.max_clock_mhz
 
     def unit_duration_ms(self, stage: int, kind: ActionKind | str, clock_mhz: float) -> float:
@@ -124,7 +139,9 @@ class CostModel:
         if isinstance(self.curve, MeasuredProfile):
             self._ratio(clock_mhz)
             top = self.max_clock_mhz
-            return base * self.curve.unit_ms(stage, forward, clock_mhz) / self.curve.unit_ms(stage, forward, top)
+            return (
+                base * self.curve.unit_ms(stage, forward, clock_mhz) / self.curve.unit_ms(stage, forward, top)
+            )
         return base * self.curve.time_ratio(self._ratio(clock_mhz))
 
     def unit_power_w(self, stage: int, kind: ActionKind | str, clock_mhz: float) -> float:
@@ -151,7 +168,7 @@ class CostModel:
         return self.p2p_latency_ms + self.message_mb / self.p2p_bandwidth_gb_s
 
     def f_low_mhz(self, stage: int) -> int:
-        """Energy-optimal clock of ``stage``: least unit energy (model) or least iteration energy (profile)."""
+        """Energy-optimal clock of ``stage``: least unit energy (model) or iteration energy (profile)."""
         if isinstance(self.curve, MeasuredProfile):
             return self.curve.f_low_mhz(stage)
         top = self.card.max_clock_mhz
@@ -159,8 +176,10 @@ class CostModel:
 
     def describe(self) -> str:
         """Which model produced the numbers, for labels: every number from here is simulated."""
-        return (f"{self.curve.describe()}; {self.card.name}; p2p {self.p2p_latency_ms} ms + "
-                f"{self.message_mb} MB @ {self.p2p_bandwidth_gb_s} GB/s; clock switch {self.clock_switch_ms} ms")
+        return (
+            f"{self.curve.describe()}; {self.card.name}; p2p {self.p2p_latency_ms} ms + "
+            f"{self.message_mb} MB @ {self.p2p_bandwidth_gb_s} GB/s; clock switch {self.clock_switch_ms} ms"
+        )
 
 
 def _is_forward(kind: ActionKind | str) -> bool:
@@ -170,7 +189,9 @@ def _is_forward(kind: ActionKind | str) -> bool:
     return value == "F"
 
 
-def _per_stage(value: Sequence[float] | float | None, default: float, stages: int, name: str) -> tuple[float, ...]:
+def _per_stage(
+    value: Sequence[float] | float | None, default: float, stages: int, name: str
+) -> tuple[float, ...]:
     if value is None:
         return (default,) * stages
     if isinstance(value, int | float):

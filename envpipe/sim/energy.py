@@ -1,4 +1,4 @@
-"""Energy accounting of a simulated timeline: busy units at their clock, gaps at idle power of the held clock."""
+"""Energy of a simulated timeline: busy units at their clock, gaps at idle power of the held clock."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def unit_cost(
 def idle_energy_j(
     costs: CostModel, stage: int, spans: Sequence[tuple[float, float, int]], makespan_ms: float
 ) -> tuple[float, float]:
-    """Idle time (ms) and energy (J) of ``stage`` over [0, makespan] between its ``(start, end, clock)`` spans.
+    """Idle time (ms) and energy (J) of ``stage`` over [0, makespan] around its ``(start, end, clock)`` spans.
 
     A gap is spent at the clock of the unit before it (the clock stays locked); the gap before the first
     unit at the first unit's clock (the previous iteration's last clock is not modelled).

@@ -70,9 +70,13 @@ class SimResult:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary (timeline included)."""
         return {
-            "simulated": True, "model": self.model, "iteration_time_s": self.iteration_time_s,
-            "energy_j": self.energy_j, "stage_energy_j": list(self.stage_energy_j),
-            "stage_busy_ms": list(self.stage_busy_ms), "stage_idle_ms": list(self.stage_idle_ms),
+            "simulated": True,
+            "model": self.model,
+            "iteration_time_s": self.iteration_time_s,
+            "energy_j": self.energy_j,
+            "stage_energy_j": list(self.stage_energy_j),
+            "stage_busy_ms": list(self.stage_busy_ms),
+            "stage_idle_ms": list(self.stage_idle_ms),
             "critical_path": [[s, u] for s, u in self.critical_path],
             "timeline": [[t.stage, t.unit, t.start_ms, t.end_ms, t.clock_mhz] for t in self.timeline],
         }
@@ -97,8 +101,10 @@ def simulate(schedule: Schedule, costs: CostModel, clocks: ClockPlan | None = No
         SimulationError: stage count mismatch, unsupported clock, or a schedule that deadlocks.
     """
     if costs.stages != schedule.stages:
-        raise SimulationError(f"costs describe {costs.stages} stages but the schedule has {schedule.stages}; "
-                              "give one forward/backward time per stage")
+        raise SimulationError(
+            f"costs describe {costs.stages} stages but the schedule has {schedule.stages}; "
+            "give one forward/backward time per stage"
+        )
     clocks = clocks or {}
     programs = schedule.programs
     state = _State(schedule.stages, programs)
@@ -108,8 +114,9 @@ def simulate(schedule: Schedule, costs: CostModel, clocks: ClockPlan | None = No
     makespan = max(state.now)
     stage_energy, idle = [], []
     for stage in range(schedule.stages):
-        idle_ms, idle_j = idle_energy_j(costs, stage, [(u.start_ms, u.end_ms, u.clock_mhz) for u in spans[stage]],
-                                        makespan)
+        idle_ms, idle_j = idle_energy_j(
+            costs, stage, [(u.start_ms, u.end_ms, u.clock_mhz) for u in spans[stage]], makespan
+        )
         idle.append(idle_ms)
         stage_energy.append(busy_energy[stage] + idle_j)
     chain = _critical_chain(schedule, state)
@@ -126,13 +133,21 @@ def simulate(schedule: Schedule, costs: CostModel, clocks: ClockPlan | None = No
     )
 
 
-def _run(schedule: Schedule, costs: CostModel, clocks: ClockPlan, state: _State,
-         spans: list[list[UnitSpan]], busy_energy: list[float]) -> None:
+def _run(
+    schedule: Schedule,
+    costs: CostModel,
+    clocks: ClockPlan,
+    state: _State,
+    spans: list[list[UnitSpan]],
+    busy_energy: list[float],
+) -> None:
     programs, index = schedule.programs, channel_index(schedule.programs)
     top, xfer = costs.max_clock_mhz, costs.transfer_ms(0, 1)
     cache: dict[tuple[int, str, int, int], tuple[float, float]] = {}
-    current = [clocks.get(s, {}).get(u.unit, top) if (u := next(iter(schedule.units(s)), None)) else top
-               for s in range(schedule.stages)]
+    current = [
+        clocks.get(s, {}).get(u.unit, top) if (u := next(iter(schedule.units(s)), None)) else top
+        for s in range(schedule.stages)
+    ]
     work = list(range(schedule.stages))
     while work:
         stage = work.pop()
@@ -178,8 +193,10 @@ def _run(schedule: Schedule, costs: CostModel, clocks: ClockPlan, state: _State,
     stuck = [s for s in range(schedule.stages) if state.pcs[s] < len(programs[s])]
     if stuck:
         where = ", ".join(f"stage {s} at {programs[s][state.pcs[s]]}" for s in stuck)
-        raise SimulationError(f"the schedule deadlocks under rendezvous sends ({where}); run envpipe.verify.verify "
-                              "on it for the grid")
+        raise SimulationError(
+            f"the schedule deadlocks under rendezvous sends ({where}); run envpipe.verify.verify "
+            "on it for the grid"
+        )
 
 
 def _critical_chain(schedule: Schedule, state: _State) -> list[tuple[int, str]]:

@@ -45,8 +45,10 @@ class MeasuredProfile:
         points = self.stages[stage]
         clocks = [p.clock_mhz for p in reversed(points)]  # ascending
         if not clocks[0] <= clock_mhz <= clocks[-1]:
-            raise ConfigError(f"clock {clock_mhz} MHz is outside the profiled range {clocks[0]}-{clocks[-1]} MHz "
-                              f"of stage {stage}; profile more clocks or choose one inside")
+            raise ConfigError(
+                f"clock {clock_mhz} MHz is outside the profiled range {clocks[0]}-{clocks[-1]} MHz "
+                f"of stage {stage}; profile more clocks or choose one inside"
+            )
         i = bisect.bisect_left(clocks, clock_mhz)
         high = points[len(points) - 1 - i]
         if clocks[i] == clock_mhz or i == 0:
@@ -61,7 +63,9 @@ class MeasuredProfile:
 
     def active_power_w(self, stage: int, clock_mhz: float) -> float:
         """Busy power: ``(energy_j - idle_power_w * idle_time) / busy_time`` with busy = M (fwd + bwd)."""
-        busy_ms = self.micro_batches * (self.unit_ms(stage, True, clock_mhz) + self.unit_ms(stage, False, clock_mhz))
+        busy_ms = self.micro_batches * (
+            self.unit_ms(stage, True, clock_mhz) + self.unit_ms(stage, False, clock_mhz)
+        )
         iteration_ms = self._interpolate(stage, clock_mhz, "iteration_ms")
         energy_j = self._interpolate(stage, clock_mhz, "energy_j")
         idle_ms = max(0.0, iteration_ms - busy_ms)
@@ -77,14 +81,22 @@ class MeasuredProfile:
         return f"{kind} ({self.source}; {self.gpu_name}; {len(self.stages)} stage(s), M={self.micro_batches})"
 
     def for_stages(self, stages: int) -> MeasuredProfile:
-        """This profile for ``stages`` stages: a one-stage profile applies to every stage."""
+        """Return the profile for ``stages`` stages: a one-stage profile applies to every stage."""
         if len(self.stages) == stages:
             return self
         if len(self.stages) == 1:
-            return MeasuredProfile(self.source, self.simulated, self.gpu_name, self.idle_power_w,
-                                   self.micro_batches, self.stages * stages)
-        raise ConfigError(f"the profile has {len(self.stages)} stages but the pipeline has {stages}; "
-                          "profile this pipeline or use a one-stage profile")
+            return MeasuredProfile(
+                self.source,
+                self.simulated,
+                self.gpu_name,
+                self.idle_power_w,
+                self.micro_batches,
+                self.stages * stages,
+            )
+        raise ConfigError(
+            f"the profile has {len(self.stages)} stages but the pipeline has {stages}; "
+            "profile this pipeline or use a one-stage profile"
+        )
 
 
 def load_profile(path: str | Path) -> MeasuredProfile:
@@ -103,7 +115,9 @@ def profile_from_dict(data: dict[str, Any], *, origin: str = "profile") -> Measu
     try:
         micro_batches = int(data["micro_batches"])
         idle_power_w = float(data["idle_power_w"])
-        stages = tuple(_stage_points(entry, origin) for entry in sorted(data["stages"], key=lambda e: e["stage"]))
+        stages = tuple(
+            _stage_points(entry, origin) for entry in sorted(data["stages"], key=lambda e: e["stage"])
+        )
         gpu_name = str(data.get("gpu", {}).get("name", "unknown GPU"))
     except KeyError as exc:
         raise ConfigError(f"{origin}: missing field {exc}; see docs/profile-format.md") from None
@@ -111,18 +125,31 @@ def profile_from_dict(data: dict[str, Any], *, origin: str = "profile") -> Measu
         raise ConfigError(f"{origin}: needs micro_batches >= 1 and at least one stage")
     if [e["stage"] for e in data["stages"]] != list(range(len(stages))) and len(stages) > 1:
         raise ConfigError(f"{origin}: stages must be numbered 0..{len(stages) - 1}")
-    return MeasuredProfile(str(data.get("source", origin)), bool(data.get("simulated", False)), gpu_name,
-                           idle_power_w, micro_batches, stages)
+    return MeasuredProfile(
+        str(data.get("source", origin)),
+        bool(data.get("simulated", False)),
+        gpu_name,
+        idle_power_w,
+        micro_batches,
+        stages,
+    )
 
 
 def _stage_points(entry: dict[str, Any], origin: str) -> tuple[ProfilePoint, ...]:
     points = tuple(
-        ProfilePoint(int(p["clock_mhz"]), float(p["fwd_ms"]), float(p["bwd_ms"]),
-                     float(p["iteration_ms"]), float(p["energy_j"]))
+        ProfilePoint(
+            int(p["clock_mhz"]),
+            float(p["fwd_ms"]),
+            float(p["bwd_ms"]),
+            float(p["iteration_ms"]),
+            float(p["energy_j"]),
+        )
         for p in entry["points"]
     )
     if not points or any(p.fwd_ms <= 0 or p.bwd_ms <= 0 or p.energy_j <= 0 for p in points):
-        raise ConfigError(f"{origin}: stage {entry.get('stage')} needs points with positive fwd_ms, bwd_ms, energy_j")
+        raise ConfigError(
+            f"{origin}: stage {entry.get('stage')} needs points with positive fwd_ms, bwd_ms, energy_j"
+        )
     if len({p.clock_mhz for p in points}) != len(points):
         raise ConfigError(f"{origin}: stage {entry.get('stage')} lists a clock twice")
     return tuple(sorted(points, key=lambda p: -p.clock_mhz))

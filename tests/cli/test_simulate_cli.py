@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
 from envpipe_cli.main import app
+from typer.testing import CliRunner
 
 runner = CliRunner()
 
@@ -18,8 +17,22 @@ def _run(*args: str) -> object:
 
 
 def test_table_compares_with_1f1b_at_max_clock() -> None:
-    result = _run("--stages", "4", "--micro-batches", "16", "--type", "envelope", "--scheduling", "ours",
-                  "--reconfig", "default", "--fwd-ms", "10,10,10,14", "--bwd-ms", "20,20,20,28")
+    result = _run(
+        "--stages",
+        "4",
+        "--micro-batches",
+        "16",
+        "--type",
+        "envelope",
+        "--scheduling",
+        "ours",
+        "--reconfig",
+        "default",
+        "--fwd-ms",
+        "10,10,10,14",
+        "--bwd-ms",
+        "20,20,20,28",
+    )
     assert result.exit_code == 0, result.output
     out = result.output
     assert "simulated" in out and "baseline (1f1b, max clock)" in out
@@ -27,12 +40,36 @@ def test_table_compares_with_1f1b_at_max_clock() -> None:
 
 
 def test_json_carries_the_contract_fields() -> None:
-    result = _run("-S", "4", "-M", "8", "--scheduling", "ours", "--type", "uniform", "--r", "4,3,1,0",
-                  "--model", "optimistic", "--gpu", "a100", "--json")
+    result = _run(
+        "-S",
+        "4",
+        "-M",
+        "8",
+        "--scheduling",
+        "ours",
+        "--type",
+        "uniform",
+        "--r",
+        "4,3,1,0",
+        "--model",
+        "optimistic",
+        "--gpu",
+        "a100",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
-    for key in ("model", "iteration_time_s", "energy_j", "baseline", "energy_saving", "slowdown", "r", "order",
-                "clocks_mhz"):
+    for key in (
+        "model",
+        "iteration_time_s",
+        "energy_j",
+        "baseline",
+        "energy_saving",
+        "slowdown",
+        "r",
+        "order",
+        "clocks_mhz",
+    ):
         assert key in data
     assert data["simulated"] is True and "optimistic" in data["model"] and "A100" in data["model"]
     assert set(data["baseline"]) >= {"iteration_time_s", "energy_j"}
@@ -50,11 +87,23 @@ def test_baseline_against_itself_saves_nothing() -> None:
 def test_model_params_and_profile(tmp_path: Path) -> None:
     data = json.loads(_run("--model-params", "a=0.5,p0=0.4,g=3,idle=0.2", "--json").output)
     assert data["model"].startswith("explicit")
-    profile = {"format": "envpipe-profile/1", "simulated": True, "source": "cli test", "idle_power_w": 127.0,
-               "micro_batches": 4, "gpu": {"name": "H100"},
-               "stages": [{"stage": 0, "points": [
-                   {"clock_mhz": 1980, "fwd_ms": 10, "bwd_ms": 20, "iteration_ms": 190, "energy_j": 92.9},
-                   {"clock_mhz": 1350, "fwd_ms": 13, "bwd_ms": 26, "iteration_ms": 226, "energy_j": 80.0}]}]}
+    profile = {
+        "format": "envpipe-profile/1",
+        "simulated": True,
+        "source": "cli test",
+        "idle_power_w": 127.0,
+        "micro_batches": 4,
+        "gpu": {"name": "H100"},
+        "stages": [
+            {
+                "stage": 0,
+                "points": [
+                    {"clock_mhz": 1980, "fwd_ms": 10, "bwd_ms": 20, "iteration_ms": 190, "energy_j": 92.9},
+                    {"clock_mhz": 1350, "fwd_ms": 13, "bwd_ms": 26, "iteration_ms": 226, "energy_j": 80.0},
+                ],
+            }
+        ],
+    }
     path = tmp_path / "p.json"
     path.write_text(json.dumps(profile))
     data = json.loads(_run("--profile", str(path), "-S", "2", "-M", "4", "--json").output)

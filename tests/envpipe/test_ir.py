@@ -70,7 +70,10 @@ def test_units_and_warmup() -> None:
 
 def test_clocks_render_and_round_trip() -> None:
     schedule = get_schedule("1f1b", 2, 2)
-    plan = {0: {"F0": 1980, "F1": 1350, "B0": 1350, "B1": 1980}, 1: {"F0": 1980, "F1": 1980, "B0": 1980, "B1": 1980}}
+    plan = {
+        0: {"F0": 1980, "F1": 1350, "B0": 1350, "B1": 1980},
+        1: {"F0": 1980, "F1": 1980, "B0": 1980, "B1": 1980},
+    }
     text = schedule.render(plan, compute_only=True)
     assert text.splitlines()[0] == "s0: F0@1980 F1@1350 B0@1350 B1@1980"
     assert clocks_from_schedule(schedule.with_clocks(plan)) == plan

@@ -1,4 +1,4 @@
-"""Generators: 1f1b equals DeepSpeed's TrainSchedule order; ours follows the EnvPipe step formula for any r."""
+"""Generators: 1f1b equals DeepSpeed's TrainSchedule order; ours follows EnvPipe's step formula for any r."""
 
 from __future__ import annotations
 
@@ -17,12 +17,18 @@ K = ActionKind
 GOLDEN = Path(__file__).parent / "golden"
 
 # DeepSpeed instruction class name -> our action kind (loads, reductions and the optimizer step are not p2p).
-_DS_KINDS = {"ForwardPass": K.F, "BackwardPass": K.B, "SendActivation": K.SA, "RecvActivation": K.RA,
-             "SendGrad": K.SG, "RecvGrad": K.RG}
+_DS_KINDS = {
+    "ForwardPass": K.F,
+    "BackwardPass": K.B,
+    "SendActivation": K.SA,
+    "RecvActivation": K.RA,
+    "SendGrad": K.SG,
+    "RecvGrad": K.RG,
+}
 
 
 def _deepspeed_program(stages: int, micro_batches: int, stage: int) -> list[Action]:
-    """DeepSpeed's per-stage order; the k-th instruction of a kind is micro-batch k (FIFO), checked by buffer."""
+    """DeepSpeed's per-stage order; the k-th instruction of a kind is micro-batch k (checked by buffer)."""
     from deepspeed.runtime.pipe.schedule import TrainSchedule
 
     ds = TrainSchedule(micro_batches=micro_batches, stages=stages, stage_id=stage)
@@ -82,7 +88,7 @@ def test_ours_sends_are_async_and_receives_sit_right_before_their_unit() -> None
                 assert action.asynchronous
                 assert program[i - 1].is_compute and program[i - 1].microbatch == action.microbatch
             if action.kind in (K.RA, K.RG):
-                unit = next(a for a in program[i + 1:] if a.is_compute)
+                unit = next(a for a in program[i + 1 :] if a.is_compute)
                 assert unit.microbatch == action.microbatch, (stage, i)
 
 
@@ -133,13 +139,27 @@ def test_compute_r_from_costs_uses_stage_times() -> None:
 
 
 def test_unit_order_and_warmups() -> None:
-    assert unit_order(4, 2) == [(K.F, 0), (K.F, 1), (K.B, 0), (K.F, 2), (K.B, 1), (K.F, 3), (K.B, 2), (K.B, 3)]
+    assert unit_order(4, 2) == [
+        (K.F, 0),
+        (K.F, 1),
+        (K.B, 0),
+        (K.F, 2),
+        (K.B, 1),
+        (K.F, 3),
+        (K.B, 2),
+        (K.B, 3),
+    ]
     assert warmups(4, 8, (4, 5, 2, 0)) == [8, 8, 4, 1]
 
 
 @pytest.mark.parametrize(
     ("name", "stages", "micro_batches", "r"),
-    [("1f1b", 4, 8, None), ("ours", 4, 8, (4, 3, 1, 0)), ("ours", 4, 8, (4, 5, 2, 0)), ("ours", 3, 5, (0, 0, 0))],
+    [
+        ("1f1b", 4, 8, None),
+        ("ours", 4, 8, (4, 3, 1, 0)),
+        ("ours", 4, 8, (4, 5, 2, 0)),
+        ("ours", 3, 5, (0, 0, 0)),
+    ],
 )
 def test_golden_programs(name: str, stages: int, micro_batches: int, r: tuple[int, ...] | None) -> None:
     schedule = get_schedule(name, stages, micro_batches, r)
@@ -147,4 +167,6 @@ def test_golden_programs(name: str, stages: int, micro_batches: int, r: tuple[in
     path = GOLDEN / f"{name}_S{stages}_M{micro_batches}{suffix}.txt"
     if os.environ.get("ENVPIPE_UPDATE_GOLDEN"):
         path.write_text(schedule.render() + "\n")
-    assert schedule.render() + "\n" == path.read_text(), f"regenerate with ENVPIPE_UPDATE_GOLDEN=1 if intended: {path}"
+    assert schedule.render() + "\n" == path.read_text(), (
+        f"regenerate with ENVPIPE_UPDATE_GOLDEN=1 if intended: {path}"
+    )

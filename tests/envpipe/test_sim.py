@@ -1,10 +1,11 @@
-"""Simulator: makespan and energy worked out by hand, the critical path, comm and clock-switch costs, speed."""
+"""Simulator: makespan and energy worked out by hand, critical path, comm and clock-switch costs, speed."""
 
 from __future__ import annotations
 
 import time
 
 import pytest
+from envpipe_agent.dvfs import get_model
 
 from envpipe.clock_types import assign_clocks
 from envpipe.errors import SimulationError
@@ -12,7 +13,6 @@ from envpipe.ir import schedule_from_text
 from envpipe.schedules import get_schedule
 from envpipe.sim import CostModel, SimResult, simulate
 from envpipe.sim.energy import unit_cost
-from envpipe_agent.dvfs import get_model
 
 
 def _costs(stages: int, **kw: object) -> CostModel:
@@ -26,7 +26,11 @@ def test_two_stage_one_microbatch_by_hand() -> None:
     assert result.simulated is True and result.model.startswith("simulated: central")
     assert result.iteration_time_ms == pytest.approx(60.1)
     assert [(u.stage, u.unit, round(u.start_ms, 6), round(u.end_ms, 6)) for u in result.timeline] == [
-        (0, "F0", 0, 10), (0, "B0", 40.1, 60.1), (1, "F0", 10.05, 20.05), (1, "B0", 20.05, 40.05)]
+        (0, "F0", 0, 10),
+        (0, "B0", 40.1, 60.1),
+        (1, "F0", 10.05, 20.05),
+        (1, "B0", 20.05, 40.05),
+    ]
     assert result.stage_busy_ms == pytest.approx((30, 30))
     assert result.stage_idle_ms == pytest.approx((30.1, 30.1))
     per_stage = 700 * 0.030 + 126 * 0.0301
@@ -43,7 +47,11 @@ def test_balanced_1f1b_makespan_is_the_textbook_formula() -> None:
 
 
 def test_ours_at_top_clock_is_never_slower_than_1f1b() -> None:
-    for fwd, bwd in [((10,) * 4, (20,) * 4), ((10, 10, 10, 14), (20, 20, 20, 28)), ((14, 10, 10, 10), (28, 20, 20, 20))]:
+    for fwd, bwd in [
+        ((10,) * 4, (20,) * 4),
+        ((10, 10, 10, 14), (20, 20, 20, 28)),
+        ((14, 10, 10, 10), (28, 20, 20, 20)),
+    ]:
         costs = CostModel.build(4, fwd_ms=fwd, bwd_ms=bwd)
         base = simulate(get_schedule("1f1b", 4, 16), costs).iteration_time_ms
         for r in [(0, 0, 0, 0), (4, 3, 1, 0), (12, 12, 2, 0)]:
@@ -94,7 +102,9 @@ def test_clock_switch_runs_the_start_of_a_unit_at_the_old_clock() -> None:
     assert duration == pytest.approx(share_old * 10 + (1 - share_old) * slow)
     expected_j = (700 * share_old * 10 + 700 * model.power_ratio(1350 / 1980) * (1 - share_old) * slow) / 1e3
     assert energy == pytest.approx(expected_j)
-    assert unit_cost(costs, 0, "F", 1350, 1350) == pytest.approx((slow, 700 * model.power_ratio(1350 / 1980) * slow / 1e3))
+    assert unit_cost(costs, 0, "F", 1350, 1350) == pytest.approx(
+        (slow, 700 * model.power_ratio(1350 / 1980) * slow / 1e3)
+    )
     # A unit shorter than the switch runs entirely at the old clock.
     assert unit_cost(_costs(1, clock_switch_ms=50.0), 0, "F", 1350, 1980) == pytest.approx((10, 7.0))
 

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from envpipe_agent.dvfs import get_model, model_from_params
 
 from envpipe.errors import ConfigError, SimulationError
 from envpipe.sim import CostModel, load_profile, profile_from_dict
-from envpipe_agent.dvfs import get_model, model_from_params
 
 
 def _profile_dict(stages: int = 1) -> dict[str, object]:
@@ -17,14 +17,24 @@ def _profile_dict(stages: int = 1) -> dict[str, object]:
     def point(clock: int, fwd: float, bwd: float, power_w: float) -> dict[str, float]:
         busy_ms = 4 * (fwd + bwd)
         iteration_ms = busy_ms + 70.0
-        return {"clock_mhz": clock, "fwd_ms": fwd, "bwd_ms": bwd, "iteration_ms": iteration_ms,
-                "energy_j": (power_w * busy_ms + 127.0 * 70.0) / 1e3}
+        return {
+            "clock_mhz": clock,
+            "fwd_ms": fwd,
+            "bwd_ms": bwd,
+            "iteration_ms": iteration_ms,
+            "energy_j": (power_w * busy_ms + 127.0 * 70.0) / 1e3,
+        }
 
     points = [point(1980, 10, 20, 700), point(1500, 12, 24, 480), point(1200, 14, 28, 380)]
-    return {"format": "envpipe-profile/1", "simulated": True, "source": "unit test",
-            "gpu": {"name": "NVIDIA H100 80GB HBM3", "clocks_mhz": [1980, 1500, 1200]},
-            "idle_power_w": 127.0, "micro_batches": 4,
-            "stages": [{"stage": s, "points": points} for s in range(stages)]}
+    return {
+        "format": "envpipe-profile/1",
+        "simulated": True,
+        "source": "unit test",
+        "gpu": {"name": "NVIDIA H100 80GB HBM3", "clocks_mhz": [1980, 1500, 1200]},
+        "idle_power_w": 127.0,
+        "micro_batches": 4,
+        "stages": [{"stage": s, "points": points} for s in range(stages)],
+    }
 
 
 def test_model_curves_scale_time_and_power() -> None:

@@ -110,8 +110,10 @@ def test_link_decomposition_agrees_with_the_whole_pipeline() -> None:
     for stages in range(2, 5):
         for micro_batches in range(stages, 2 * stages + 1):
             for r in admissible_r(stages, micro_batches):
-                for schedule in (get_schedule("ours", stages, micro_batches, r),
-                                 artifact_ours(stages, micro_batches, r)):
+                for schedule in (
+                    get_schedule("ours", stages, micro_batches, r),
+                    artifact_ours(stages, micro_batches, r),
+                ):
                     links = [deadlocks(link_schedule(schedule, s).programs) for s in range(stages - 1)]
                     assert deadlocks(schedule.programs) == any(links), (schedule.name, r)
                 verify(get_schedule("ours", stages, micro_batches, r))
@@ -139,7 +141,8 @@ def test_facing_blocking_sends_deadlock_with_grid() -> None:
     assert "<-- ERROR HERE" in str(caught.value)
     # The same order with async sends waited late runs.
     fixed = schedule_from_text(
-        "s0: F0 iSA0 F1 iSA1 RG0 wSA0 B0 RG1 wSA1 B1\ns1: RA0 F0 B0 iSG0 RA1 F1 B1 iSG1 wSG0 wSG1")
+        "s0: F0 iSA0 F1 iSA1 RG0 wSA0 B0 RG1 wSA1 B1\ns1: RA0 F0 B0 iSG0 RA1 F1 B1 iSG1 wSG0 wSG1"
+    )
     assert verify(fixed).max_outstanding_sends == (2, 2)
     with pytest.raises(ScheduleError, match="more than max_outstanding_sends=1"):
         verify(fixed, max_outstanding_sends=1)
