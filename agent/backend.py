@@ -6,6 +6,8 @@ import bisect
 from dataclasses import dataclass
 from typing import Protocol
 
+from envpipe_agent.errors import AgentConfigError
+
 
 @dataclass(frozen=True, slots=True)
 class GpuDesc:
@@ -59,7 +61,7 @@ class AllowList:
         high = max_mhz if max_mhz is not None else 1 << 31
         allowed = sorted(c for c in supported_mhz if low <= c <= high)
         if not allowed:
-            raise ValueError(
+            raise AgentConfigError(
                 f"no supported clock lies within min_mhz={min_mhz} .. max_mhz={max_mhz} "
                 f"(supported {min(supported_mhz)}..{max(supported_mhz)} MHz); widen the allow-list"
             )

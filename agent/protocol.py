@@ -138,24 +138,30 @@ def encode_event(kind: int, lease_id: int, clock_mhz: int, unit: bytes) -> bytes
     return EVENT_STRUCT.pack(EVENT_MAGIC, PROTOCOL_VERSION, kind, lease_id, clock_mhz) + unit[:MAX_UNIT_BYTES]
 
 
-def decode_event(frame: bytes) -> PhaseEvent:
-    """Parse a phase event.
+_EVENT_MIN_BYTES = EVENT_STRUCT.size
+_EVENT_MAX_BYTES = EVENT_STRUCT.size + MAX_UNIT_BYTES
+_UNPACK_EVENT = EVENT_STRUCT.unpack_from
+
+
+def parse_event(frame: bytes) -> tuple[int, int, int]:
+    """The agent's hot path: validate an event frame and return ``(kind, lease_id, clock_mhz)``.
+
+    The unit name is checked (ASCII) but not decoded: the agent does not need it.
 
     Raises:
         ProtocolError: ``bad_request`` for a short, oversized or non-event frame, ``version_mismatch``.
     """
-    size = EVENT_STRUCT.size
-    if not size <= len(frame) <= size + MAX_UNIT_BYTES:
+    if not _EVENT_MIN_BYTES <= len(frame) <= _EVENT_MAX_BYTES:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"event frame of {len(frame)} bytes")
-    magic, version, kind, lease_id, clock_mhz = EVENT_STRUCT.unpack_from(frame)
-    if magic != EVENT_MAGIC:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, f"event magic {magic:#x}")
+    magic, version, kind, lease_id, clock_mhz = _UNPACK_EVENT(frame)
+    if magic != EVENT_MAGIC or kind > EVENT_END or not frame[_EVENT_MIN_BYTES:].isascii():
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"not an event frame (magic {magic:#x}, kind {kind})")
     if version != PROTOCOL_VERSION:
         raise ProtocolError(ErrorCode.VERSION_MISMATCH, f"event protocol {version}, agent {PROTOCOL_VERSION}")
-    if kind not in (EVENT_BEGIN, EVENT_END):
-        raise ProtocolError(ErrorCode.BAD_REQUEST, f"event kind {kind}")
-    try:
-        unit = frame[size:].decode("ascii")
-    except UnicodeDecodeError:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, "event unit name is not ASCII") from None
-    return PhaseEvent(kind, lease_id, clock_mhz, unit)
+    return kind, lease_id, clock_mhz
+
+
+def decode_event(frame: bytes) -> PhaseEvent:
+    """Parse a phase event, unit name included (tools and tests; the agent uses :func:`parse_event`)."""
+    kind, lease_id, clock_mhz = parse_event(frame)
+    return PhaseEvent(kind, lease_id, clock_mhz, frame[_EVENT_MIN_BYTES:].decode("ascii"))

@@ -28,7 +28,7 @@ from envpipe_agent.protocol import (
     PROTOCOL_VERSION,
     ErrorCode,
     ProtocolError,
-    decode_event,
+    parse_event,
     decode_request,
     encode_error,
     encode_reply,
@@ -172,21 +172,20 @@ class Agent:
         """Apply one phase event: count it, drop it unless its lease holds a GPU, queue its clock."""
         self.counters["events_received"] += 1
         try:
-            event = decode_event(frame)
+            kind, lease_id, clock_mhz = parse_event(frame)
         except ProtocolError:
             self.counters["events_malformed"] += 1
             return
-        lease = self.leases.by_id.get(event.lease_id)
+        lease = self.leases.by_id.get(lease_id)
         if lease is None:
             self.counters["events_no_lease"] += 1
             return
         lease.heartbeat_s = received_ns / 1e9  # an event proves the holder alive, like a heartbeat
         index = lease.gpu_index
-        stats = self.stats[index]
-        stats.events += 1
-        self.backend.on_phase(index, event.kind == EVENT_BEGIN)
-        if event.clock_mhz:
-            self._queue_clock(index, event.clock_mhz, received_ns)
+        self.stats[index].events += 1
+        self.backend.on_phase(index, kind == EVENT_BEGIN)
+        if clock_mhz:
+            self._queue_clock(index, clock_mhz, received_ns)
 
     def _queue_clock(self, index: int, clock_mhz: int, received_ns: int) -> int:
         stats = self.stats[index]

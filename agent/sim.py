@@ -108,8 +108,10 @@ class SimBackend:
 
     def on_phase(self, index: int, busy: bool) -> None:
         """A unit began (busy) or ended on GPU ``index``: switch the power level from now on."""
+        gpu = self._gpus[index]
+        if gpu.busy == busy:
+            return  # power unchanged: nothing to integrate yet
         with self._lock:
-            gpu = self._gpus[index]
             self._advance(gpu)
             # A flag, not a depth: units run one after another on a GPU, and a dropped event must not leave
             # the GPU counted busy (or idle) for the rest of the run.

@@ -32,6 +32,29 @@ def _flood(endpoint: str, lease_id: int, count: int) -> None:
     sock.close()
 
 
+def handle_event_cost_us(count: int = 200_000) -> float:
+    """CPU cost of Agent.handle_event alone (in-process sim agent, its worker running): 1e6 / this = the
+    ceiling of the ingest rate on one core, free of the sockets and of other load on the machine."""
+    import tempfile
+
+    from envpipe_agent.config import resolve_config
+    from envpipe_agent.server import Agent
+    from envpipe_agent.sim import SimBackend
+
+    config = resolve_config("", {"backend": "sim", "gpus": 1, "runtime_dir": tempfile.mkdtemp(prefix="ep-")})
+    agent = Agent(config, SimBackend(gpus=1))
+    lease, _new = agent.leases.claim(0, agent.gpus[0].uuid, "bench", 0, os.getpid())
+    frames = [encode_event(EVENT_BEGIN, lease.lease_id, (1410, 1200, 990)[i % 3], b"F12") if i % 2 == 0
+              else encode_event(EVENT_END, lease.lease_id, 0, b"F12") for i in range(6)]
+    agent.start_threads()
+    started_s = time.perf_counter()
+    for i in range(count):
+        agent.handle_event(frames[i % 6], time.monotonic_ns())
+    elapsed_s = time.perf_counter() - started_s
+    agent.stop_threads()
+    return elapsed_s / count * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=300_000)
@@ -54,7 +77,9 @@ def main() -> None:
         done_s = time.perf_counter()
         gpu = client.status()["gpus"][0]
     rate = args.events / (done_s - started_s)
+    cost_us = handle_event_cost_us()
     print(json.dumps({"benchmark": "agent ingest", "backend": args.backend, "events": args.events,
+                      "handle_event_us": round(cost_us, 2), "handle_event_ceiling_per_s": round(1e6 / cost_us),
                       "events_per_s": round(rate), "sender_events_per_s": round(args.events / (sent_s - started_s)),
                       "accepted": gpu["events"], "clock_changes_applied": gpu["clock_changes"],
                       "machine": machine()}, indent=2))

@@ -47,3 +47,8 @@ def test_missing_file_is_named(tmp_path: Path) -> None:
 
 def test_read_only_needs_nvml(tmp_path: Path) -> None:
     assert main(["--config", "", "--backend", "sim", "--read-only", "--runtime-dir", str(tmp_path)]) == 2
+
+
+def test_allow_list_outside_the_supported_clocks_exits_2(tmp_path: Path, capsys) -> None:
+    assert main(["--config", "", "--backend", "sim", "--min-mhz", "5000", "--runtime-dir", str(tmp_path)]) == 2
+    assert "min_mhz=5000" in capsys.readouterr().err

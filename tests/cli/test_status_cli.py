@@ -66,3 +66,32 @@ def test_render_status_marks_read_only() -> None:
     console.print(render_status(snapshot))
     text = console.export_text()
     assert "nvml read-only" in text and "12345678" in text and "1980/-" in text
+
+
+def test_watch_json_prints_one_snapshot_per_line_until_interrupted(agent, monkeypatch) -> None:
+    import envpipe_cli.status as status_module
+
+    ticks = []
+
+    def fake_sleep(_seconds: float) -> None:
+        ticks.append(1)
+        if len(ticks) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(status_module.time, "sleep", fake_sleep)
+    result = runner.invoke(app, ["status", "--endpoint", agent.endpoint, "--watch", "--json"])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.output.splitlines()]
+    assert len(lines) == 2 and all(line["backend"] == "sim" for line in lines)
+
+
+def test_watch_table_refreshes_until_interrupted(agent, monkeypatch) -> None:
+    import envpipe_cli.status as status_module
+
+    def interrupt(_seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(status_module.time, "sleep", interrupt)
+    result = runner.invoke(app, ["status", "--endpoint", agent.endpoint, "--watch"])
+    assert result.exit_code == 0, result.output
+    assert "backend sim" in result.output
