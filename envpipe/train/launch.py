@@ -112,10 +112,14 @@ def _run_with_agent(config: TrainConfig, console: Any) -> dict[str, Any]:
     """Find or start the agent, run the ranks, and return rank 0's result (with the agent described)."""
     device = resolve_device(config)
     world_size = _local_world_size(config, device)
-    with agent_for_run(config.agent, gpus=world_size, console=console) as agent:
+    with agent_for_run(config.agent, gpus=world_size, console=console, dvfs_model=config.dvfs_model) as agent:
         emulate = config.emulate_dvfs if config.emulate_dvfs is not None else agent.simulated
         run_config = dataclasses.replace(config, agent=agent.endpoint, emulate_dvfs=emulate, device=device,
                                          job_id=f"envpipe-{config.mode}-{os.getpid()}-{int(time.time())}")
+        how = (f"{config.stages} CPU ranks (gloo over loopback)" if device == "cpu"
+               else "the ranks through the DeepSpeed launcher")
+        console.print(f"starting {how}: {config.model}, {config.stages} stages, {config.micro_batches} "
+                      f"micro-batches of {config.micro_batch_size} x {config.seq_len} tokens")
         result = run_ranks(run_config, console=console)
     result["agent"] = {"endpoint": agent.endpoint, "simulated": agent.simulated, "embedded": agent.embedded,
                        "description": agent.description}
@@ -156,7 +160,8 @@ def _local_world_size(config: TrainConfig, device: str) -> int:
 
 
 @contextlib.contextmanager
-def agent_for_run(endpoint: str | None, *, gpus: int, console: Any) -> Iterator[AgentForRun]:
+def agent_for_run(endpoint: str | None, *, gpus: int, console: Any,
+                  dvfs_model: str = "central") -> Iterator[AgentForRun]:
     """The agent at ``endpoint`` (or the default endpoints); none reachable: start the embedded sim agent.
 
     The embedded agent is stopped when the block exits, also on errors.
@@ -169,14 +174,15 @@ def agent_for_run(endpoint: str | None, *, gpus: int, console: Any) -> Iterator[
     from envpipe_agent.embedded import start_agent
 
     where = endpoint or "the default endpoints"
-    running = start_agent(backend="sim", gpus=gpus)
+    # Same DVFS curve as the ranks' emulation; warnings only, so its log does not bury the progress display.
+    running = start_agent(backend="sim", gpus=gpus, extra_args=["--model", dvfs_model, "--log-level", "warning"])
     console.print(
         f"[yellow]no agent reachable at {where}: started an embedded sim agent ({gpus} simulated GPUs) "
         "for this run; energy figures are simulated[/]"
     )
     try:
         yield AgentForRun(running.endpoint, simulated=True, embedded=True,
-                          description=f"embedded sim agent, {gpus} simulated GPUs")
+                          description=f"embedded sim agent, {gpus} simulated GPUs, {dvfs_model} DVFS model")
     finally:
         running.stop()
 

@@ -29,6 +29,7 @@ class Window:
     simulated: bool
     losses: list[float]
     stage_unit_ms: dict[int, dict[str, float]] = field(default_factory=dict)  # stage → {"F": ms, "B": ms}
+    span_iteration_ms: float | None = None  # median first-unit-start to last-unit-end, all stages
 
     @property
     def energy_j(self) -> float:
@@ -57,6 +58,7 @@ class PhaseRunner:
         self.clocks = top_clock_plan(self.schedule, ctx.max_clock_mhz)
         self.iteration_s_estimate = 0.0
         self.idle_power_w = 0.0
+        self.baseline_span_ms: float | None = None
         self.phases: list[dict[str, Any]] = []
 
     # -- measurement ------------------------------------------------------------------------------------
@@ -89,20 +91,27 @@ class PhaseRunner:
             return requested
         return max(requested, math.ceil(self.config.min_window_s / self.iteration_s_estimate))
 
-    def measure(self, phase: str, iterations: int, *, info: str = "", offset: int = 0, total: int = 0) -> Window:
-        """Run ``iterations`` in one energy window; every rank returns the same gathered :class:`Window`."""
+    def measure(self, phase: str, iterations: int, *, info: str = "", offset: int = 0, total: int = 0,
+                spans: bool = False) -> Window:
+        """Run ``iterations`` in one energy window; every rank returns the same gathered :class:`Window`.
+
+        With ``spans`` every iteration's timeline is also gathered (a collective outside the timed
+        ``train_batch``), for the first-unit-to-last-unit iteration time the Reconfigurer works in.
+        """
         import torch.distributed as dist
 
         ctx = self.ctx
         dist.barrier()
         window_id = ctx.client.window_begin()
-        times_ms, losses, units = [], [], {"F": [], "B": []}
+        times_ms, losses, units, span_ms = [], [], {"F": [], "B": []}, []
         for i in range(iterations):
             start = time.perf_counter()
             loss = ctx.engine.train_batch(ctx.data_iter)
             times_ms.append((time.perf_counter() - start) * 1000.0)
             losses.append(float(loss))
             _collect_unit_ms(ctx.engine.last_timeline(), units)
+            if spans:
+                span_ms.append(_span_iteration_ms(ctx.engine.gather_timeline()))
             if ctx.is_rank0 and total:
                 emit("advance", phase=phase, completed=offset + i + 1,
                      info=f"{info}loss {losses[-1]:.3f} · {times_ms[-1]:.0f} ms/it")
@@ -116,6 +125,7 @@ class PhaseRunner:
             iteration_ms_median=statistics.median(times_ms), stage_energy_j=_sum_by_stage(gathered),
             simulated=all(g[2] for g in gathered), losses=losses,
             stage_unit_ms={g[0]: g[3] for g in gathered},
+            span_iteration_ms=statistics.median(span_ms) if span_ms else None,
         )
 
     # -- phases ---------------------------------------------------------------------------------------
@@ -124,7 +134,8 @@ class PhaseRunner:
         """1F1B with every unit at the top clock: the reference of the saving."""
         n = self.window_iterations(self.config.baseline_steps)
         self._start("baseline", "baseline window (1f1b, top clock)", n)
-        window = self.measure("baseline", n, total=n)
+        window = self.measure("baseline", n, total=n, spans=True)
+        self.baseline_span_ms = window.span_iteration_ms
         self._done("baseline", f"{window.iteration_ms:.0f} ms/it · {window.energy_j:.2f} J/it")
         self.phases.append({"name": "baseline", "schedule": "1f1b", **window.to_dict()})
         return window
@@ -177,7 +188,9 @@ class PhaseRunner:
             return
         from envpipe.train.planning import make_reconfigurer
 
-        reconfigurer = make_reconfigurer(self.schedule, costs, self.config) if self.ctx.is_rank0 else None
+        reconfigurer = None
+        if self.ctx.is_rank0:
+            reconfigurer = make_reconfigurer(self.schedule, costs, self.config, baseline_ms=self.baseline_span_ms)
         self._start("reconfiguration", f"reconfiguration ({self.config.reconfig})", rounds_cap)
         changes, stable, rounds = 0, False, 0
         for rounds in range(1, rounds_cap + 1):
@@ -203,7 +216,7 @@ class PhaseRunner:
         n = self.window_iterations(self.config.steps)
         label = f"steady ({self.config.type}, {self.schedule.name})"
         self._start("steady", label, n)
-        window = self.measure("steady", n, total=n)
+        window = self.measure("steady", n, total=n, spans=True)
         timeline = self.ctx.engine.gather_timeline()
         self._done("steady", f"{window.iteration_ms:.0f} ms/it · {window.energy_j:.2f} J/it")
         self.phases.append({"name": "steady", "schedule": self.schedule.name, **window.to_dict()})
@@ -272,6 +285,11 @@ def _r_list(schedule: Any) -> list[int] | None:
 def _span_dict(span: Any) -> dict[str, Any]:
     return {"stage": span.stage, "unit": str(span.unit), "start_ms": span.start_ms, "end_ms": span.end_ms,
             "clock_mhz": span.clock_mhz}
+
+
+def _span_iteration_ms(spans: list[Any]) -> float:
+    """First unit start to last unit end over every stage (the planner's iteration time)."""
+    return max(s.end_ms for s in spans) - min(s.start_ms for s in spans)
 
 
 def _collect_unit_ms(spans: list[Any], into: dict[str, list[float]]) -> None:

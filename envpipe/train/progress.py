@@ -44,7 +44,7 @@ class ProgressDisplay:
 
         self.console = console
         self._progress = Progress(
-            TextColumn("{task.description:<34}"), BarColumn(bar_width=24), MofNCompleteColumn(),
+            TextColumn("{task.description:<30}"), BarColumn(bar_width=12), MofNCompleteColumn(),
             TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=console, transient=False,
         )
         self._tasks: dict[str, Any] = {}

@@ -68,8 +68,9 @@ def print_summary(report: dict[str, Any], console: Any) -> None:
     label = summary["energy_label"]
     base, steady = summary["baseline"], summary["steady"]
     config = report["config"]
-    table = Table(title=f"envpipe train: {config['type']} · {report['schedule']['name']} · reconfig "
-                        f"{config['reconfig']}", caption=f"energy ({label}): {report['energy_source']}")
+    reconfig = f" · reconfig {config['reconfig']}" if config["type"] != "baseline" else ""
+    table = Table(title=f"envpipe train: {config['type']} · {report['schedule']['name']}{reconfig}",
+                  caption=f"energy ({label}): {report['energy_source']}")
     table.add_column("")
     table.add_column("baseline", justify="right")
     table.add_column(f"{config['type']}", justify="right")
