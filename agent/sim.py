@@ -15,6 +15,7 @@ returns the energy up to that instant.
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 import uuid
@@ -54,7 +55,9 @@ class SimBackend:
         self.model: DvfsModel = get_model(model)
         self._lock = threading.Lock()
         self._gpus = [_SimGpu(self.card) for _ in range(gpus)]
-        self.calls: list[tuple[str, int, int]] = []  # (operation, gpu, clock_mhz): for tests and status
+        # (operation, gpu, clock_mhz) for tests and status; only the latest, because a long-running sim agent
+        # (envpipe train's embedded one) makes thousands of sets a second and a list grew without bound.
+        self.calls: collections.deque[tuple[str, int, int]] = collections.deque(maxlen=10_000)
 
     def describe(self) -> str:
         """The model behind every number this backend reports."""
