@@ -113,6 +113,7 @@ class AgentClient:
         self._event_endpoint = ""
         self._next_id = 0
         self._lease_id = 0
+        self._lost_lease_id = 0  # the lease held when the agent stopped answering: proof for the re-claim
         self._gpu_uuid = ""
         self._info: AgentInfo | None = None
         self._warned = False
@@ -257,27 +258,33 @@ class AgentClient:
                 if exc.code == ErrorCode.UNKNOWN_LEASE:
                     self._reclaim_quietly()
                 else:
-                    log.warning("envpipe agent refused the lease again: %s", exc)
+                    self._warn_once(f"envpipe agent refused the lease again: {exc}")
                     self._lease_id = 0
             except AgentError as exc:  # unavailable: drop the lease, keep trying
                 if self._lease_id:
-                    log.warning("envpipe agent lost (%s); training continues at default clocks", exc)
+                    # A stuck agent that resumes still holds this lease: naming it in the re-claim keeps it,
+                    # instead of being refused until it expires.
+                    self._lost_lease_id = self._lease_id
+                    self._warn_once(f"envpipe agent lost ({exc}); training continues at default clocks")
                 self._lease_id = 0
 
     def _reclaim(self) -> None:
         self.hello()
-        result = self.call("claim", {"gpu_uuid": self._gpu_uuid, "job_id": self.job_id, "rank": self.rank,
-                                     "pid": self.pid})
-        self._lease_id = int(result["lease_id"])
+        args = {"gpu_uuid": self._gpu_uuid, "job_id": self.job_id, "rank": self.rank, "pid": self.pid}
+        if self._lost_lease_id:
+            args["lease_id"] = self._lost_lease_id
+        result = self.call("claim", args)
+        self._lease_id, self._lost_lease_id = int(result["lease_id"]), 0
         self._wait_event_peer()
-        log.warning("envpipe agent is back; GPU %s claimed again (lease %d)", self._gpu_uuid, self._lease_id)
+        self._warned = False  # the next outage warns again
+        log.info("envpipe agent is back; GPU %s claimed again (lease %d)", self._gpu_uuid, self._lease_id)
 
     def _reclaim_quietly(self) -> None:
         self._lease_id = 0
         try:
             self._reclaim()
         except AgentError as exc:
-            log.warning("claiming GPU %s again failed: %s", self._gpu_uuid, exc)
+            self._warn_once(f"claiming GPU {self._gpu_uuid} again failed: {exc}")
 
     def release(self) -> None:
         """Give the GPU back (the agent resets its clocks) and stop heartbeating."""
@@ -339,10 +346,16 @@ class AgentClient:
 
     def _drop(self) -> None:
         self.events_dropped += 1
-        if not self._warned:
-            self._warned = True
-            log.warning("envpipe agent not reachable or no GPU leased: phase events are dropped and training "
+        self._warn_once("envpipe agent not reachable or no GPU leased: phase events are dropped and training "
                         "continues at the card's default clocks (said once)")
+
+    def _warn_once(self, message: str) -> None:
+        # One warning per outage (DESIGN invariant 1), whichever path notices it first; repeats go to debug.
+        if self._warned:
+            log.debug("%s", message)
+            return
+        self._warned = True
+        log.warning("%s", message)
 
     def close(self) -> None:
         """Release the lease (if any) and close the sockets."""

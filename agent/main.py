@@ -13,6 +13,8 @@ import sys
 import threading
 from typing import Any
 
+import zmq
+
 from envpipe_agent import __version__
 from envpipe_agent.backend import GpuBackend
 from envpipe_agent.config import BACKENDS, AgentConfig, resolve_config
@@ -99,7 +101,7 @@ def start(config_file: str | None, overrides: dict[str, Any], log_level: str | N
     except AgentConfigError as exc:
         print(f"envpipe-agent: error: {exc}", file=sys.stderr)
         return 2
-    except (AgentError, ValueError, OSError) as exc:
+    except (AgentError, ValueError, OSError, zmq.ZMQError) as exc:
         print(f"envpipe-agent: error: {exc}", file=sys.stderr)
         return 1
 

@@ -48,7 +48,11 @@ class NvmlBackend:
         nvml = self._nvml
         uuid = self._call(f"read the UUID of GPU {index}", nvml.nvmlDeviceGetUUID, handle)
         name = self._call(f"read the name of GPU {index}", nvml.nvmlDeviceGetName, handle)
-        memory_mhz = max(self._call(f"list memory clocks of GPU {index}", nvml.nvmlDeviceGetSupportedMemoryClocks, handle))
+        try:
+            memory_mhz = max(nvml.nvmlDeviceGetSupportedMemoryClocks(handle))
+        except (nvml.NVMLError, ValueError):  # not supported (or empty): take the memory clock it runs at
+            memory_mhz = self._call(f"read the memory clock of GPU {index}", nvml.nvmlDeviceGetClockInfo,
+                                    handle, nvml.NVML_CLOCK_MEM)
         clocks = self._call(f"list SM clocks of GPU {index}", nvml.nvmlDeviceGetSupportedGraphicsClocks, handle, memory_mhz)
         return GpuDesc(index, uuid, name, tuple(sorted(set(clocks), reverse=True)))
 

@@ -352,7 +352,8 @@ class Agent:
         return {
             **info,
             "clock_mhz": self.backend.read_clock_mhz(index), "target_mhz": stats.target_mhz,
-            "locked": worker.applied_mhz is not None, "power_w": round(self.backend.read_power_w(index), 1),
+            # Read-only agents apply nothing, so they never hold a lock (target_mhz shows what they would set).
+            "locked": worker.applied_mhz is not None and not self.backend.read_only, "power_w": round(self.backend.read_power_w(index), 1),
             "energy_j": energy_mj / 1000.0,
             "holder": lease.holder() if lease else None,
             "lease_age_s": round(time.monotonic() - lease.created_s, 3) if lease else None,

@@ -131,6 +131,8 @@ def test_read_only_never_calls_a_setter(fake_nvml, short_dir, waiter) -> None:
                 client.phase("F0", "begin", clock_mhz)
             waiter(lambda: client.status()["gpus"][0]["events"] == 3)
             client.set_clock(1500)
+            waiter(lambda: client.status()["gpus"][0]["target_mhz"] == 1500)
+            assert client.status()["gpus"][0]["locked"] is False  # nothing was applied
             window = client.window_begin()
             assert client.window_end(window).energy_j >= 0
     for index in (0, 1):

@@ -14,6 +14,8 @@ from envpipe_agent.client import AgentClient
 from envpipe_agent.embedded import start_agent
 from envpipe_cli.main import app
 
+pytestmark = pytest.mark.slow  # each module starts an agent subprocess
+
 runner = CliRunner(env={"COLUMNS": "250"})
 
 
@@ -53,7 +55,6 @@ def test_lock_refused_while_another_job_holds_the_gpu(agent) -> None:
     assert "held by job 'trainer' rank 2" in result.output
 
 
-@pytest.mark.slow
 def test_lock_process_releases_on_sigint(agent) -> None:
     process = subprocess.Popen([sys.executable, "-c", "from envpipe_cli.main import main; main()", "lock", "--endpoint", agent.endpoint,
                                 "--gpu", "0", "--mhz", "990"], stdout=subprocess.PIPE, text=True,

@@ -14,6 +14,8 @@ from envpipe_agent.embedded import start_agent
 from envpipe_cli.main import app
 from envpipe_cli.status import render_status
 
+pytestmark = pytest.mark.slow  # each module starts an agent subprocess
+
 runner = CliRunner(env={"COLUMNS": "250"})
 
 
