@@ -57,6 +57,21 @@ def sim_agent(short_dir: str) -> Iterator[ThreadAgent]:
     agent.stop()
 
 
+@pytest.fixture
+def make_sim_agent(short_dir: str) -> Iterator[Callable[..., ThreadAgent]]:
+    """Start sim agents with config overrides (all stopped at teardown)."""
+    started: list[ThreadAgent] = []
+
+    def make(**overrides: object) -> ThreadAgent:
+        agent = ThreadAgent(short_dir, **overrides)
+        started.append(agent)
+        return agent
+
+    yield make
+    for agent in started:
+        agent.stop()
+
+
 @pytest.fixture(scope="module")
 def module_sim_agent() -> Iterator[ThreadAgent]:
     """One sim agent for a whole module (hypothesis runs many examples against it)."""

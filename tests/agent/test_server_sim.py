@@ -150,3 +150,43 @@ def test_sockets_are_group_restricted(sim_agent) -> None:
         info = os.stat(os.path.join(runtime_dir, name))
         assert stat.S_IMODE(info.st_mode) == 0o660
         assert info.st_gid == os.getegid()
+
+
+def _free_port_pair() -> int:
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as first:
+            first.bind(("127.0.0.1", 0))
+            port = first.getsockname()[1]
+            with socket.socket() as second:
+                try:
+                    second.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no two adjacent free ports")
+
+
+def test_tcp_endpoint_works_and_checks_no_pids(make_sim_agent) -> None:
+    port = _free_port_pair()
+    agent = make_sim_agent(endpoint=f"tcp://127.0.0.1:{port}", lease_timeout_s=1.0)
+    assert agent.config.events_endpoint() == f"tcp://127.0.0.1:{port + 1}"
+    assert not agent.agent.leases.check_pids  # a tcp peer's pid names a process on another host
+    with AgentClient(agent.endpoint, job_id="remote", rank=0) as client:
+        info = client.hello()
+        assert info.event_endpoint == f"tcp://127.0.0.1:{port + 1}"
+        reply = client.call("claim", {"gpu_uuid": info.gpus[0].uuid, "job_id": "r", "rank": 1, "pid": 999_999_999})
+        time.sleep(0.3)
+        assert agent.agent.leases.by_id.get(reply["lease_id"]) is not None  # not ended for its "dead" pid
+        _wait_for(lambda: agent.agent.counters["leases_expired"] == 1, timeout_s=2.0)  # heartbeats still count
+
+
+def test_min_max_allow_list_applies_to_the_sim(make_sim_agent) -> None:
+    agent = make_sim_agent(min_mhz=1000, max_mhz=1200)
+    with AgentClient(agent.endpoint, job_id="j", rank=0) as client:
+        info = client.hello()
+        assert (info.gpus[0].min_mhz, info.gpus[0].max_mhz) == (1005, 1200)
+        client.claim(info.gpus[0].uuid)
+        client.phase("F0", "begin", 1980)
+        _wait_for(lambda: agent.backend.read_clock_mhz(0) == 1200)
