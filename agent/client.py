@@ -99,7 +99,9 @@ def _raise_for(error: dict[str, Any]) -> None:
 class AgentClient:
     """One rank's connection to its node's agent (see docs/architecture.md, "Agent client")."""
 
-    def __init__(self, endpoint: str | None = None, *, job_id: str, rank: int, timeout_s: float = 2.0) -> None:
+    def __init__(
+        self, endpoint: str | None = None, *, job_id: str, rank: int, timeout_s: float = 2.0
+    ) -> None:
         self.endpoint = endpoint or default_endpoint()
         self.job_id, self.rank, self.timeout_s = job_id, rank, timeout_s
         self.pid = os.getpid()
@@ -136,7 +138,9 @@ class AgentClient:
             self._control.close(0)
             self._control = None
 
-    def call(self, op: str, args: dict[str, Any] | None = None, timeout_s: float | None = None) -> dict[str, Any]:
+    def call(
+        self, op: str, args: dict[str, Any] | None = None, timeout_s: float | None = None
+    ) -> dict[str, Any]:
         """One control request; returns the ``result`` object.
 
         Raises:
@@ -156,15 +160,21 @@ class AgentClient:
                 if remaining_ms <= 0 or not sock.poll(remaining_ms, zmq.POLLIN):
                     self._drop_control()
                     raise AgentUnavailable(
-                        f"no envpipe agent answered at {self.endpoint} within {timeout_ms / 1000:.1f} s; start one "
+                        f"no envpipe agent answered at {self.endpoint} within {timeout_ms / 1000:.1f} s; "
+                        "start one "
                         "(`envpipe-agent --backend sim --gpus 1`, or `systemctl start envpipe-agent`) or set "
-                        "ENVPIPE_AGENT to its endpoint", "unavailable")
+                        "ENVPIPE_AGENT to its endpoint",
+                        "unavailable",
+                    )
                 reply = json.loads(sock.recv_multipart()[-1])
                 if reply.get("id") == request_id:
                     break
         if reply.get("v") != PROTOCOL_VERSION:
-            raise AgentError(f"agent speaks protocol {reply.get('v')!r}, this client {PROTOCOL_VERSION}; "
-                             "install the same envpipe version on both sides", ErrorCode.VERSION_MISMATCH)
+            raise AgentError(
+                f"agent speaks protocol {reply.get('v')!r}, this client {PROTOCOL_VERSION}; "
+                "install the same envpipe version on both sides",
+                ErrorCode.VERSION_MISMATCH,
+            )
         if not reply.get("ok"):
             _raise_for(reply.get("error") or {})
         return reply.get("result") or {}
@@ -172,10 +182,20 @@ class AgentClient:
     def hello(self) -> AgentInfo:
         """Ask the agent who it is and which GPUs it manages; connects the event socket."""
         result = self.call("hello")
-        gpus = [GpuInfo(g["index"], g["uuid"], g["name"], tuple(g["clocks_mhz"]), g["min_mhz"], g["max_mhz"])
-                for g in result["gpus"]]
-        info = AgentInfo(result["version"], result["backend"], result["simulated"], gpus, result["read_only"],
-                         result["protocol"], result["event_endpoint"], result["lease_timeout_s"])
+        gpus = [
+            GpuInfo(g["index"], g["uuid"], g["name"], tuple(g["clocks_mhz"]), g["min_mhz"], g["max_mhz"])
+            for g in result["gpus"]
+        ]
+        info = AgentInfo(
+            result["version"],
+            result["backend"],
+            result["simulated"],
+            gpus,
+            result["read_only"],
+            result["protocol"],
+            result["event_endpoint"],
+            result["lease_timeout_s"],
+        )
         self._info = info
         self._connect_events(info.event_endpoint)
         return info
@@ -204,13 +224,19 @@ class AgentClient:
         info = self._info or self.hello()
         visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
         if cuda_index < 0 or (visible and cuda_index >= len(visible)):
-            raise AgentError(f"CUDA device {cuda_index} is not among CUDA_VISIBLE_DEVICES={','.join(visible)}")
+            raise AgentError(
+                f"CUDA device {cuda_index} is not among CUDA_VISIBLE_DEVICES={','.join(visible)}"
+            )
         entry = visible[cuda_index] if visible else str(cuda_index)
         for gpu in info.gpus:
-            if (entry.isdigit() and gpu.index == int(entry)) or (entry.startswith("GPU-") and gpu.uuid.startswith(entry)):
+            if (entry.isdigit() and gpu.index == int(entry)) or (
+                entry.startswith("GPU-") and gpu.uuid.startswith(entry)
+            ):
                 return gpu.uuid
-        raise AgentError(f"CUDA device {cuda_index} ({entry}) is none of the agent's GPUs: "
-                         f"{', '.join(g.uuid for g in info.gpus)}")
+        raise AgentError(
+            f"CUDA device {cuda_index} ({entry}) is none of the agent's GPUs: "
+            f"{', '.join(g.uuid for g in info.gpus)}"
+        )
 
     def claim(self, gpu_uuid: str) -> int:
         """Lease ``gpu_uuid`` for this rank and start heartbeating; returns the lease id.
@@ -228,8 +254,9 @@ class AgentClient:
         self._wait_event_peer()
         if self._heartbeat is None:
             interval_s = max(0.05, float(result.get("lease_timeout_s", 2.0)) / 4)
-            self._heartbeat = threading.Thread(target=self._heartbeat_loop, args=(interval_s,),
-                                               name="envpipe-heartbeat", daemon=True)
+            self._heartbeat = threading.Thread(
+                target=self._heartbeat_loop, args=(interval_s,), name="envpipe-heartbeat", daemon=True
+            )
             self._heartbeat.start()
         return self._lease_id
 
@@ -334,8 +361,10 @@ class AgentClient:
         try:
             frame = _PACK(EVENT_MAGIC, PROTOCOL_VERSION, EVENT_KINDS[event], lease_id, clock_mhz) + unit_bytes
         except (KeyError, struct.error):
-            raise ValueError(f"phase({unit!r}, {event!r}, {clock_mhz!r}): event must be 'begin' or 'end' and "
-                             "clock_mhz an integer 0..65535 (0 = keep the clock)") from None
+            raise ValueError(
+                f"phase({unit!r}, {event!r}, {clock_mhz!r}): event must be 'begin' or 'end' and "
+                "clock_mhz an integer 0..65535 (0 = keep the clock)"
+            ) from None
         with self._event_lock:
             try:
                 sock.send(frame, zmq.NOBLOCK)
@@ -346,8 +375,10 @@ class AgentClient:
 
     def _drop(self) -> None:
         self.events_dropped += 1
-        self._warn_once("envpipe agent not reachable or no GPU leased: phase events are dropped and training "
-                        "continues at the card's default clocks (said once)")
+        self._warn_once(
+            "envpipe agent not reachable or no GPU leased: phase events are dropped and training "
+            "continues at the card's default clocks (said once)"
+        )
 
     def _warn_once(self, message: str) -> None:
         # One warning per outage (DESIGN invariant 1), whichever path notices it first; repeats go to debug.

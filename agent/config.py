@@ -54,9 +54,9 @@ class AgentConfig:
             return self.event_endpoint
         control = self.control_endpoint()
         if control.startswith("ipc://"):
-            return f"ipc://{Path(control[len('ipc://'):]).with_name('events.sock')}"
+            return f"ipc://{Path(control[len('ipc://') :]).with_name('events.sock')}"
         if control.startswith("tcp://"):
-            host, _, port = control[len("tcp://"):].rpartition(":")
+            host, _, port = control[len("tcp://") :].rpartition(":")
             return f"tcp://{host}:{int(port) + 1}"
         raise AgentConfigError(f"endpoint {control!r}: give event_endpoint too (only ipc/tcp derive it)")
 
@@ -134,7 +134,9 @@ def load_toml(path: str) -> dict[str, Any]:
 def resolve_config(config_file: str | None, overrides: dict[str, Any]) -> AgentConfig:
     """Defaults, then the TOML file (if given, or the system file if it exists), then non-None flags."""
     values: dict[str, Any] = {}
-    path = config_file if config_file is not None else (SYSTEM_CONFIG if os.path.exists(SYSTEM_CONFIG) else "")
+    path = (
+        config_file if config_file is not None else (SYSTEM_CONFIG if os.path.exists(SYSTEM_CONFIG) else "")
+    )
     if path:
         values.update(load_toml(path))
     for key, value in overrides.items():

@@ -54,16 +54,32 @@ class RunningAgent:
 
 def agent_command(backend: str, gpus: int, runtime_dir: str, extra_args: Sequence[str]) -> list[str]:
     """The command line of an embedded agent (no system config file: ``--config ''``)."""
-    command = [sys.executable, "-m", "envpipe_agent", "--config", "", "--backend", backend,
-               "--runtime-dir", runtime_dir]
+    command = [
+        sys.executable,
+        "-m",
+        "envpipe_agent",
+        "--config",
+        "",
+        "--backend",
+        backend,
+        "--runtime-dir",
+        runtime_dir,
+    ]
     if backend == "sim":
         command += ["--gpus", str(gpus)]
     return command + list(extra_args)
 
 
-def start_agent(backend: str = "sim", gpus: int = 1, *, runtime_dir: str | None = None,
-                extra_args: Sequence[str] = (), env: dict[str, str] | None = None,
-                timeout_s: float = 15.0, log_path: str | None = None) -> RunningAgent:
+def start_agent(
+    backend: str = "sim",
+    gpus: int = 1,
+    *,
+    runtime_dir: str | None = None,
+    extra_args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    timeout_s: float = 15.0,
+    log_path: str | None = None,
+) -> RunningAgent:
     """Start ``python -m envpipe_agent`` and wait until it answers ``hello``.
 
     Args:
@@ -85,8 +101,11 @@ def start_agent(backend: str = "sim", gpus: int = 1, *, runtime_dir: str | None 
     endpoint = f"ipc://{Path(directory) / 'control.sock'}"
     stderr = open(log_path, "ab") if log_path else None  # noqa: SIM115 - handed to the child, closed below
     try:
-        process = subprocess.Popen(agent_command(backend, gpus, directory, extra_args),
-                                   env=env if env is not None else os.environ.copy(), stderr=stderr)
+        process = subprocess.Popen(
+            agent_command(backend, gpus, directory, extra_args),
+            env=env if env is not None else os.environ.copy(),
+            stderr=stderr,
+        )
     finally:
         if stderr:
             stderr.close()
@@ -97,7 +116,9 @@ def start_agent(backend: str = "sim", gpus: int = 1, *, runtime_dir: str | None 
         while True:
             if process.poll() is not None:
                 agent.stop()
-                raise AgentError(f"embedded envpipe agent exited with code {process.returncode} before answering")
+                raise AgentError(
+                    f"embedded envpipe agent exited with code {process.returncode} before answering"
+                )
             try:
                 client.hello()
                 return agent

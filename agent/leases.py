@@ -72,8 +72,9 @@ class LeaseManager:
         self.by_id: dict[int, Lease] = {}
         self.by_gpu: dict[int, Lease] = {}
 
-    def claim(self, gpu_index: int, gpu_uuid: str, job_id: str, rank: int, pid: int,
-              lease_id: int = 0) -> tuple[Lease, bool]:
+    def claim(
+        self, gpu_index: int, gpu_uuid: str, job_id: str, rank: int, pid: int, lease_id: int = 0
+    ) -> tuple[Lease, bool]:
         """Grant a lease, or return the caller's own lease again (a claim is idempotent).
 
         A repeated claim must name the lease it holds (``lease_id``): job, rank and pid are public (status
@@ -90,7 +91,9 @@ class LeaseManager:
             if (held.job_id, held.rank, held.pid, held.lease_id) == (job_id, rank, pid, lease_id):
                 held.heartbeat_s = time.monotonic()
                 return held, False
-            raise LookupError(f"GPU {gpu_uuid} is held by {held.describe()}; wait for it to end or stop that job")
+            raise LookupError(
+                f"GPU {gpu_uuid} is held by {held.describe()}; wait for it to end or stop that job"
+            )
         lease_id = secrets.randbelow(0xFFFFFFFE) + 1  # never 0: 0 marks "no lease" in event frames
         while lease_id in self.by_id:
             lease_id = secrets.randbelow(0xFFFFFFFE) + 1

@@ -28,7 +28,9 @@ def make_backend(config: AgentConfig) -> GpuBackend:
     """The backend named by the config (NVML is imported only when asked for)."""
     if config.backend == "sim":
         if config.read_only:
-            raise AgentConfigError("read_only applies to the nvml backend; the sim backend changes nothing real")
+            raise AgentConfigError(
+                "read_only applies to the nvml backend; the sim backend changes nothing real"
+            )
         from envpipe_agent.sim import SimBackend
 
         return SimBackend(gpus=config.gpus, card=config.card, model=config.model)
@@ -75,8 +77,13 @@ def serve(config: AgentConfig) -> int:
 
         def on_ready() -> None:
             sd_notify("READY=1")
-            log.info("envpipe-agent %s ready: backend %s%s, %d GPU(s)", __version__, backend.name,
-                     " (read-only)" if backend.read_only else "", len(agent.gpus))
+            log.info(
+                "envpipe-agent %s ready: backend %s%s, %d GPU(s)",
+                __version__,
+                backend.name,
+                " (read-only)" if backend.read_only else "",
+                len(agent.gpus),
+            )
 
         agent.serve(stop, on_ready)
     finally:
@@ -94,8 +101,11 @@ def start(config_file: str | None, overrides: dict[str, Any], log_level: str | N
         print(f"envpipe-agent: error: {exc}", file=sys.stderr)
         return 2
     level = (log_level or config.log_level).upper()
-    logging.basicConfig(level=getattr(logging, level, logging.INFO),
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     try:
         return serve(config)
     except AgentConfigError as exc:

@@ -50,7 +50,9 @@ class AgentCollector:
         for gpu in status["gpus"]:
             value = gpu.get(key)
             if value is not None:
-                family.add_metric([str(gpu["index"]), gpu["uuid"], str(gpu["simulated"]).lower()], float(value))
+                family.add_metric(
+                    [str(gpu["index"]), gpu["uuid"], str(gpu["simulated"]).lower()], float(value)
+                )
 
 
 def start_metrics_server(agent: Any, addr: str, port: int) -> None:

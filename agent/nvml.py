@@ -33,9 +33,13 @@ class NvmlBackend:
         self.read_only = read_only
         self.would_set: list[tuple[str, int, int]] = []  # read-only: what would have been applied
         self.readback_mismatches = 0
-        self._call("initialise NVML (is the NVIDIA driver installed? --backend sim simulates GPUs)", pynvml.nvmlInit)
+        self._call(
+            "initialise NVML (is the NVIDIA driver installed? --backend sim simulates GPUs)", pynvml.nvmlInit
+        )
         count = self._call("count GPUs", pynvml.nvmlDeviceGetCount)
-        self._handles = [self._call(f"open GPU {i}", pynvml.nvmlDeviceGetHandleByIndex, i) for i in range(count)]
+        self._handles = [
+            self._call(f"open GPU {i}", pynvml.nvmlDeviceGetHandleByIndex, i) for i in range(count)
+        ]
         self._descs = [self._describe(i, handle) for i, handle in enumerate(self._handles)]
 
     def _call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
@@ -51,9 +55,15 @@ class NvmlBackend:
         try:
             memory_mhz = max(nvml.nvmlDeviceGetSupportedMemoryClocks(handle))
         except (nvml.NVMLError, ValueError):  # not supported (or empty): take the memory clock it runs at
-            memory_mhz = self._call(f"read the memory clock of GPU {index}", nvml.nvmlDeviceGetClockInfo,
-                                    handle, nvml.NVML_CLOCK_MEM)
-        clocks = self._call(f"list SM clocks of GPU {index}", nvml.nvmlDeviceGetSupportedGraphicsClocks, handle, memory_mhz)
+            memory_mhz = self._call(
+                f"read the memory clock of GPU {index}",
+                nvml.nvmlDeviceGetClockInfo,
+                handle,
+                nvml.NVML_CLOCK_MEM,
+            )
+        clocks = self._call(
+            f"list SM clocks of GPU {index}", nvml.nvmlDeviceGetSupportedGraphicsClocks, handle, memory_mhz
+        )
         return GpuDesc(index, uuid, name, tuple(sorted(set(clocks), reverse=True)))
 
     def gpus(self) -> list[GpuDesc]:
@@ -65,8 +75,13 @@ class NvmlBackend:
             log.info("read-only: would lock GPU %d at %d MHz", index, clock_mhz)
             return
         handle = self._handles[index]
-        self._call(f"lock GPU {index} at {clock_mhz} MHz", self._nvml.nvmlDeviceSetGpuLockedClocks,
-                   handle, clock_mhz, clock_mhz)
+        self._call(
+            f"lock GPU {index} at {clock_mhz} MHz",
+            self._nvml.nvmlDeviceSetGpuLockedClocks,
+            handle,
+            clock_mhz,
+            clock_mhz,
+        )
         actual_mhz = self.read_clock_mhz(index)
         if actual_mhz > clock_mhz:
             # Below the lock is normal (idle, power or thermal cap); above it means the lock did not hold.
@@ -78,18 +93,34 @@ class NvmlBackend:
             self.would_set.append(("reset", index, 0))
             log.info("read-only: would reset the locked clocks of GPU %d", index)
             return
-        self._call(f"reset the clocks of GPU {index}", self._nvml.nvmlDeviceResetGpuLockedClocks, self._handles[index])
+        self._call(
+            f"reset the clocks of GPU {index}",
+            self._nvml.nvmlDeviceResetGpuLockedClocks,
+            self._handles[index],
+        )
 
     def read_clock_mhz(self, index: int) -> int:
-        return self._call(f"read the SM clock of GPU {index}", self._nvml.nvmlDeviceGetClockInfo,
-                          self._handles[index], self._nvml.NVML_CLOCK_SM)
+        return self._call(
+            f"read the SM clock of GPU {index}",
+            self._nvml.nvmlDeviceGetClockInfo,
+            self._handles[index],
+            self._nvml.NVML_CLOCK_SM,
+        )
 
     def read_power_w(self, index: int) -> float:
-        return self._call(f"read the power of GPU {index}", self._nvml.nvmlDeviceGetPowerUsage, self._handles[index]) / 1000.0
+        return (
+            self._call(
+                f"read the power of GPU {index}", self._nvml.nvmlDeviceGetPowerUsage, self._handles[index]
+            )
+            / 1000.0
+        )
 
     def read_energy_mj(self, index: int) -> int:
-        return self._call(f"read the energy counter of GPU {index}", self._nvml.nvmlDeviceGetTotalEnergyConsumption,
-                          self._handles[index])
+        return self._call(
+            f"read the energy counter of GPU {index}",
+            self._nvml.nvmlDeviceGetTotalEnergyConsumption,
+            self._handles[index],
+        )
 
     def on_phase(self, index: int, busy: bool) -> None:
         """Real GPUs measure their own energy; phase events only carry clocks here."""

@@ -89,7 +89,9 @@ def decode_request(frame: bytes) -> Request:
         ProtocolError: with ``too_large``, ``bad_request``, ``version_mismatch`` or ``unknown_op``.
     """
     if len(frame) > MAX_CONTROL_BYTES:
-        raise ProtocolError(ErrorCode.TOO_LARGE, f"control frame of {len(frame)} bytes exceeds {MAX_CONTROL_BYTES}")
+        raise ProtocolError(
+            ErrorCode.TOO_LARGE, f"control frame of {len(frame)} bytes exceeds {MAX_CONTROL_BYTES}"
+        )
     try:
         message = json.loads(frame)
     except (UnicodeDecodeError, ValueError) as exc:

@@ -29,7 +29,8 @@ def resolve_group(name: str) -> int:
             return grp.getgrnam(name).gr_gid
         except KeyError:
             raise AgentConfigError(
-                f"socket_group {name!r} does not exist; create it (systemd/sysusers.d/envpipe.conf) or pick another"
+                f"socket_group {name!r} does not exist; create it "
+                "(systemd/sysusers.d/envpipe.conf) or pick another"
             ) from None
     try:
         return grp.getgrnam(DEFAULT_GROUP).gr_gid
@@ -53,11 +54,13 @@ def _set_group(path: str, gid: int) -> None:
 
 
 def secure_socket(endpoint: str, gid: int) -> None:
-    """Give an ipc socket file mode 0660 and group ``gid``; tcp endpoints have no file (and no access check)."""
+    """Give an ipc socket mode 0660 and group ``gid``; tcp endpoints have no file (and no access check)."""
     if not endpoint.startswith("ipc://"):
-        log.warning("endpoint %s is not group-restricted: anyone who can reach it can change clocks", endpoint)
+        log.warning(
+            "endpoint %s is not group-restricted: anyone who can reach it can change clocks", endpoint
+        )
         return
-    path = endpoint[len("ipc://"):]
+    path = endpoint[len("ipc://") :]
     _set_group(path, gid)
     os.chmod(path, SOCKET_MODE)
 

@@ -59,7 +59,9 @@ class GpuStats:
 def _arg(args: dict[str, Any], name: str, kind: type) -> Any:
     value = args.get(name)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ProtocolError(ErrorCode.BAD_REQUEST, f"argument {name!r} must be {kind.__name__}, got {value!r}")
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, f"argument {name!r} must be {kind.__name__}, got {value!r}"
+        )
     return value
 
 
@@ -80,15 +82,30 @@ class Agent:
         self.leases = LeaseManager(config.lease_timeout_s, check_pids=config.is_local())
         self.sampler = EnergySampler(backend, [gpu.index for gpu in self.gpus], config.sample_interval_ms)
         self.counters = dict.fromkeys(
-            ("events_received", "events_malformed", "events_no_lease", "control_requests", "control_errors",
-             "leases_granted", "leases_expired", "leases_released"), 0)
+            (
+                "events_received",
+                "events_malformed",
+                "events_no_lease",
+                "control_requests",
+                "control_errors",
+                "leases_granted",
+                "leases_expired",
+                "leases_released",
+            ),
+            0,
+        )
         self.started_s = time.monotonic()
         self._next_window_id = 1
         self._last_rate_s = self.started_s
         self.handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-            "hello": self.op_hello, "claim": self.op_claim, "heartbeat": self.op_heartbeat,
-            "release": self.op_release, "set_clock": self.op_set_clock, "window_begin": self.op_window_begin,
-            "window_end": self.op_window_end, "status": self.op_status,
+            "hello": self.op_hello,
+            "claim": self.op_claim,
+            "heartbeat": self.op_heartbeat,
+            "release": self.op_release,
+            "set_clock": self.op_set_clock,
+            "window_begin": self.op_window_begin,
+            "window_end": self.op_window_end,
+            "status": self.op_status,
         }
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -131,8 +148,12 @@ class Agent:
         log.info("serving control on %s, events on %s", control_endpoint, event_endpoint)
         return control, events
 
-    def serve(self, stop: threading.Event, on_ready: Callable[[], None] | None = None,
-              context: zmq.Context | None = None) -> None:
+    def serve(
+        self,
+        stop: threading.Event,
+        on_ready: Callable[[], None] | None = None,
+        context: zmq.Context | None = None,
+    ) -> None:
         """Run the event loop until ``stop`` is set; resets every GPU on the way out."""
         context = context or zmq.Context.instance()
         control, events = self.bind(context)
@@ -225,12 +246,14 @@ class Agent:
             return None  # nothing to answer to: no payload after the identity
         if b"" in frames[1:]:
             cut = len(frames) - 1 - frames[::-1].index(b"")
-            envelope, payload = frames[: cut + 1], frames[cut + 1:]
+            envelope, payload = frames[: cut + 1], frames[cut + 1 :]
         else:
             envelope, payload = frames[:1], frames[1:]
         if len(payload) != 1:
             self.counters["control_errors"] += 1
-            return envelope + [encode_error(0, ErrorCode.BAD_REQUEST, f"expected 1 payload frame, got {len(payload)}")]
+            return envelope + [
+                encode_error(0, ErrorCode.BAD_REQUEST, f"expected 1 payload frame, got {len(payload)}")
+            ]
         return envelope + [self.dispatch(payload[0])]
 
     def dispatch(self, frame: bytes) -> bytes:
@@ -254,19 +277,31 @@ class Agent:
         lease_id = _arg(args, "lease_id", int)
         lease = self.leases.by_id.get(lease_id)
         if lease is None:
-            raise ProtocolError(ErrorCode.UNKNOWN_LEASE, f"lease {lease_id} is not held (expired or released); claim again")
+            raise ProtocolError(
+                ErrorCode.UNKNOWN_LEASE, f"lease {lease_id} is not held (expired or released); claim again"
+            )
         return lease
 
     def gpu_info(self, gpu: GpuDesc) -> dict[str, Any]:
         allow = self.allow[gpu.index]
-        return {"index": gpu.index, "uuid": gpu.uuid, "name": gpu.name,
-                "clocks_mhz": allow.ascending_mhz[::-1], "min_mhz": allow.min_mhz, "max_mhz": allow.max_mhz}
+        return {
+            "index": gpu.index,
+            "uuid": gpu.uuid,
+            "name": gpu.name,
+            "clocks_mhz": allow.ascending_mhz[::-1],
+            "min_mhz": allow.min_mhz,
+            "max_mhz": allow.max_mhz,
+        }
 
     def op_hello(self, args: dict[str, Any]) -> dict[str, Any]:
         return {
-            "version": __version__, "protocol": PROTOCOL_VERSION, "backend": self.backend.name,
-            "simulated": self.backend.simulated, "read_only": self.backend.read_only,
-            "event_endpoint": self.config.events_endpoint(), "lease_timeout_s": self.config.lease_timeout_s,
+            "version": __version__,
+            "protocol": PROTOCOL_VERSION,
+            "backend": self.backend.name,
+            "simulated": self.backend.simulated,
+            "read_only": self.backend.read_only,
+            "event_endpoint": self.config.events_endpoint(),
+            "lease_timeout_s": self.config.lease_timeout_s,
             "gpus": [self.gpu_info(gpu) for gpu in self.gpus],
         }
 
@@ -275,8 +310,10 @@ class Agent:
         job_id, rank, pid = _arg(args, "job_id", str), _arg(args, "rank", int), _arg(args, "pid", int)
         gpu = self.by_uuid.get(gpu_uuid)
         if gpu is None:
-            raise ProtocolError(ErrorCode.NO_SUCH_GPU,
-                                f"no GPU {gpu_uuid!r} on this agent; it manages {', '.join(self.by_uuid)}")
+            raise ProtocolError(
+                ErrorCode.NO_SUCH_GPU,
+                f"no GPU {gpu_uuid!r} on this agent; it manages {', '.join(self.by_uuid)}",
+            )
         try:
             held_id = _arg(args, "lease_id", int) if "lease_id" in args else 0  # proof for a repeated claim
             lease, new = self.leases.claim(gpu.index, gpu.uuid, job_id, rank, pid, held_id)
@@ -309,7 +346,9 @@ class Agent:
     def op_window_begin(self, args: dict[str, Any]) -> dict[str, Any]:
         lease = self._lease(args)
         if len(lease.windows) >= MAX_WINDOWS_PER_LEASE:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, f"more than {MAX_WINDOWS_PER_LEASE} open windows; end some")
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST, f"more than {MAX_WINDOWS_PER_LEASE} open windows; end some"
+            )
         window_id, self._next_window_id = self._next_window_id, self._next_window_id + 1
         lease.windows[window_id] = self.sampler.read(lease.gpu_index)
         return {"window_id": window_id}
@@ -319,10 +358,15 @@ class Agent:
         window_id = _arg(args, "window_id", int)
         start = lease.windows.pop(window_id, None)
         if start is None:
-            raise ProtocolError(ErrorCode.UNKNOWN_WINDOW, f"window {window_id} is not open on lease {lease.lease_id}")
+            raise ProtocolError(
+                ErrorCode.UNKNOWN_WINDOW, f"window {window_id} is not open on lease {lease.lease_id}"
+            )
         energy_mj, sampled_s = self.sampler.read(lease.gpu_index)
-        return {"energy_j": (energy_mj - start[0]) / 1000.0, "duration_s": sampled_s - start[1],
-                "simulated": self.backend.simulated}
+        return {
+            "energy_j": (energy_mj - start[0]) / 1000.0,
+            "duration_s": sampled_s - start[1],
+            "simulated": self.backend.simulated,
+        }
 
     def op_status(self, args: dict[str, Any]) -> dict[str, Any]:
         return self.status()
@@ -333,8 +377,13 @@ class Agent:
         for lease, reason in self.leases.expire():
             self.counters["leases_expired"] += 1
             self._reset_gpu(lease.gpu_index)
-            log.warning("GPU %d lease of job %r rank %d ended: %s; clocks reset",
-                        lease.gpu_index, lease.job_id, lease.rank, reason)
+            log.warning(
+                "GPU %d lease of job %r rank %d ended: %s; clocks reset",
+                lease.gpu_index,
+                lease.job_id,
+                lease.rank,
+                reason,
+            )
         now_s = time.monotonic()
         if now_s - self._last_rate_s >= 1.0:
             for stats in self.stats.values():
@@ -351,15 +400,21 @@ class Agent:
         del info["clocks_mhz"]
         return {
             **info,
-            "clock_mhz": self.backend.read_clock_mhz(index), "target_mhz": stats.target_mhz,
-            # Read-only agents apply nothing, so they never hold a lock (target_mhz shows what they would set).
-            "locked": worker.applied_mhz is not None and not self.backend.read_only, "power_w": round(self.backend.read_power_w(index), 1),
+            "clock_mhz": self.backend.read_clock_mhz(index),
+            "target_mhz": stats.target_mhz,
+            # Read-only agents apply nothing, so never hold a lock (target_mhz shows what they would set).
+            "locked": worker.applied_mhz is not None and not self.backend.read_only,
+            "power_w": round(self.backend.read_power_w(index), 1),
             "energy_j": energy_mj / 1000.0,
             "holder": lease.holder() if lease else None,
             "lease_age_s": round(time.monotonic() - lease.created_s, 3) if lease else None,
-            "events": stats.events, "events_per_s": round(stats.events_per_s, 1),
-            "duplicates": stats.duplicates + worker.duplicates, "snapped": stats.snapped,
-            "clock_changes": worker.clock_changes, "resets": worker.resets, "apply_failures": worker.failures,
+            "events": stats.events,
+            "events_per_s": round(stats.events_per_s, 1),
+            "duplicates": stats.duplicates + worker.duplicates,
+            "snapped": stats.snapped,
+            "clock_changes": worker.clock_changes,
+            "resets": worker.resets,
+            "apply_failures": worker.failures,
             "apply_latency_p99_ms": round(p99_ms, 4) if p99_ms is not None else None,
             "simulated": self.backend.simulated,
         }
@@ -368,9 +423,15 @@ class Agent:
         """The snapshot behind ``envpipe status`` and the Prometheus endpoint."""
         describe = getattr(self.backend, "describe", None)
         return {
-            "version": __version__, "protocol": PROTOCOL_VERSION, "backend": self.backend.name,
-            "simulated": self.backend.simulated, "read_only": self.backend.read_only,
-            "model": describe() if describe else "", "uptime_s": round(time.monotonic() - self.started_s, 3),
-            "lease_timeout_s": self.leases.timeout_s, "control_endpoint": self.config.control_endpoint(),
-            "counters": dict(self.counters), "gpus": [self.gpu_status(gpu) for gpu in self.gpus],
+            "version": __version__,
+            "protocol": PROTOCOL_VERSION,
+            "backend": self.backend.name,
+            "simulated": self.backend.simulated,
+            "read_only": self.backend.read_only,
+            "model": describe() if describe else "",
+            "uptime_s": round(time.monotonic() - self.started_s, 3),
+            "lease_timeout_s": self.leases.timeout_s,
+            "control_endpoint": self.config.control_endpoint(),
+            "counters": dict(self.counters),
+            "gpus": [self.gpu_status(gpu) for gpu in self.gpus],
         }

@@ -41,7 +41,7 @@ class _SimGpu:
 
 
 class SimBackend:
-    """Virtual GPUs of one card type; thread-safe (phase events and clock sets come from different threads)."""
+    """Virtual GPUs of one card type; thread-safe (phase events and clock sets come from two threads)."""
 
     name = "sim"
     simulated = True

@@ -1,4 +1,4 @@
-"""``envpipe lock``: hold one GPU at one clock until interrupted (an admin/debug tool, the simplest client)."""
+"""``envpipe lock``: hold one GPU at one clock until interrupted (admin/debug tool, the simplest client)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ def resolve_gpu(gpus: list[Any], gpu_id: str) -> Any:
     from envpipe_agent.errors import AgentError
 
     for gpu in gpus:
-        if (gpu_id.isdigit() and gpu.index == int(gpu_id)) or (not gpu_id.isdigit() and gpu.uuid.startswith(gpu_id)):
+        if (gpu_id.isdigit() and gpu.index == int(gpu_id)) or (
+            not gpu_id.isdigit() and gpu.uuid.startswith(gpu_id)
+        ):
             return gpu
     known = ", ".join(f"{g.index} ({g.uuid})" for g in gpus)
     raise AgentError(f"no GPU {gpu_id!r} on this agent; give an index or UUID prefix of: {known}")
@@ -30,9 +32,13 @@ def _terminate(signum: int, _frame: object) -> None:
 def lock(
     gpu: Annotated[str, typer.Option("--gpu", help="Agent GPU index or UUID (prefix).")],
     mhz: Annotated[int, typer.Option("--mhz", help="SM clock to hold (snapped to the agent's allow-list).")],
-    endpoint: Annotated[Optional[str], typer.Option(envvar="ENVPIPE_AGENT", help="The agent's control endpoint.")] = None,
+    endpoint: Annotated[
+        Optional[str], typer.Option(envvar="ENVPIPE_AGENT", help="The agent's control endpoint.")
+    ] = None,
     job_id: Annotated[str, typer.Option(help="Job id shown as the lease holder.")] = "envpipe-lock",
-    duration_s: Annotated[float, typer.Option(help="Release after this many seconds (0 = until Ctrl-C).")] = 0.0,
+    duration_s: Annotated[
+        float, typer.Option(help="Release after this many seconds (0 = until Ctrl-C).")
+    ] = 0.0,
     timeout_s: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the agent.")] = 2.0,
 ) -> None:
     """Claim a GPU, apply a clock and hold the lease (heartbeating) until Ctrl-C, SIGTERM or --duration-s."""
@@ -47,8 +53,12 @@ def lock(
             client.claim(target.uuid)
             reply = client.set_clock(mhz)
             snapped = f" (asked {mhz}, snapped to the allow-list)" if reply["snapped"] else ""
-            console.print(f"GPU {target.index} {target.uuid} locked at {reply['target_mhz']} MHz{snapped}; "
-                          "holding the lease, Ctrl-C releases", highlight=False, soft_wrap=True)
+            console.print(
+                f"GPU {target.index} {target.uuid} locked at {reply['target_mhz']} MHz{snapped}; "
+                "holding the lease, Ctrl-C releases",
+                highlight=False,
+                soft_wrap=True,
+            )
             _hold(client, mhz, duration_s)
         except KeyboardInterrupt:
             pass  # Ctrl-C or SIGTERM, at any point: release below

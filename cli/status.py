@@ -31,15 +31,36 @@ def render_status(status: dict[str, Any]) -> Group:
         f"uptime {status['uptime_s']:.0f} s · lease timeout {status['lease_timeout_s']} s"
     )
     table = Table(box=None, header_style="bold")
-    for column in ("GPU", "UUID", "name", "SM MHz (actual/target)", "locked", "power W", "energy J",
-                   "holder job/rank/pid", "lease age s", "events/s", "clock changes", "apply p99 ms"):
-        table.add_column(column, justify="left" if column in ("UUID", "name", "holder job/rank/pid") else "right")
+    for column in (
+        "GPU",
+        "UUID",
+        "name",
+        "SM MHz (actual/target)",
+        "locked",
+        "power W",
+        "energy J",
+        "holder job/rank/pid",
+        "lease age s",
+        "events/s",
+        "clock changes",
+        "apply p99 ms",
+    ):
+        table.add_column(
+            column, justify="left" if column in ("UUID", "name", "holder job/rank/pid") else "right"
+        )
     for gpu in status["gpus"]:
         table.add_row(
-            str(gpu["index"]), gpu["uuid"][4:12], gpu["name"],
-            f"{gpu['clock_mhz']}/{_fmt(gpu['target_mhz'])}", "yes" if gpu["locked"] else "no",
-            _fmt(gpu["power_w"], ".0f"), _fmt(gpu["energy_j"], ".1f"), _holder(gpu),
-            _fmt(gpu["lease_age_s"], ".1f"), _fmt(gpu["events_per_s"], ".0f"), str(gpu["clock_changes"]),
+            str(gpu["index"]),
+            gpu["uuid"][4:12],
+            gpu["name"],
+            f"{gpu['clock_mhz']}/{_fmt(gpu['target_mhz'])}",
+            "yes" if gpu["locked"] else "no",
+            _fmt(gpu["power_w"], ".0f"),
+            _fmt(gpu["energy_j"], ".1f"),
+            _holder(gpu),
+            _fmt(gpu["lease_age_s"], ".1f"),
+            _fmt(gpu["events_per_s"], ".0f"),
+            str(gpu["clock_changes"]),
             _fmt(gpu["apply_latency_p99_ms"], ".3f"),
         )
     parts: list[Any] = [header, table]
@@ -49,10 +70,16 @@ def render_status(status: dict[str, Any]) -> Group:
 
 
 def status(
-    endpoint: Annotated[Optional[str], typer.Option(envvar="ENVPIPE_AGENT", help="The agent's control endpoint.")] = None,
+    endpoint: Annotated[
+        Optional[str], typer.Option(envvar="ENVPIPE_AGENT", help="The agent's control endpoint.")
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the raw snapshot as JSON.")] = False,
-    watch: Annotated[bool, typer.Option("--watch", help="Refresh every --interval seconds until Ctrl-C.")] = False,
-    interval_s: Annotated[float, typer.Option("--interval", help="Seconds between refreshes with --watch.")] = 1.0,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="Refresh every --interval seconds until Ctrl-C.")
+    ] = False,
+    interval_s: Annotated[
+        float, typer.Option("--interval", help="Seconds between refreshes with --watch.")
+    ] = 1.0,
     timeout_s: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the agent.")] = 2.0,
 ) -> None:
     """Show the node agent's GPUs: clocks, locks, power, energy, lease holders and event rates."""

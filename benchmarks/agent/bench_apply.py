@@ -27,12 +27,18 @@ def main() -> None:
     parser.add_argument("--gap-ms", type=float, default=2.0)
     args = parser.parse_args()
     state = os.path.join(tempfile.mkdtemp(prefix="ep-bench-"), "nvml.state")
-    env = dict(os.environ, LD_LIBRARY_PATH=build_fake_nvml(), ENVPIPE_FAKE_NVML_STATE=state,
-               ENVPIPE_FAKE_NVML_GPUS="1")
+    env = dict(
+        os.environ,
+        LD_LIBRARY_PATH=build_fake_nvml(),
+        ENVPIPE_FAKE_NVML_STATE=state,
+        ENVPIPE_FAKE_NVML_GPUS="1",
+    )
     clocks = (1410, 1200, 990, 1605)
     latencies_ns: list[int] = []
-    with start_agent("nvml", env=env, extra_args=["--lease-timeout-s", "10"]) as agent, \
-            AgentClient(agent.endpoint, job_id="bench", rank=0, timeout_s=10) as client:
+    with (
+        start_agent("nvml", env=env, extra_args=["--lease-timeout-s", "10"]) as agent,
+        AgentClient(agent.endpoint, job_id="bench", rank=0, timeout_s=10) as client,
+    ):
         client.claim(client.hello().gpus[0].uuid)
         fake = FakeNvmlClock(state)
         for i in range(args.changes):
@@ -45,9 +51,18 @@ def main() -> None:
             client.phase("F12", "end", 0)
             time.sleep(args.gap_ms / 1000)
         agent_p99_ms = client.status()["gpus"][0]["apply_latency_p99_ms"]
-    print(json.dumps({"benchmark": "event -> SetGpuLockedClocks (fake NVML)", "latency": summary_us(latencies_ns),
-                      "agent_reported_recv_to_apply_p99_ms": agent_p99_ms, "dropped": client.events_dropped,
-                      "machine": machine()}, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "event -> SetGpuLockedClocks (fake NVML)",
+                "latency": summary_us(latencies_ns),
+                "agent_reported_recv_to_apply_p99_ms": agent_p99_ms,
+                "dropped": client.events_dropped,
+                "machine": machine(),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -25,8 +25,12 @@ def _flood(endpoint: str, lease_id: int, count: int) -> None:
     sock.setsockopt(zmq.LINGER, 5000)
     sock.connect(endpoint)
     clocks = (1410, 1200, 990)
-    frames = [encode_event(EVENT_BEGIN, lease_id, clocks[i % 3], b"F12") if i % 2 == 0
-              else encode_event(EVENT_END, lease_id, 0, b"F12") for i in range(6)]
+    frames = [
+        encode_event(EVENT_BEGIN, lease_id, clocks[i % 3], b"F12")
+        if i % 2 == 0
+        else encode_event(EVENT_END, lease_id, 0, b"F12")
+        for i in range(6)
+    ]
     for i in range(count):
         sock.send(frames[i % 6])
     sock.close()
@@ -44,8 +48,12 @@ def handle_event_cost_us(count: int = 200_000) -> float:
     config = resolve_config("", {"backend": "sim", "gpus": 1, "runtime_dir": tempfile.mkdtemp(prefix="ep-")})
     agent = Agent(config, SimBackend(gpus=1))
     lease, _new = agent.leases.claim(0, agent.gpus[0].uuid, "bench", 0, os.getpid())
-    frames = [encode_event(EVENT_BEGIN, lease.lease_id, (1410, 1200, 990)[i % 3], b"F12") if i % 2 == 0
-              else encode_event(EVENT_END, lease.lease_id, 0, b"F12") for i in range(6)]
+    frames = [
+        encode_event(EVENT_BEGIN, lease.lease_id, (1410, 1200, 990)[i % 3], b"F12")
+        if i % 2 == 0
+        else encode_event(EVENT_END, lease.lease_id, 0, b"F12")
+        for i in range(6)
+    ]
     agent.start_threads()
     started_s = time.perf_counter()
     for i in range(count):
@@ -62,10 +70,15 @@ def main() -> None:
     args = parser.parse_args()
     env, extra = None, []
     if args.backend == "nvml":  # the fake library only: never a real GPU
-        env = dict(os.environ, LD_LIBRARY_PATH=build_fake_nvml(),
-                   ENVPIPE_FAKE_NVML_STATE=f"/tmp/ep-bench-nvml-{os.getpid()}.state")
-    with start_agent(args.backend, gpus=1, env=env, extra_args=extra) as agent, \
-            AgentClient(agent.endpoint, job_id="bench", rank=0, timeout_s=10) as client:
+        env = dict(
+            os.environ,
+            LD_LIBRARY_PATH=build_fake_nvml(),
+            ENVPIPE_FAKE_NVML_STATE=f"/tmp/ep-bench-nvml-{os.getpid()}.state",
+        )
+    with (
+        start_agent(args.backend, gpus=1, env=env, extra_args=extra) as agent,
+        AgentClient(agent.endpoint, job_id="bench", rank=0, timeout_s=10) as client,
+    ):
         info = client.hello()
         client.claim(info.gpus[0].uuid)
         before = client.status()["counters"]["events_received"]
@@ -78,11 +91,23 @@ def main() -> None:
         gpu = client.status()["gpus"][0]
     rate = args.events / (done_s - started_s)
     cost_us = handle_event_cost_us()
-    print(json.dumps({"benchmark": "agent ingest", "backend": args.backend, "events": args.events,
-                      "handle_event_us": round(cost_us, 2), "handle_event_ceiling_per_s": round(1e6 / cost_us),
-                      "events_per_s": round(rate), "sender_events_per_s": round(args.events / (sent_s - started_s)),
-                      "accepted": gpu["events"], "clock_changes_applied": gpu["clock_changes"],
-                      "machine": machine()}, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "agent ingest",
+                "backend": args.backend,
+                "events": args.events,
+                "handle_event_us": round(cost_us, 2),
+                "handle_event_ceiling_per_s": round(1e6 / cost_us),
+                "events_per_s": round(rate),
+                "sender_events_per_s": round(args.events / (sent_s - started_s)),
+                "accepted": gpu["events"],
+                "clock_changes_applied": gpu["clock_changes"],
+                "machine": machine(),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

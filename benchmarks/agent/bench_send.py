@@ -48,10 +48,20 @@ def main() -> None:
         sleeping = summary_us(_timed_sends(client, args.sparse_events, args.gap_us))
         spinning = summary_us(_timed_sends(client, args.sparse_events, args.gap_us, spin=True))
         dropped_sparse = client.events_dropped - dropped_burst
-    print(json.dumps({"benchmark": "event send (AgentClient.phase)", "back_to_back": burst,
-                      "back_to_back_dropped_at_hwm": dropped_burst,
-                      f"sparse_sleep_{args.gap_us:g}us": sleeping, f"sparse_spin_{args.gap_us:g}us": spinning,
-                      "sparse_dropped": dropped_sparse, "machine": machine()}, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "event send (AgentClient.phase)",
+                "back_to_back": burst,
+                "back_to_back_dropped_at_hwm": dropped_burst,
+                f"sparse_sleep_{args.gap_us:g}us": sleeping,
+                f"sparse_spin_{args.gap_us:g}us": spinning,
+                "sparse_dropped": dropped_sparse,
+                "machine": machine(),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

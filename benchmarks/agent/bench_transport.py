@@ -51,7 +51,9 @@ def _measure(send, sends: int, gap_us: float) -> tuple[list[int], int]:
 
 def _run(kind: str, address: str, sends: int, gap_us: float) -> dict[str, float]:
     sock: zmq.Socket | socket.socket
-    receiver = subprocess.Popen([sys.executable, "-c", _RECEIVER, kind, address], stdout=subprocess.PIPE, text=True)
+    receiver = subprocess.Popen(
+        [sys.executable, "-c", _RECEIVER, kind, address], stdout=subprocess.PIPE, text=True
+    )
     receiver.stdout.readline()
     if kind == "zmq":
         sock = zmq.Context.instance().socket(zmq.PUSH)
@@ -84,8 +86,12 @@ def main() -> None:
         "zmq_push_ipc": _run("zmq", f"ipc://{directory}/push.sock", args.sends, args.gap_us),
         "unix_datagram": _run("dgram", os.path.join(directory, "dgram.sock"), args.sends, args.gap_us),
     }
-    print(json.dumps({"benchmark": f"raw sparse send, one per {args.gap_us:g} us", **results,
-                      "machine": machine()}, indent=2))
+    print(
+        json.dumps(
+            {"benchmark": f"raw sparse send, one per {args.gap_us:g} us", **results, "machine": machine()},
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -27,8 +27,12 @@ def percentile(samples: list[float], q: float) -> float:
 def summary_us(samples_ns: list[int]) -> dict[str, float]:
     """p50/p99/max of nanosecond samples, in microseconds."""
     us = [s / 1000.0 for s in samples_ns]
-    return {"n": len(us), "p50_us": round(percentile(us, 0.5), 2), "p99_us": round(percentile(us, 0.99), 2),
-            "max_us": round(max(us), 2)}
+    return {
+        "n": len(us),
+        "p50_us": round(percentile(us, 0.5), 2),
+        "p99_us": round(percentile(us, 0.99), 2),
+        "max_us": round(max(us), 2),
+    }
 
 
 def machine() -> str:
@@ -41,7 +45,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()} {platform.release()}"
+    system = f"{platform.system()} {platform.release()}"
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {system}"
 
 
 def build_fake_nvml() -> str:
@@ -50,8 +55,10 @@ def build_fake_nvml() -> str:
     if gcc is None:
         raise SystemExit("needs gcc to build the fake libnvidia-ml.so.1")
     out_dir = tempfile.mkdtemp(prefix="ep-fakenvml-")
-    subprocess.run([gcc, "-shared", "-fPIC", "-O2", "-o", f"{out_dir}/libnvidia-ml.so.1", str(FAKE_NVML_SOURCE)],
-                   check=True)
+    subprocess.run(
+        [gcc, "-shared", "-fPIC", "-O2", "-o", f"{out_dir}/libnvidia-ml.so.1", str(FAKE_NVML_SOURCE)],
+        check=True,
+    )
     return out_dir
 
 

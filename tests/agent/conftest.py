@@ -32,8 +32,14 @@ class ThreadAgent:
     """An Agent served on a background thread; ``endpoint`` is its control endpoint."""
 
     def __init__(self, runtime_dir: str, **overrides: object) -> None:
-        values = {"backend": "sim", "gpus": 2, "runtime_dir": runtime_dir, "lease_timeout_s": 0.5,
-                  "socket_group": grp.getgrgid(os.getegid()).gr_name, **overrides}
+        values = {
+            "backend": "sim",
+            "gpus": 2,
+            "runtime_dir": runtime_dir,
+            "lease_timeout_s": 0.5,
+            "socket_group": grp.getgrgid(os.getegid()).gr_name,
+            **overrides,
+        }
         self.config = resolve_config("", values)
         self.backend = SimBackend(gpus=self.config.gpus)
         self.agent = Agent(self.config, self.backend)
@@ -85,12 +91,22 @@ def module_sim_agent() -> Iterator[ThreadAgent]:
 # -- fake NVML -------------------------------------------------------------------------------------------
 _HEADER = struct.Struct("<IIQ")
 _GPU = struct.Struct("<IIIIQQQQQQ")
-_GPU_FIELDS = ("locked", "min_mhz", "max_mhz", "sm_mhz", "set_calls", "reset_calls", "bad_calls",
-               "last_set_ns", "energy_uj", "energy_ns")
+_GPU_FIELDS = (
+    "locked",
+    "min_mhz",
+    "max_mhz",
+    "sm_mhz",
+    "set_calls",
+    "reset_calls",
+    "bad_calls",
+    "last_set_ns",
+    "energy_uj",
+    "energy_ns",
+)
 
 
 class FakeNvmlState:
-    """Reads (and pre-seeds) the fake library's shared state file (layout: struct fake_state in fake_nvml.c)."""
+    """Reads (and pre-seeds) the fake library's state file (layout: struct fake_state in fake_nvml.c)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -98,15 +114,28 @@ class FakeNvmlState:
     def gpu(self, index: int) -> dict[str, int]:
         with open(self.path, "rb") as handle:
             data = handle.read()
-        return dict(zip(_GPU_FIELDS, _GPU.unpack_from(data, _HEADER.size + index * _GPU.size)))
+        values = _GPU.unpack_from(data, _HEADER.size + index * _GPU.size)
+        return dict(zip(_GPU_FIELDS, values, strict=True))
 
     def seed_locked(self, ngpus: int, clock_mhz: int) -> None:
         """Write a state with every GPU locked at ``clock_mhz``, as a crashed agent would leave it."""
         data = bytearray(_HEADER.size + 8 * _GPU.size)
         _HEADER.pack_into(data, 0, 0x4E564D4C, ngpus, 0)
         for index in range(8):
-            _GPU.pack_into(data, _HEADER.size + index * _GPU.size, 1, clock_mhz, clock_mhz, clock_mhz,
-                           0, 0, 0, 0, 0, time.monotonic_ns())
+            _GPU.pack_into(
+                data,
+                _HEADER.size + index * _GPU.size,
+                1,
+                clock_mhz,
+                clock_mhz,
+                clock_mhz,
+                0,
+                0,
+                0,
+                0,
+                0,
+                time.monotonic_ns(),
+            )
         with open(self.path, "wb") as handle:
             handle.write(data)
 
@@ -119,8 +148,20 @@ def fake_nvml_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
         pytest.skip("needs gcc to build the fake libnvidia-ml.so.1")
     out_dir = tmp_path_factory.mktemp("fakenvml")
     source = Path(__file__).with_name("fake_nvml.c")
-    subprocess.run([gcc, "-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-o", str(out_dir / "libnvidia-ml.so.1"),
-                    str(source)], check=True)
+    subprocess.run(
+        [
+            gcc,
+            "-shared",
+            "-fPIC",
+            "-O2",
+            "-Wall",
+            "-Werror",
+            "-o",
+            str(out_dir / "libnvidia-ml.so.1"),
+            str(source),
+        ],
+        check=True,
+    )
     return str(out_dir)
 
 
@@ -128,8 +169,12 @@ def fake_nvml_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 def fake_nvml(fake_nvml_dir: str, short_dir: str) -> tuple[FakeNvmlState, dict[str, str]]:
     """A fresh fake-NVML state and the environment that makes a subprocess load the fake library."""
     state_path = os.path.join(short_dir, "nvml.state")
-    env = dict(os.environ, LD_LIBRARY_PATH=fake_nvml_dir, ENVPIPE_FAKE_NVML_STATE=state_path,
-               ENVPIPE_FAKE_NVML_GPUS="2")
+    env = dict(
+        os.environ,
+        LD_LIBRARY_PATH=fake_nvml_dir,
+        ENVPIPE_FAKE_NVML_STATE=state_path,
+        ENVPIPE_FAKE_NVML_GPUS="2",
+    )
     return FakeNvmlState(state_path), env
 
 

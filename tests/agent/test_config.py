@@ -25,9 +25,15 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("text", "named"),
-    [('colour = "blue"\n', "colour"), ('gpus = "two"\n', "gpus"), ('backend = "cuda"\n', "backend"),
-     ("min_mhz = 1500\nmax_mhz = 900\n", "min_mhz"), ('prometheus_addr = "0.0.0.0"\n', "prometheus_addr"),
-     ("lease_timeout_s = -1\n", "lease_timeout_s"), ("gpus = [\n", "not valid TOML")],
+    [
+        ('colour = "blue"\n', "colour"),
+        ('gpus = "two"\n', "gpus"),
+        ('backend = "cuda"\n', "backend"),
+        ("min_mhz = 1500\nmax_mhz = 900\n", "min_mhz"),
+        ('prometheus_addr = "0.0.0.0"\n', "prometheus_addr"),
+        ("lease_timeout_s = -1\n", "lease_timeout_s"),
+        ("gpus = [\n", "not valid TOML"),
+    ],
 )
 def test_bad_key_or_value_exits_2_naming_it(tmp_path: Path, capsys, text: str, named: str) -> None:
     assert main(["--config", _toml(tmp_path, text)]) == 2
@@ -50,5 +56,7 @@ def test_read_only_needs_nvml(tmp_path: Path) -> None:
 
 
 def test_allow_list_outside_the_supported_clocks_exits_2(tmp_path: Path, capsys) -> None:
-    assert main(["--config", "", "--backend", "sim", "--min-mhz", "5000", "--runtime-dir", str(tmp_path)]) == 2
+    assert (
+        main(["--config", "", "--backend", "sim", "--min-mhz", "5000", "--runtime-dir", str(tmp_path)]) == 2
+    )
     assert "min_mhz=5000" in capsys.readouterr().err

@@ -38,8 +38,11 @@ def test_sd_notify_ready_and_stopping(short_dir: str) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
         listener.bind(notify_path)
         listener.settimeout(10)
-        agent = start_agent(gpus=1, runtime_dir=os.path.join(short_dir, "run"),
-                            env=dict(os.environ, NOTIFY_SOCKET=notify_path))
+        agent = start_agent(
+            gpus=1,
+            runtime_dir=os.path.join(short_dir, "run"),
+            env=dict(os.environ, NOTIFY_SOCKET=notify_path),
+        )
         try:
             assert listener.recv(64) == b"READY=1"
         finally:
@@ -57,14 +60,27 @@ def test_prometheus_serves_the_status_on_loopback(short_dir: str) -> None:
 
 def test_a_second_agent_on_the_same_sockets_is_refused(short_dir: str) -> None:
     with start_agent(gpus=1, runtime_dir=short_dir):
-        second = subprocess.run(agent_command("sim", 1, short_dir, []), capture_output=True, text=True, timeout=20)
+        second = subprocess.run(
+            agent_command("sim", 1, short_dir, []), capture_output=True, text=True, timeout=20
+        )
     assert second.returncode == 2
     assert "another envpipe-agent" in second.stderr
 
 
 def _as_nobody(endpoint: str, *groups: str) -> str:
     group_args = ["--groups", ",".join(groups)] if groups else ["--clear-groups"]
-    command = ["setpriv", "--reuid", "65534", "--regid", "65534", *group_args, sys.executable, "-c", _PROBE, endpoint]
+    command = [
+        "setpriv",
+        "--reuid",
+        "65534",
+        "--regid",
+        "65534",
+        *group_args,
+        sys.executable,
+        "-c",
+        _PROBE,
+        endpoint,
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=20).stdout.strip()
 
 
@@ -73,10 +89,25 @@ def test_another_uid_cannot_connect_but_a_group_member_can(short_dir: str) -> No
         pytest.skip("switching to another uid needs root (setpriv); run the suite as root to cover this")
     if shutil.which("setpriv") is None:
         pytest.skip("needs setpriv (util-linux) to run a client as another uid")
-    probe = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", sys.executable,
-                            "-c", "import envpipe_agent.client"], capture_output=True, timeout=20)
+    probe = subprocess.run(
+        [
+            "setpriv",
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            "import envpipe_agent.client",
+        ],
+        capture_output=True,
+        timeout=20,
+    )
     if probe.returncode != 0:
-        pytest.skip("uid 65534 cannot run this Python/checkout (file permissions), so it cannot probe the socket")
+        pytest.skip(
+            "uid 65534 cannot run this Python/checkout (file permissions), so it cannot probe the socket"
+        )
     os.chmod(short_dir, 0o755)  # the agent tightens it to 0750 with its socket group
     with start_agent(gpus=1, runtime_dir=short_dir, extra_args=["--socket-group", "root"]) as agent:
         assert _as_nobody(agent.endpoint) == "refused"

@@ -38,8 +38,10 @@ def test_gpus_come_from_nvml(fake_nvml, short_dir) -> None:
     with _start(fake_nvml, short_dir) as agent, AgentClient(agent.endpoint, job_id="j", rank=0) as client:
         info = client.hello()
     assert info.backend == "nvml" and not info.simulated
-    assert [g.uuid for g in info.gpus] == ["GPU-fa4e0000-0000-4000-8000-000000000000",
-                                           "GPU-fa4e0000-0000-4000-8000-000000000001"]
+    assert [g.uuid for g in info.gpus] == [
+        "GPU-fa4e0000-0000-4000-8000-000000000000",
+        "GPU-fa4e0000-0000-4000-8000-000000000001",
+    ]
     # Supported clocks at the highest memory clock (2619 MHz): 1980..345 in 15 MHz steps.
     assert info.gpus[0].clocks_mhz[0] == 1980 and len(info.gpus[0].clocks_mhz) == 110
 
@@ -55,8 +57,9 @@ def test_agent_start_resets_a_gpu_left_locked(fake_nvml, short_dir) -> None:
 def test_sigkill_of_the_holder_resets_within_the_lease(fake_nvml, short_dir, waiter) -> None:
     state, env = fake_nvml
     with _start(fake_nvml, short_dir) as agent:
-        holder = subprocess.Popen([sys.executable, "-c", _HOLDER, agent.endpoint], env=env,
-                                  stdout=subprocess.PIPE, text=True)
+        holder = subprocess.Popen(
+            [sys.executable, "-c", _HOLDER, agent.endpoint], env=env, stdout=subprocess.PIPE, text=True
+        )
         try:
             assert holder.stdout.readline().strip() == "claimed"
             waiter(lambda: state.gpu(0)["locked"] == 1 and state.gpu(0)["max_mhz"] == 1200)

@@ -58,8 +58,14 @@ def test_version_mismatch_message_says_what_to_do() -> None:
 
 @pytest.mark.parametrize(
     "frame",
-    [b"", b"\xe7\x01", b"\x00\x01\x00\x01\x00\x00\x00\x00\x00", b"\xe7\x01\x05\x01\x00\x00\x00\x00\x00",
-     encode_event(EVENT_BEGIN, 1, 0, b"") + b"x" * 40, b"\xe7\x01\x00\x01\x00\x00\x00\x00\x00\xff"],
+    [
+        b"",
+        b"\xe7\x01",
+        b"\x00\x01\x00\x01\x00\x00\x00\x00\x00",
+        b"\xe7\x01\x05\x01\x00\x00\x00\x00\x00",
+        encode_event(EVENT_BEGIN, 1, 0, b"") + b"x" * 40,
+        b"\xe7\x01\x00\x01\x00\x00\x00\x00\x00\xff",
+    ],
 )
 def test_bad_events_are_rejected(frame: bytes) -> None:
     with pytest.raises(ProtocolError):

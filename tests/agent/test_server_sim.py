@@ -106,7 +106,9 @@ def test_lease_expires_without_heartbeats_and_gpu_is_reset(sim_agent) -> None:
 
 
 def test_dead_holder_pid_releases_the_gpu(sim_agent, client) -> None:
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     dead_pid = int(dead.stdout)
     uuid = client.hello().gpus[0].uuid
     reply = client.call("claim", {"gpu_uuid": uuid, "job_id": "ghost", "rank": 0, "pid": dead_pid})
@@ -176,10 +178,14 @@ def test_tcp_endpoint_works_and_checks_no_pids(make_sim_agent) -> None:
     with AgentClient(agent.endpoint, job_id="remote", rank=0) as client:
         info = client.hello()
         assert info.event_endpoint == f"tcp://127.0.0.1:{port + 1}"
-        reply = client.call("claim", {"gpu_uuid": info.gpus[0].uuid, "job_id": "r", "rank": 1, "pid": 999_999_999})
+        reply = client.call(
+            "claim", {"gpu_uuid": info.gpus[0].uuid, "job_id": "r", "rank": 1, "pid": 999_999_999}
+        )
         time.sleep(0.3)
         assert agent.agent.leases.by_id.get(reply["lease_id"]) is not None  # not ended for its "dead" pid
-        _wait_for(lambda: agent.agent.counters["leases_expired"] == 1, timeout_s=2.0)  # heartbeats still count
+        _wait_for(
+            lambda: agent.agent.counters["leases_expired"] == 1, timeout_s=2.0
+        )  # heartbeats still count
 
 
 def test_min_max_allow_list_applies_to_the_sim(make_sim_agent) -> None:

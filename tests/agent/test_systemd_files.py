@@ -24,8 +24,15 @@ def test_every_directive_has_a_comment_above_it() -> None:
 
 def test_unit_is_notify_with_group_restricted_runtime_dir() -> None:
     text = UNIT.read_text()
-    for directive in ("Type=notify", "RuntimeDirectory=envpipe", "RuntimeDirectoryMode=0750", "Group=envpipe",
-                      "CapabilityBoundingSet=CAP_SYS_ADMIN", "NoNewPrivileges=yes", "ProtectSystem=strict"):
+    for directive in (
+        "Type=notify",
+        "RuntimeDirectory=envpipe",
+        "RuntimeDirectoryMode=0750",
+        "Group=envpipe",
+        "CapabilityBoundingSet=CAP_SYS_ADMIN",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+    ):
         assert re.search(rf"^{re.escape(directive)}$", text, re.M), directive
 
 
@@ -37,8 +44,12 @@ def test_example_config_is_valid() -> None:
 def test_security_exposure_is_at_most_2_5() -> None:
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze not installed")
-    result = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(UNIT)], capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", str(UNIT)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", result.stdout + result.stderr)
     if match is None:
         pytest.skip(f"this systemd-analyze cannot score offline: {result.stderr.strip()[:200]}")

@@ -32,8 +32,9 @@ def _gpu(agent, index: int) -> dict:
 
 
 def test_lock_applies_holds_and_releases(agent) -> None:
-    result = runner.invoke(app, ["lock", "--endpoint", agent.endpoint, "--gpu", "1", "--mhz", "1412",
-                                 "--duration-s", "0.3"])
+    result = runner.invoke(
+        app, ["lock", "--endpoint", agent.endpoint, "--gpu", "1", "--mhz", "1412", "--duration-s", "0.3"]
+    )
     assert result.exit_code == 0, result.output
     assert "locked at 1410 MHz (asked 1412, snapped" in result.output
     assert "released" in result.output
@@ -56,9 +57,23 @@ def test_lock_refused_while_another_job_holds_the_gpu(agent) -> None:
 
 
 def test_lock_process_releases_on_sigint(agent) -> None:
-    process = subprocess.Popen([sys.executable, "-c", "from envpipe_cli.main import main; main()", "lock", "--endpoint", agent.endpoint,
-                                "--gpu", "0", "--mhz", "990"], stdout=subprocess.PIPE, text=True,
-                               env=dict(os.environ, COLUMNS="200"))
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from envpipe_cli.main import main; main()",
+            "lock",
+            "--endpoint",
+            agent.endpoint,
+            "--gpu",
+            "0",
+            "--mhz",
+            "990",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, COLUMNS="200"),
+    )
     try:
         assert "locked at 990 MHz" in process.stdout.readline()
         gpu = _gpu(agent, 0)

@@ -49,7 +49,9 @@ def test_status_table_shows_holder_and_clock(agent) -> None:
 def test_status_without_agent_says_how_to_start_one() -> None:
     directory = tempfile.mkdtemp(prefix="ep-")
     try:
-        result = runner.invoke(app, ["status", "--endpoint", f"ipc://{directory}/control.sock", "--timeout", "0.2"])
+        result = runner.invoke(
+            app, ["status", "--endpoint", f"ipc://{directory}/control.sock", "--timeout", "0.2"]
+        )
     finally:
         shutil.rmtree(directory)
     assert result.exit_code == 1
@@ -59,11 +61,31 @@ def test_status_without_agent_says_how_to_start_one() -> None:
 def test_render_status_marks_read_only() -> None:
     from rich.console import Console
 
-    snapshot = {"version": "0", "backend": "nvml", "read_only": True, "simulated": False, "uptime_s": 1.0,
-                "lease_timeout_s": 2.0, "gpus": [
-                    {"index": 0, "uuid": "GPU-12345678-aaaa", "name": "H100", "clock_mhz": 1980, "target_mhz": None,
-                     "locked": False, "power_w": 127.0, "energy_j": 5.0, "holder": None, "lease_age_s": None,
-                     "events_per_s": 0.0, "clock_changes": 0, "apply_latency_p99_ms": None}]}
+    snapshot = {
+        "version": "0",
+        "backend": "nvml",
+        "read_only": True,
+        "simulated": False,
+        "uptime_s": 1.0,
+        "lease_timeout_s": 2.0,
+        "gpus": [
+            {
+                "index": 0,
+                "uuid": "GPU-12345678-aaaa",
+                "name": "H100",
+                "clock_mhz": 1980,
+                "target_mhz": None,
+                "locked": False,
+                "power_w": 127.0,
+                "energy_j": 5.0,
+                "holder": None,
+                "lease_age_s": None,
+                "events_per_s": 0.0,
+                "clock_changes": 0,
+                "apply_latency_p99_ms": None,
+            }
+        ],
+    }
     console = Console(width=200, record=True)
     console.print(render_status(snapshot))
     text = console.export_text()
