@@ -112,3 +112,29 @@ def test_another_uid_cannot_connect_but_a_group_member_can(short_dir: str) -> No
     with start_agent(gpus=1, runtime_dir=short_dir, extra_args=["--socket-group", "root"]) as agent:
         assert _as_nobody(agent.endpoint) == "refused"
         assert _as_nobody(agent.endpoint, "0") == "connected"
+
+
+def test_configured_socket_group_owns_dir_and_sockets(short_dir: str) -> None:
+    import grp
+    import stat
+
+    if os.geteuid() != 0:
+        pytest.skip("giving files to another group needs root (or membership); run as root to cover this")
+    try:
+        group = grp.getgrnam("nogroup")
+    except KeyError:
+        pytest.skip("no group 'nogroup' on this machine to hand the sockets to")
+    with start_agent(gpus=1, runtime_dir=short_dir, extra_args=["--socket-group", "nogroup"]):
+        for name, mode in (("", 0o750), ("control.sock", 0o660), ("events.sock", 0o660)):
+            info = os.stat(os.path.join(short_dir, name))
+            assert (info.st_gid, stat.S_IMODE(info.st_mode)) == (group.gr_gid, mode), name
+
+
+def test_unknown_socket_group_exits_2(short_dir: str) -> None:
+    result = subprocess.run(
+        [*agent_command("sim", 1, short_dir, []), "--socket-group", "no-such-group-x"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert result.returncode == 2 and "no-such-group-x" in result.stderr
