@@ -15,9 +15,17 @@ from typing import Any
 from envpipe.errors import ConfigError
 
 
-def batches(source: str | Path | None, *, vocab_size: int, micro_batch_size: int, seq_len: int,
-            dp_index: int = 0, dp_size: int = 1, seed: int = 0,
-            model_dir: str | Path | None = None) -> Iterator[tuple[Any, Any]]:
+def batches(
+    source: str | Path | None,
+    *,
+    vocab_size: int,
+    micro_batch_size: int,
+    seq_len: int,
+    dp_index: int = 0,
+    dp_size: int = 1,
+    seed: int = 0,
+    model_dir: str | Path | None = None,
+) -> Iterator[tuple[Any, Any]]:
     """An endless iterator of ``(input_ids, labels)`` micro-batches, both ``[micro_batch_size, seq_len]``.
 
     Args:
@@ -35,7 +43,9 @@ def batches(source: str | Path | None, *, vocab_size: int, micro_batch_size: int
         ConfigError: bad sizes, unknown file type, or a file too short for one micro-batch.
     """
     if micro_batch_size < 1 or seq_len < 2:
-        raise ConfigError(f"need micro_batch_size >= 1 and seq_len >= 2, got {micro_batch_size} and {seq_len}")
+        raise ConfigError(
+            f"need micro_batch_size >= 1 and seq_len >= 2, got {micro_batch_size} and {seq_len}"
+        )
     if not 0 <= dp_index < dp_size:
         raise ConfigError(f"data-parallel index {dp_index} is outside 0..{dp_size - 1}")
     if source is None or str(source) == "synthetic":
@@ -44,8 +54,9 @@ def batches(source: str | Path | None, *, vocab_size: int, micro_batch_size: int
     return _file_batches(tokens, micro_batch_size, seq_len, dp_index, dp_size, source=str(source))
 
 
-def synthetic_batches(vocab_size: int, micro_batch_size: int, seq_len: int, *, seed: int = 0,
-                      dp_index: int = 0) -> Iterator[tuple[Any, Any]]:
+def synthetic_batches(
+    vocab_size: int, micro_batch_size: int, seq_len: int, *, seed: int = 0, dp_index: int = 0
+) -> Iterator[tuple[Any, Any]]:
     """Arithmetic token sequences ``(start + step * t) mod vocab`` with random start and step.
 
     Learnable (the loss falls within a few steps, which makes a demo run meaningful) and deterministic per
@@ -76,11 +87,15 @@ def tokenize_file(path: Path, *, vocab_size: int, model_dir: str | Path | None =
         tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
         if vocab_size < 256:
-            raise ConfigError(f"byte-level tokens need vocab_size >= 256, the model has {vocab_size}; "
-                              "give a model directory with a tokenizer")
+            raise ConfigError(
+                f"byte-level tokens need vocab_size >= 256, the model has {vocab_size}; "
+                "give a model directory with a tokenizer"
+            )
         tokens = list(text.encode("utf-8"))
     if tokens and max(tokens) >= vocab_size:
-        raise ConfigError(f"{path} tokenises to id {max(tokens)} >= vocab_size {vocab_size}; use the model's tokenizer")
+        raise ConfigError(
+            f"{path} tokenises to id {max(tokens)} >= vocab_size {vocab_size}; use the model's tokenizer"
+        )
     return tokens
 
 
@@ -115,11 +130,12 @@ def _local_tokenizer(model_dir: str | Path | None) -> Any:
     return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
 
 
-def _file_batches(tokens: list[int], micro_batch_size: int, seq_len: int, dp_index: int, dp_size: int,
-                  *, source: str) -> Iterator[tuple[Any, Any]]:
+def _file_batches(
+    tokens: list[int], micro_batch_size: int, seq_len: int, dp_index: int, dp_size: int, *, source: str
+) -> Iterator[tuple[Any, Any]]:
     import torch
 
-    sequences = [tokens[i:i + seq_len] for i in range(0, len(tokens) - seq_len + 1, seq_len)]
+    sequences = [tokens[i : i + seq_len] for i in range(0, len(tokens) - seq_len + 1, seq_len)]
     mine = sequences[dp_index::dp_size]
     if len(mine) < micro_batch_size:
         raise ConfigError(
@@ -129,5 +145,5 @@ def _file_batches(tokens: list[int], micro_batch_size: int, seq_len: int, dp_ind
     data = torch.tensor(mine, dtype=torch.long)
     while True:  # epochs repeat in file order: first and last stage stay in step
         for start in range(0, len(mine) - micro_batch_size + 1, micro_batch_size):
-            ids = data[start:start + micro_batch_size]
+            ids = data[start : start + micro_batch_size]
             yield ids, ids.clone()

@@ -40,11 +40,10 @@ def _sync() -> None:
 
 
 def _alternate(engines: dict[str, tuple[Any, Any]], steps: int, warmup: int) -> dict[str, list[float]]:
-    import torch
 
     times: dict[str, list[float]] = {name: [] for name in engines}
     for step in range(warmup + steps):
-        for name in (list(engines) if step % 2 == 0 else list(reversed(engines))):
+        for name in list(engines) if step % 2 == 0 else list(reversed(engines)):
             engine, data = engines[name]
             _sync()
             t0 = time.perf_counter()
@@ -72,23 +71,29 @@ def main(argv: list[str] | None = None) -> int:
 
     import deepspeed
     import torch
+    from envpipe_agent.client import AgentClient
+    from envpipe_agent.dvfs import get_model
+    from envpipe_agent.embedded import start_agent
 
     from envpipe.data import batches
     from envpipe.deepspeed import initialize, setup_distributed
     from envpipe.models.llama import build_pipeline, load_config
     from envpipe.schedules import get_schedule
-    from envpipe_agent.client import AgentClient
-    from envpipe_agent.dvfs import get_model
-    from envpipe_agent.embedded import start_agent
 
     setup_distributed(timeout_s=120)
     config = load_config(args.model)
     m = args.micro_batches
-    ds = {"train_micro_batch_size_per_gpu": args.micro_batch_size, "gradient_accumulation_steps": m,
-          "steps_per_print": 10**9, "optimizer": {"type": "SGD", "params": {"lr": 0.01}}}
+    ds = {
+        "train_micro_batch_size_per_gpu": args.micro_batch_size,
+        "gradient_accumulation_steps": m,
+        "steps_per_print": 10**9,
+        "optimizer": {"type": "SGD", "params": {"lr": 0.01}},
+    }
 
     def data():
-        return batches(None, vocab_size=config.vocab_size, micro_batch_size=args.micro_batch_size, seq_len=args.seq_len)
+        return batches(
+            None, vocab_size=config.vocab_size, micro_batch_size=args.micro_batch_size, seq_len=args.seq_len
+        )
 
     agent_proc = start_agent("sim", gpus=1)
     try:
@@ -107,8 +112,16 @@ def main(argv: list[str] | None = None) -> int:
         # emulated DVFS on the device: forwards planned at 1188 MHz (x=0.6), backwards at the top clock
         sched = get_schedule("1f1b", 1, m)
         clocks = {0: {a.unit: (1188 if a.unit.startswith("F") else 1980) for a in sched.units(0)}}
-        emu = initialize(build_pipeline(config, 1, seed=1), ds, sched, clocks, client, True, claim_gpu=False,
-                         max_clock_mhz=1980)
+        emu = initialize(
+            build_pipeline(config, 1, seed=1),
+            ds,
+            sched,
+            clocks,
+            client,
+            True,
+            claim_gpu=False,
+            max_clock_mhz=1980,
+        )
         emu_data, fwd_ratio = data(), []
         for _ in range(4):
             emu.train_batch(emu_data)
@@ -122,11 +135,18 @@ def main(argv: list[str] | None = None) -> int:
         agent_proc.stop()
     med = {k: statistics.median(v) for k, v in times.items()}
     summary = {
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-        "model": args.model, "micro_batches": m, "micro_batch_size": args.micro_batch_size, "seq_len": args.seq_len,
-        "first_loss": first, "first_loss_equal": first["stock"] == first["envpipe"],
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "model": args.model,
+        "micro_batches": m,
+        "micro_batch_size": args.micro_batch_size,
+        "seq_len": args.seq_len,
+        "first_loss": first,
+        "first_loss_equal": first["stock"] == first["envpipe"],
         "spans_first_iteration": [(s.unit, round(s.start_ms, 3), round(s.end_ms, 3)) for s in spans],
-        "events_sent": events_sent, "events_at_agent": events_at_agent,
+        "events_sent": events_sent,
+        "events_at_agent": events_at_agent,
         "median_ms": {k: round(v, 3) for k, v in med.items()},
         "iqr_ms": {k: [round(q, 3) for q in statistics.quantiles(v, n=4)[::2]] for k, v in times.items()},
         "ratio_envpipe_over_stock": round(med["envpipe"] / med["stock"], 4),

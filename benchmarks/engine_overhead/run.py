@@ -21,12 +21,23 @@ from typing import Any
 
 
 def _ds_config(micro_batches: int, micro_batch_size: int) -> dict[str, Any]:
-    return {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": micro_batches,
-            "steps_per_print": 10**9, "optimizer": {"type": "SGD", "params": {"lr": 0.01}}}
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": micro_batches,
+        "steps_per_print": 10**9,
+        "optimizer": {"type": "SGD", "params": {"lr": 0.01}},
+    }
 
 
-def rank_main(model: str, micro_batches: int, micro_batch_size: int, seq_len: int, steps: int, warmup: int,
-              agent_endpoint: str | None) -> dict[str, Any]:
+def rank_main(
+    model: str,
+    micro_batches: int,
+    micro_batch_size: int,
+    seq_len: int,
+    steps: int,
+    warmup: int,
+    agent_endpoint: str | None,
+) -> dict[str, Any]:
     """One rank: build both engines, alternate their steps, return rank 0's per-step times."""
     import deepspeed
     import torch.distributed as dist
@@ -46,8 +57,13 @@ def rank_main(model: str, micro_batches: int, micro_batch_size: int, seq_len: in
         from envpipe_agent.client import AgentClient
 
         agent = AgentClient(agent_endpoint, job_id="engine-overhead", rank=dist.get_rank())
-    ours = initialize(build_pipeline(config, stages, seed=1), ds_config, get_schedule("1f1b", stages, micro_batches),
-                      clocks=None, agent=agent)
+    ours = initialize(
+        build_pipeline(config, stages, seed=1),
+        ds_config,
+        get_schedule("1f1b", stages, micro_batches),
+        clocks=None,
+        agent=agent,
+    )
 
     def data():
         return batches(None, vocab_size=config.vocab_size, micro_batch_size=micro_batch_size, seq_len=seq_len)
@@ -69,7 +85,12 @@ def rank_main(model: str, micro_batches: int, micro_batch_size: int, seq_len: in
     ours.close()
     if agent is not None:
         agent.close()
-    return {"times_ms": times, "cpu_ms": cpu, "events_sent": events_sent, "agent_attached": ours.agent is not None}
+    return {
+        "times_ms": times,
+        "cpu_ms": cpu,
+        "events_sent": events_sent,
+        "agent_attached": ours.agent is not None,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,14 +107,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the result JSON here")
     args = parser.parse_args(argv)
 
-    from envpipe.deepspeed.harness import run_ranks
     from envpipe_agent.embedded import start_agent
+
+    from envpipe.deepspeed.harness import run_ranks
 
     agent = None if args.no_agent else start_agent("sim", gpus=args.ranks, log_path=os.devnull)
     try:
-        kwargs = dict(model=args.model, micro_batches=args.micro_batches, micro_batch_size=args.micro_batch_size,
-                      seq_len=args.seq_len, steps=args.steps, warmup=args.warmup,
-                      agent_endpoint=agent.endpoint if agent else None)
+        kwargs = {
+            "model": args.model,
+            "micro_batches": args.micro_batches,
+            "micro_batch_size": args.micro_batch_size,
+            "seq_len": args.seq_len,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "agent_endpoint": agent.endpoint if agent else None,
+        }
         results = run_ranks(args.ranks, f"{Path(__file__).resolve()}:rank_main", kwargs, timeout_s=1800)
     finally:
         if agent is not None:
@@ -123,9 +151,15 @@ def summarise(values: list[dict[str, Any]], args: argparse.Namespace) -> dict[st
     cpu = {name: sum(statistics.median(v["cpu_ms"][name]) for v in values) for name in times}
     events = sum(v["events_sent"] for v in values)
     return {
-        "benchmark": "engine_overhead", "ranks": args.ranks, "model": args.model,
-        "micro_batches": args.micro_batches, "micro_batch_size": args.micro_batch_size, "seq_len": args.seq_len,
-        "steps_each": len(times["stock"]), "agent_attached": value["agent_attached"], "phase_events_sent": events,
+        "benchmark": "engine_overhead",
+        "ranks": args.ranks,
+        "model": args.model,
+        "micro_batches": args.micro_batches,
+        "micro_batch_size": args.micro_batch_size,
+        "seq_len": args.seq_len,
+        "steps_each": len(times["stock"]),
+        "agent_attached": value["agent_attached"],
+        "phase_events_sent": events,
         "median_ms": {k: round(v, 3) for k, v in med.items()},
         "iqr_ms": {k: [round(q[0], 3), round(q[2], 3)] for k, q in quartiles.items()},
         "ratio_envpipe_over_stock": round(med["envpipe"] / med["stock"], 4),

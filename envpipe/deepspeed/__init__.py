@@ -13,7 +13,7 @@ from envpipe.errors import ConfigError
 
 log = logging.getLogger("envpipe.deepspeed")
 
-__all__ = ["initialize", "setup_distributed", "connect_agent"]
+__all__ = ["connect_agent", "initialize", "setup_distributed"]
 
 
 def setup_distributed(timeout_s: float = 1800.0, backend: str | None = None) -> None:
@@ -36,14 +36,19 @@ def setup_distributed(timeout_s: float = 1800.0, backend: str | None = None) -> 
 
     if "LOCAL_RANK" not in os.environ:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ConfigError("LOCAL_RANK is not set; start ranks with `envpipe train`, torchrun or the deepspeed launcher")
+            raise ConfigError(
+                "LOCAL_RANK is not set; start ranks with `envpipe train`, torchrun or the deepspeed launcher"
+            )
         os.environ["LOCAL_RANK"] = "0"
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     on_gpu = torch.cuda.is_available()
     if on_gpu:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    deepspeed.init_distributed(dist_backend=backend or ("nccl" if on_gpu else "gloo"), verbose=False,
-                               timeout=datetime.timedelta(seconds=timeout_s))
+    deepspeed.init_distributed(
+        dist_backend=backend or ("nccl" if on_gpu else "gloo"),
+        verbose=False,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
 
 
 def connect_agent(agent: Any, local_rank: int, *, claim: bool = True) -> tuple[Any, Any]:
@@ -76,9 +81,19 @@ def connect_agent(agent: Any, local_rank: int, *, claim: bool = True) -> tuple[A
     return agent, gpu
 
 
-def initialize(model: Any, config: dict[str, Any], schedule: Any, clocks: dict[Any, dict[str, int]] | None = None,
-               agent: Any = None, emulate_dvfs: bool = False, *, dvfs_model: Any = "central",
-               max_clock_mhz: int | None = None, claim_gpu: bool = True, local_rank: int | None = None) -> Any:
+def initialize(
+    model: Any,
+    config: dict[str, Any],
+    schedule: Any,
+    clocks: dict[Any, dict[str, int]] | None = None,
+    agent: Any = None,
+    emulate_dvfs: bool = False,
+    *,
+    dvfs_model: Any = "central",
+    max_clock_mhz: int | None = None,
+    claim_gpu: bool = True,
+    local_rank: int | None = None,
+) -> Any:
     """Build an :class:`~envpipe.deepspeed.engine.EnvpipeEngine` for ``model`` running ``schedule``.
 
     Args:
@@ -104,13 +119,21 @@ def initialize(model: Any, config: dict[str, Any], schedule: Any, clocks: dict[A
     ds_config = {k: v for k, v in config.items() if k != "envpipe"}
     accumulation = ds_config.get("gradient_accumulation_steps")
     if accumulation is not None and accumulation != schedule.micro_batches:
-        raise ConfigError(f"gradient_accumulation_steps={accumulation} but the schedule has "
-                          f"{schedule.micro_batches} micro-batches; they must be equal")
+        raise ConfigError(
+            f"gradient_accumulation_steps={accumulation} but the schedule has "
+            f"{schedule.micro_batches} micro-batches; they must be equal"
+        )
     ds_config.setdefault("gradient_accumulation_steps", schedule.micro_batches)
     mpu = model.mpu()
-    engine = EnvpipeEngine(args=None, model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                           mpu=mpu, config=ds_config, config_class=DeepSpeedConfig(ds_config, mpu),
-                           envpipe_schedule=schedule)
+    engine = EnvpipeEngine(
+        args=None,
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        mpu=mpu,
+        config=ds_config,
+        config_class=DeepSpeedConfig(ds_config, mpu),
+        envpipe_schedule=schedule,
+    )
     rank = int(os.environ.get("LOCAL_RANK", "0")) if local_rank is None else local_rank
     agent, gpu = connect_agent(agent, rank, claim=claim_gpu)
     top_mhz = max_clock_mhz or (gpu.max_mhz if gpu is not None else None)

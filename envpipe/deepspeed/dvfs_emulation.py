@@ -65,6 +65,8 @@ class DvfsStretcher:
             import torch
 
             props = torch.cuda.get_device_properties(torch.cuda.current_device())
-            clock_khz = getattr(props, "clock_rate", 0) or 1_500_000  # kHz; fall back to a typical boost clock
+            clock_khz = (
+                getattr(props, "clock_rate", 0) or 1_500_000
+            )  # kHz; fall back to a typical boost clock
             self._cycles_per_ms = float(clock_khz)  # kHz = cycles per ms
         return self._cycles_per_ms

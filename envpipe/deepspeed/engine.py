@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from types import MethodType
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from deepspeed.runtime.pipe.engine import PipelineEngine
@@ -89,8 +89,10 @@ class EnvpipeEngine(PipelineEngine):
             mine = dict(clocks.get(self.stage_id, clocks.get(str(self.stage_id), {})))
             unknown = sorted(set(mine) - set(self._units))
             if unknown:
-                raise ConfigError(f"clock plan names units {unknown} that stage {self.stage_id} does not run "
-                                  f"in schedule {self.schedule.name!r}; its units are {self._units}")
+                raise ConfigError(
+                    f"clock plan names units {unknown} that stage {self.stage_id} does not run "
+                    f"in schedule {self.schedule.name!r}; its units are {self._units}"
+                )
         self._clocks = clocks
         self._unit_clocks = {unit: mine.get(unit, self.max_clock_mhz) for unit in self._units}
 
@@ -173,17 +175,23 @@ class EnvpipeEngine(PipelineEngine):
     # -- communication ----------------------------------------------------------------------------------
     def _exec_send_act(self, buffer_id: int, asynchronous: bool) -> None:
         outputs = self.pipe_buffers["outputs"][buffer_id]
-        self._link.send(("SA", buffer_id), outputs, self.next_stage, asynchronous=asynchronous, with_header=True)
+        self._link.send(
+            ("SA", buffer_id), outputs, self.next_stage, asynchronous=asynchronous, with_header=True
+        )
 
     def _exec_recv_act(self, buffer_id: int) -> None:
-        self.pipe_buffers["inputs"][buffer_id] = self._link.recv_activations(self.prev_stage, ("RA", buffer_id))
+        self.pipe_buffers["inputs"][buffer_id] = self._link.recv_activations(
+            self.prev_stage, ("RA", buffer_id)
+        )
 
     def _exec_send_grad(self, buffer_id: int, asynchronous: bool) -> None:
         inputs = self.pipe_buffers["inputs"][buffer_id]
         grads = [t.grad for t in as_list(inputs) if t.is_floating_point()]
         if any(g is None for g in grads):
-            raise RuntimeError(f"stage {self.stage_id}: no input gradient for micro-batch {buffer_id}; "
-                               "was its backward run before SG?")
+            raise RuntimeError(
+                f"stage {self.stage_id}: no input gradient for micro-batch {buffer_id}; "
+                "was its backward run before SG?"
+            )
         payload = grads[0] if torch.is_tensor(inputs) else tuple(grads)
         self._link.send(("SG", buffer_id), payload, self.prev_stage, asynchronous=asynchronous)
         self.pipe_buffers["inputs"][buffer_id] = None  # an async send keeps its own reference until waited
@@ -200,7 +208,7 @@ class EnvpipeEngine(PipelineEngine):
     def _exec_drain_sends(self) -> None:
         self._link.drain(lambda key: self.next_stage if key[0] == "SA" else self.prev_stage)
 
-    _INSTRUCTION_MAP = {
+    _INSTRUCTION_MAP: ClassVar[dict[type, Any]] = {
         **PipelineEngine._INSTRUCTION_MAP,
         tr.RunForward: _exec_run_forward,
         tr.RunBackward: _exec_run_backward,

@@ -65,7 +65,7 @@ class CudaEventNotifier:
                 if marker is not None:
                     marker.synchronize()  # this thread only: the training thread never waits here
                 self._phase(unit, event, clock_mhz)
-            except Exception as exc:  # a broken agent must not kill training; say so and keep going
+            except Exception as exc:  # noqa: BLE001 - a broken agent must not kill training; say so, go on
                 log.warning("phase event %s %s not sent: %s", unit, event, exc)
 
     def close(self) -> None:

@@ -40,8 +40,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_ranks(world_size: int, target: str, kwargs: dict[str, Any] | None = None, *, timeout_s: float = 120.0,
-              grace_s: float = 30.0, env: dict[str, str] | None = None) -> list[RankResult]:
+def run_ranks(
+    world_size: int,
+    target: str,
+    kwargs: dict[str, Any] | None = None,
+    *,
+    timeout_s: float = 120.0,
+    grace_s: float = 30.0,
+    env: dict[str, str] | None = None,
+) -> list[RankResult]:
     """Start ``world_size`` ranks running ``target`` ("package.module:function") and wait for all of them.
 
     Args:
@@ -57,7 +64,10 @@ def run_ranks(world_size: int, target: str, kwargs: dict[str, Any] | None = None
     """
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="envpipe-ranks-") as tmp:
-        procs = [_start_rank(rank, world_size, port, target, kwargs or {}, Path(tmp), env) for rank in range(world_size)]
+        procs = [
+            _start_rank(rank, world_size, port, target, kwargs or {}, Path(tmp), env)
+            for rank in range(world_size)
+        ]
         try:
             _wait_all(procs, timeout_s, grace_s)
         finally:
@@ -68,15 +78,36 @@ def run_ranks(world_size: int, target: str, kwargs: dict[str, Any] | None = None
         return [_collect(rank, proc, Path(tmp)) for rank, (proc, _) in enumerate(procs)]
 
 
-def _start_rank(rank: int, world_size: int, port: int, target: str, kwargs: dict[str, Any], tmp: Path,
-                extra_env: dict[str, str] | None) -> tuple[subprocess.Popen, Path]:
+def _start_rank(
+    rank: int,
+    world_size: int,
+    port: int,
+    target: str,
+    kwargs: dict[str, Any],
+    tmp: Path,
+    extra_env: dict[str, str] | None,
+) -> tuple[subprocess.Popen, Path]:
     env = dict(os.environ)
-    env.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false")
+    env.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     env.update(extra_env or {})
     stderr_path = tmp / f"rank{rank}.stderr"
-    cmd = [sys.executable, "-m", "envpipe.deepspeed.harness", target, json.dumps(kwargs), str(tmp / f"rank{rank}.json")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "envpipe.deepspeed.harness",
+        target,
+        json.dumps(kwargs),
+        str(tmp / f"rank{rank}.json"),
+    ]
     with open(stderr_path, "wb") as stderr:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     return proc, stderr_path

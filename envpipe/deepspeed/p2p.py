@@ -26,8 +26,18 @@ class PeerLostError(EnvpipeError):
 def _dtypes() -> list[Any]:
     import torch
 
-    return [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint8,
-            torch.int8, torch.int16, torch.bool]
+    return [
+        torch.float32,
+        torch.float64,
+        torch.float16,
+        torch.bfloat16,
+        torch.int64,
+        torch.int32,
+        torch.uint8,
+        torch.int8,
+        torch.int16,
+        torch.bool,
+    ]
 
 
 def as_list(tensors: Any) -> list[Any]:
@@ -38,8 +48,10 @@ def as_list(tensors: Any) -> list[Any]:
         return [tensors]
     if isinstance(tensors, (tuple, list)) and all(torch.is_tensor(t) for t in tensors):
         return list(tensors)
-    raise EnvpipeError(f"only a tensor or a flat tuple of tensors can cross stages, got {type(tensors).__name__}; "
-                       "return hidden states only from a pipe layer")
+    raise EnvpipeError(
+        f"only a tensor or a flat tuple of tensors can cross stages, got {type(tensors).__name__}; "
+        "return hidden states only from a pipe layer"
+    )
 
 
 class Link:
@@ -54,8 +66,15 @@ class Link:
         self._header_sent = False
 
     # -- sends ------------------------------------------------------------------------------------------
-    def send(self, key: tuple[str, int], payload: Any, dst_stage: int, *, asynchronous: bool,
-             with_header: bool = False) -> None:
+    def send(
+        self,
+        key: tuple[str, int],
+        payload: Any,
+        dst_stage: int,
+        *,
+        asynchronous: bool,
+        with_header: bool = False,
+    ) -> None:
         """Send a tensor / flat tuple to ``dst_stage``; async sends stay pending under ``key`` until :meth:`wait`."""
         import torch.distributed as dist
 
@@ -124,7 +143,7 @@ class Link:
         spec, pos = [], 2
         for _ in range(values[0]):
             dtype, ndim = _dtypes()[values[pos]], values[pos + 1]
-            spec.append((tuple(values[pos + 2: pos + 2 + ndim]), dtype))
+            spec.append((tuple(values[pos + 2 : pos + 2 + ndim]), dtype))
             pos += 2 + ndim
         return values[1] == 0, spec
 

@@ -64,7 +64,10 @@ class CpuUnitTimer:
         """This iteration's spans in ms from its start."""
         span = unit_span_class()
         origin = self._origin_s
-        return [span(stage, unit, (t0 - origin) * 1e3, (t1 - origin) * 1e3, clock) for unit, t0, t1, clock in self._spans]
+        return [
+            span(stage, unit, (t0 - origin) * 1e3, (t1 - origin) * 1e3, clock)
+            for unit, t0, t1, clock in self._spans
+        ]
 
 
 class CudaUnitTimer:
@@ -109,8 +112,10 @@ class CudaUnitTimer:
         if self._spans:
             self._spans[-1][2].synchronize()
         origin = self._origin
-        return [span(stage, unit, origin.elapsed_time(b), origin.elapsed_time(e), clock)
-                for unit, b, e, clock in self._spans]
+        return [
+            span(stage, unit, origin.elapsed_time(b), origin.elapsed_time(e), clock)
+            for unit, b, e, clock in self._spans
+        ]
 
 
 def make_timer(on_gpu: bool) -> CpuUnitTimer | CudaUnitTimer:

@@ -97,12 +97,19 @@ def translate(schedule: Any, stage: int) -> list[ds_schedule.PipeInstruction]:
         elif kind == "W":
             waited = getattr(action.waits, "value", action.waits)
             if (waited, mb) not in pending_async:
-                raise ScheduleError(f"{where}: waits for {waited}{mb}, which was not sent asynchronously before")
+                raise ScheduleError(
+                    f"{where}: waits for {waited}{mb}, which was not sent asynchronously before"
+                )
             pending_async.discard((waited, mb))
             out.append(WaitSendIR(mb, kind=waited))
         else:
             raise ScheduleError(f"{where}: unknown action kind {kind!r}")
-    out += [DrainSends(), ds_schedule.ReduceTiedGrads(), ds_schedule.ReduceGrads(), ds_schedule.OptimizerStep()]
+    out += [
+        DrainSends(),
+        ds_schedule.ReduceTiedGrads(),
+        ds_schedule.ReduceGrads(),
+        ds_schedule.OptimizerStep(),
+    ]
     return out
 
 

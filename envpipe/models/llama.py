@@ -19,15 +19,43 @@ from envpipe.errors import ConfigError
 
 # Shapes from public Llama configs; vocab of the tiny preset is byte-level so it trains on raw text too.
 PRESETS: dict[str, dict[str, Any]] = {
-    "llama-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                       num_key_value_heads=4, vocab_size=256, max_position_embeddings=2048),
-    "llama-160m": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                       num_key_value_heads=12, vocab_size=32000, max_position_embeddings=2048),
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                     num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
-                     rope_theta=500000.0),
-    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    "llama-tiny": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "vocab_size": 256,
+        "max_position_embeddings": 2048,
+    },
+    "llama-160m": {
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 12,
+        "vocab_size": 32000,
+        "max_position_embeddings": 2048,
+    },
+    "llama-1b": {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "max_position_embeddings": 8192,
+        "rope_theta": 500000.0,
+    },
+    "llama-7b": {
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 32000,
+        "max_position_embeddings": 4096,
+    },
 }
 _ALIASES = {"tiny": "llama-tiny", "160m": "llama-160m", "1b": "llama-1b", "7b": "llama-7b"}
 
@@ -56,7 +84,9 @@ def load_config(preset_or_dir: str) -> Any:
             )
         raw = json.loads(config_path.read_text())
         if raw.get("model_type", "llama") != "llama":
-            raise ConfigError(f"{config_path} has model_type {raw.get('model_type')!r}; only Llama models are supported")
+            raise ConfigError(
+                f"{config_path} has model_type {raw.get('model_type')!r}; only Llama models are supported"
+            )
         config = LlamaConfig.from_pretrained(str(config_path.parent), local_files_only=True)
     config._attn_implementation = "sdpa"  # causal with mask=None; eager would not be
     config.use_cache = False
@@ -65,7 +95,7 @@ def load_config(preset_or_dir: str) -> Any:
 
 def _init_weights(module: Any, std: float) -> None:
     """HF Llama's init (normal(0, initializer_range) weights, zero biases, unit norms)."""
-    import torch.nn as nn
+    from torch import nn
 
     for sub in module.modules():
         if isinstance(sub, (nn.Linear, nn.Embedding)):
@@ -79,7 +109,7 @@ def _init_weights(module: Any, std: float) -> None:
 def _layer_classes():
     """The pipe layer classes, built on demand so that importing this module does not import torch."""
     import torch
-    import torch.nn as nn
+    from torch import nn
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
     class EmbeddingPipe(nn.Module):
@@ -112,7 +142,9 @@ def _layer_classes():
             return self._rope_cache[key]
 
         def forward(self, hidden):
-            out = self.layer(hidden, attention_mask=None, position_embeddings=self._position_embeddings(hidden))
+            out = self.layer(
+                hidden, attention_mask=None, position_embeddings=self._position_embeddings(hidden)
+            )
             return out[0] if isinstance(out, tuple) else out  # transformers 4.x returned a tuple
 
     class NormPipe(nn.Module):
@@ -144,8 +176,9 @@ def causal_lm_loss(logits: Any, labels: Any) -> Any:
     import torch.nn.functional as F
 
     shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shift_labels.reshape(-1),
-                           ignore_index=-100)
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100
+    )
 
 
 def _tied_head(embedding: Any, hidden: Any) -> Any:
@@ -197,8 +230,15 @@ def balanced_parts(num_decoder_layers: int, num_stages: int) -> list[int]:
     return parts
 
 
-def build_pipeline(config: Any, num_stages: int | None = None, *, model_dir: str | Path | None = None,
-                   seed: int = 0, activation_checkpoint_interval: int = 0, topology: Any = None) -> Any:
+def build_pipeline(
+    config: Any,
+    num_stages: int | None = None,
+    *,
+    model_dir: str | Path | None = None,
+    seed: int = 0,
+    activation_checkpoint_interval: int = 0,
+    topology: Any = None,
+) -> Any:
     """Build this rank's part of the Llama pipeline (call after ``torch.distributed`` is initialised).
 
     Args:
@@ -221,15 +261,22 @@ def build_pipeline(config: Any, num_stages: int | None = None, *, model_dir: str
     embedding_pipe, decoder_pipe, norm_pipe, head_pipe = _layer_classes()
     if config.tie_word_embeddings:
         first = TiedLayerSpec("embed", embedding_pipe, config, tied_weight_attr="embed_tokens.weight")
-        last = TiedLayerSpec("embed", embedding_pipe, config, forward_fn=_tied_head,
-                             tied_weight_attr="embed_tokens.weight")
+        last = TiedLayerSpec(
+            "embed", embedding_pipe, config, forward_fn=_tied_head, tied_weight_attr="embed_tokens.weight"
+        )
     else:
         first, last = LayerSpec(embedding_pipe, config), LayerSpec(head_pipe, config)
     layers = [first] + [LayerSpec(decoder_pipe, config, i) for i in range(config.num_hidden_layers)]
     layers += [LayerSpec(norm_pipe, config), last]
     module = _pipeline_module_class()(
-        layers=layers, num_stages=num_stages, topology=topology, loss_fn=causal_lm_loss, seed_layers=True,
-        base_seed=seed, partition_method="balanced", activation_checkpoint_interval=activation_checkpoint_interval,
+        layers=layers,
+        num_stages=num_stages,
+        topology=topology,
+        loss_fn=causal_lm_loss,
+        seed_layers=True,
+        base_seed=seed,
+        partition_method="balanced",
+        activation_checkpoint_interval=activation_checkpoint_interval,
         checkpointable_layers=["DecoderPipe"],
     )
     # seed_layers seeds each layer's init from its index (same weights whatever the split); left on, DeepSpeed
@@ -253,7 +300,9 @@ def load_hf_weights(module: Any, config: Any, model_dir: str | Path) -> None:
 
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
-        raise ConfigError(f"no *.safetensors in {model_dir}; save the model with save_pretrained(safe_serialization=True)")
+        raise ConfigError(
+            f"no *.safetensors in {model_dir}; save the model with save_pretrained(safe_serialization=True)"
+        )
     wanted = _wanted_tensors(module, config)
     found: dict[str, Any] = {}
     for path in files:
@@ -266,8 +315,10 @@ def load_hf_weights(module: Any, config: Any, model_dir: str | Path) -> None:
     with torch.no_grad():
         for name, param in wanted.items():
             if tuple(found[name].shape) != tuple(param.shape):
-                raise ConfigError(f"{name} in {model_dir} has shape {tuple(found[name].shape)}, "
-                                  f"the model expects {tuple(param.shape)}; check config.json")
+                raise ConfigError(
+                    f"{name} in {model_dir} has shape {tuple(found[name].shape)}, "
+                    f"the model expects {tuple(param.shape)}; check config.json"
+                )
             param.copy_(found[name].to(param.dtype))
 
 

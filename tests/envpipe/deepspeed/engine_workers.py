@@ -14,8 +14,12 @@ SEQ_LEN = 16
 
 
 def _ds_config(micro_batches: int) -> dict[str, Any]:
-    return {"train_micro_batch_size_per_gpu": MICRO_BATCH_SIZE, "gradient_accumulation_steps": micro_batches,
-            "steps_per_print": 10**9, "optimizer": {"type": "SGD", "params": {"lr": 0.05}}}
+    return {
+        "train_micro_batch_size_per_gpu": MICRO_BATCH_SIZE,
+        "gradient_accumulation_steps": micro_batches,
+        "steps_per_print": 10**9,
+        "optimizer": {"type": "SGD", "params": {"lr": 0.05}},
+    }
 
 
 def _data(vocab_size: int) -> Any:
@@ -47,8 +51,9 @@ class RecordingAgent:
         return getattr(self.client, name)
 
 
-def _train(model_dir: str, schedule: Any, steps: int, *, clocks: Any = None, agent: Any = None,
-           emulate: bool = False) -> tuple[Any, list[float]]:
+def _train(
+    model_dir: str, schedule: Any, steps: int, *, clocks: Any = None, agent: Any = None, emulate: bool = False
+) -> tuple[Any, list[float]]:
     from envpipe.deepspeed import initialize
     from envpipe.models.llama import build_pipeline, load_config
 
@@ -76,11 +81,16 @@ def _reference_loss(model_dir: str, micro_batches: int) -> float:
     model = LlamaForCausalLM.from_pretrained(model_dir, local_files_only=True, attn_implementation="sdpa")
     data = _data(model.config.vocab_size)
     with torch.no_grad():
-        losses = [model(input_ids=ids, labels=labels).loss for ids, labels in (next(data) for _ in range(micro_batches))]
+        losses = [
+            model(input_ids=ids, labels=labels).loss
+            for ids, labels in (next(data) for _ in range(micro_batches))
+        ]
     return float(torch.stack(losses).mean())
 
 
-def equivalence(model_dir: str, agent_endpoint: str, micro_batches: int = 4, steps: int = 3) -> dict[str, Any]:
+def equivalence(
+    model_dir: str, agent_endpoint: str, micro_batches: int = 4, steps: int = 3
+) -> dict[str, Any]:
     """2 stages: 1f1b vs ours (same init) losses/params; pipeline vs unsplit loss; phase events to the agent."""
     from envpipe.deepspeed import setup_distributed
     from envpipe.schedules import get_schedule
@@ -100,11 +110,17 @@ def equivalence(model_dir: str, agent_endpoint: str, micro_batches: int = 4, ste
     engine, ours_losses = _train(model_dir, ours, steps, clocks=clocks, agent=agent, emulate=True)
     timeline = engine.gather_timeline()
     result = {
-        "stage": stage, "base_losses": base_losses, "ours_losses": ours_losses,
+        "stage": stage,
+        "base_losses": base_losses,
+        "ours_losses": ours_losses,
         "param_rel_diff": _max_rel_diff(_params(engine), base_params),
-        "units": units, "clocks": clocks[stage], "sent": agent.sent,
-        "gpu_uuid": engine.gpu.uuid, "timeline_stages": sorted({s.stage for s in timeline}),
-        "timeline_units": len(timeline), "stage_clock_in_spans": sorted({s.clock_mhz for s in timeline if s.stage == stage}),
+        "units": units,
+        "clocks": clocks[stage],
+        "sent": agent.sent,
+        "gpu_uuid": engine.gpu.uuid,
+        "timeline_stages": sorted({s.stage for s in timeline}),
+        "timeline_units": len(timeline),
+        "stage_clock_in_spans": sorted({s.clock_mhz for s in timeline if s.stage == stage}),
     }
     if is_last:
         result["reference_loss"] = _reference_loss(model_dir, micro_batches)
@@ -113,8 +129,14 @@ def equivalence(model_dir: str, agent_endpoint: str, micro_batches: int = 4, ste
     return result
 
 
-def killed_rank(model_dir: str, agent_endpoint: str, progress_dir: str, victim: int,
-                micro_batches: int = 8, steps_before: int = 2) -> dict[str, Any]:
+def killed_rank(
+    model_dir: str,
+    agent_endpoint: str,
+    progress_dir: str,
+    victim: int,
+    micro_batches: int = 8,
+    steps_before: int = 2,
+) -> dict[str, Any]:
     """4 stages of ours with a non-monotone r; after ``steps_before`` steps rank ``victim`` dies."""
     from envpipe.deepspeed import setup_distributed
     from envpipe.schedules import get_schedule

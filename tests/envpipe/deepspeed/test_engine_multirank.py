@@ -39,7 +39,9 @@ def sim_agent(tmp_path: Path):
     from envpipe_agent.client import AgentClient
     from envpipe_agent.embedded import start_agent
 
-    agent = start_agent("sim", gpus=4, extra_args=["--lease-timeout-s", "1.0"], log_path=str(tmp_path / "agent.log"))
+    agent = start_agent(
+        "sim", gpus=4, extra_args=["--lease-timeout-s", "1.0"], log_path=str(tmp_path / "agent.log")
+    )
     client = AgentClient(agent.endpoint, job_id="observer", rank=-1)
     try:
         yield agent, client
@@ -54,8 +56,9 @@ def _failures(results) -> str:
 
 def test_two_stages_ours_matches_1f1b_and_unsplit_model_and_reaches_agent(model_dir, sim_agent):
     agent, observer = sim_agent
-    results = run_ranks(2, f"{WORKERS}:equivalence", {"model_dir": model_dir, "agent_endpoint": agent.endpoint},
-                        timeout_s=150)
+    results = run_ranks(
+        2, f"{WORKERS}:equivalence", {"model_dir": model_dir, "agent_endpoint": agent.endpoint}, timeout_s=150
+    )
     assert all(r.returncode == 0 for r in results), _failures(results)
     values = [r.value for r in results]
     for v in values:
@@ -84,9 +87,18 @@ def test_two_stages_ours_matches_1f1b_and_unsplit_model_and_reaches_agent(model_
 def test_four_stages_non_monotone_r_then_killed_rank(model_dir, sim_agent, tmp_path):
     agent, observer = sim_agent
     victim = 2
-    results = run_ranks(4, f"{WORKERS}:killed_rank",
-                        {"model_dir": model_dir, "agent_endpoint": agent.endpoint, "progress_dir": str(tmp_path),
-                         "victim": victim}, timeout_s=150, grace_s=60)
+    results = run_ranks(
+        4,
+        f"{WORKERS}:killed_rank",
+        {
+            "model_dir": model_dir,
+            "agent_endpoint": agent.endpoint,
+            "progress_dir": str(tmp_path),
+            "victim": victim,
+        },
+        timeout_s=150,
+        grace_s=60,
+    )
     progress = {r.rank: (tmp_path / f"rank{r.rank}.txt").read_text().split(" ", 1) for r in results}
     assert len(progress) == 4, _failures(results)  # every rank finished the ours steps with r=[1,2,0,0]
     assert len({losses for _, losses in progress.values()}) == 1
@@ -95,7 +107,10 @@ def test_four_stages_non_monotone_r_then_killed_rank(model_dir, sim_agent, tmp_p
         if r.rank != victim:
             assert r.returncode not in (0, None), f"rank {r.rank} did not fail"
     for neighbour in (victim - 1, victim + 1):
-        assert "PeerLostError" in results[neighbour].stderr_tail and f"lost stage {victim}" in results[neighbour].stderr_tail
+        assert (
+            "PeerLostError" in results[neighbour].stderr_tail
+            and f"lost stage {victim}" in results[neighbour].stderr_tail
+        )
     victim_uuid = progress[victim][0]
     deadline = time.monotonic() + 10
     while True:  # the agent notices the dead pid / missed heartbeats and resets that GPU

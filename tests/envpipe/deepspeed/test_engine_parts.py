@@ -27,9 +27,20 @@ def test_translate_1f1b_first_stage_loads_before_each_forward_and_ends_with_the_
 
     names = _names(translate(get_schedule("1f1b", 2, 2), 0))
     assert names == [
-        "LoadMicroBatch(0)", "RunForward(0)", "SendActivationIR(0)", "LoadMicroBatch(1)", "RunForward(1)",
-        "RecvGradIR(0)", "SendActivationIR(1)", "RunBackward(0)", "RecvGradIR(1)", "RunBackward(1)",
-        "DrainSends", "ReduceTiedGrads", "ReduceGrads", "OptimizerStep",
+        "LoadMicroBatch(0)",
+        "RunForward(0)",
+        "SendActivationIR(0)",
+        "LoadMicroBatch(1)",
+        "RunForward(1)",
+        "RecvGradIR(0)",
+        "SendActivationIR(1)",
+        "RunBackward(0)",
+        "RecvGradIR(1)",
+        "RunBackward(1)",
+        "DrainSends",
+        "ReduceTiedGrads",
+        "ReduceGrads",
+        "OptimizerStep",
     ]
 
 
@@ -51,11 +62,14 @@ def test_translate_middle_stage_does_not_load_data():
     assert not any(n.startswith("LoadMicroBatch") for n in names)
 
 
-@pytest.mark.parametrize(("text", "stage", "message"), [
-    ("s0: RA0 F0 B0\ns1: F0 B0", 0, "no previous stage"),
-    ("s0: F0 B0\ns1: F0 SA0 B0", 1, "no next stage"),
-    ("s0: F0 SA0 wSA0 B0\ns1: RA0 F0 B0", 0, "not sent asynchronously"),
-])
+@pytest.mark.parametrize(
+    ("text", "stage", "message"),
+    [
+        ("s0: RA0 F0 B0\ns1: F0 B0", 0, "no previous stage"),
+        ("s0: F0 B0\ns1: F0 SA0 B0", 1, "no next stage"),
+        ("s0: F0 SA0 wSA0 B0\ns1: RA0 F0 B0", 0, "not sent asynchronously"),
+    ],
+)
 def test_translate_rejects_actions_the_stage_cannot_run(text, stage, message):
     from envpipe.deepspeed.translate import translate
 
@@ -72,9 +86,15 @@ def test_unit_names_follow_program_order():
 
 
 # -- models --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("layers", "stages", "parts"), [
-    (4, 4, [0, 2, 3, 4, 7]), (4, 2, [0, 3, 7]), (5, 2, [0, 4, 8]), (32, 4, [0, 9, 17, 25, 35]),
-])
+@pytest.mark.parametrize(
+    ("layers", "stages", "parts"),
+    [
+        (4, 4, [0, 2, 3, 4, 7]),
+        (4, 2, [0, 3, 7]),
+        (5, 2, [0, 4, 8]),
+        (32, 4, [0, 9, 17, 25, 35]),
+    ],
+)
 def test_balanced_parts_spread_decoder_layers_evenly(layers, stages, parts):
     from envpipe.models.llama import balanced_parts
 
@@ -106,8 +126,15 @@ def test_hf_prefixes_map_pipe_layers_to_state_dict_names():
     from envpipe.models.llama import layer_hf_prefixes, load_config
 
     config = load_config("llama-tiny")
-    assert layer_hf_prefixes(config) == ["model.", "model.layers.0.", "model.layers.1.", "model.layers.2.",
-                                         "model.layers.3.", "model.", ""]
+    assert layer_hf_prefixes(config) == [
+        "model.",
+        "model.layers.0.",
+        "model.layers.1.",
+        "model.layers.2.",
+        "model.layers.3.",
+        "model.",
+        "",
+    ]
 
 
 # -- data ----------------------------------------------------------------------------------------------
@@ -136,18 +163,25 @@ def test_text_and_jsonl_files_tokenise_byte_level(tmp_path):
     (tmp_path / "a.txt").write_text("abcdefgh" * 4)
     ids, _ = next(batches(tmp_path / "a.txt", vocab_size=256, micro_batch_size=2, seq_len=8))
     assert ids[0].tolist() == list(b"abcdefgh")
-    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "x" * 40}) + "\n\n" + json.dumps({"text": "y" * 40}) + "\n")
-    ids, _ = next(batches(tmp_path / "b.jsonl", vocab_size=256, micro_batch_size=1, seq_len=16, dp_index=1, dp_size=2))
+    (tmp_path / "b.jsonl").write_text(
+        json.dumps({"text": "x" * 40}) + "\n\n" + json.dumps({"text": "y" * 40}) + "\n"
+    )
+    ids, _ = next(
+        batches(tmp_path / "b.jsonl", vocab_size=256, micro_batch_size=1, seq_len=16, dp_index=1, dp_size=2)
+    )
     assert ids[0].tolist() == list(b"x" * 16)  # sequence 1 of the stream goes to data-parallel index 1
 
 
-@pytest.mark.parametrize(("name", "content", "kwargs", "message"), [
-    ("bad.jsonl", "{not json\n", {}, "is not JSON"),
-    ("bad2.jsonl", '{"body": "x"}\n', {}, 'needs a string "text"'),
-    ("short.txt", "abc", {}, "fewer than one micro-batch"),
-    ("small.txt", "abcdefgh" * 8, {"vocab_size": 64}, "vocab_size >= 256"),
-    ("data.csv", "a,b\n", {}, "must end in .txt or .jsonl"),
-])
+@pytest.mark.parametrize(
+    ("name", "content", "kwargs", "message"),
+    [
+        ("bad.jsonl", "{not json\n", {}, "is not JSON"),
+        ("bad2.jsonl", '{"body": "x"}\n', {}, 'needs a string "text"'),
+        ("short.txt", "abc", {}, "fewer than one micro-batch"),
+        ("small.txt", "abcdefgh" * 8, {"vocab_size": 64}, "vocab_size >= 256"),
+        ("data.csv", "a,b\n", {}, "must end in .txt or .jsonl"),
+    ],
+)
 def test_bad_data_files_say_what_is_wrong(tmp_path, name, content, kwargs, message):
     from envpipe.data import batches
 
@@ -217,8 +251,9 @@ def test_notifiers_for_cpu_and_no_agent():
 
 
 def test_dvfs_stretch_follows_the_model():
-    from envpipe.deepspeed.dvfs_emulation import DvfsStretcher
     from envpipe_agent.dvfs import get_model
+
+    from envpipe.deepspeed.dvfs_emulation import DvfsStretcher
 
     stretcher = DvfsStretcher("central", max_clock_mhz=1980)
     assert stretcher.ratio(1980) == 1.0 and stretcher.ratio(None) == 1.0
