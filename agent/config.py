@@ -45,6 +45,9 @@ class AgentConfig:
     socket_group: str = ""  # "" = "envpipe" if that group exists, else the agent's own group
     sample_interval_ms: float = 100.0
     log_level: str = "info"
+    exit_with_pid: int = (
+        0  # stop (resetting clocks) once this pid is gone; embedded agents follow their parent
+    )
 
     def control_endpoint(self) -> str:
         return self.endpoint or f"ipc://{Path(self.resolved_runtime_dir()) / 'control.sock'}"
@@ -108,6 +111,8 @@ def _check_values(config: AgentConfig) -> None:
         loopback = False
     if not loopback:
         raise AgentConfigError(f"prometheus_addr must be a loopback address, got {config.prometheus_addr!r}")
+    if config.exit_with_pid < 0:
+        raise AgentConfigError(f"exit_with_pid must be a pid or 0 (never), got {config.exit_with_pid}")
     if config.sample_interval_ms <= 0:
         raise AgentConfigError(f"sample_interval_ms must be positive, got {config.sample_interval_ms}")
     for name in ("endpoint", "event_endpoint"):

@@ -53,18 +53,10 @@ class RunningAgent:
 
 
 def agent_command(backend: str, gpus: int, runtime_dir: str, extra_args: Sequence[str]) -> list[str]:
-    """The command line of an embedded agent (no system config file: ``--config ''``)."""
-    command = [
-        sys.executable,
-        "-m",
-        "envpipe_agent",
-        "--config",
-        "",
-        "--backend",
-        backend,
-        "--runtime-dir",
-        runtime_dir,
-    ]
+    """The command line of an embedded agent: no system config file (``--config ''``), and it stops (resetting
+    clocks) when this process is gone, so a crashed trainer leaves no agent behind."""
+    command = [sys.executable, "-m", "envpipe_agent", "--config", "", "--backend", backend]
+    command += ["--runtime-dir", runtime_dir, "--exit-with-pid", str(os.getpid())]
     if backend == "sim":
         command += ["--gpus", str(gpus)]
     return command + list(extra_args)

@@ -37,7 +37,11 @@ class Lease:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists on this node (a process of another user counts as alive)."""
+    """Whether process ``pid`` exists on this node and is not a zombie (another user's process counts).
+
+    A killed rank whose launcher has not reaped it yet is a zombie: ``kill(pid, 0)`` still succeeds, so the
+    state in /proc decides (when /proc hides the process, e.g. systemd's ProtectProc, kill's answer stands).
+    """
     if pid <= 0:
         return False
     try:
@@ -45,20 +49,13 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    except OverflowError:  # a pid no kernel can have (a forged claim): gone, not a crash of the agent's loop
-        return False
-    return not _is_zombie(pid)
-
-
-def _is_zombie(pid: int) -> bool:
-    # A SIGKILLed rank stays a zombie until its launcher reaps it (which may be busy waiting for other
-    # ranks); kill(pid, 0) still succeeds then, and the GPU would wait for the lease timeout instead.
+        pass
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
-            return handle.read().rsplit(b")", 1)[1].split()[0] == b"Z"
-    except (OSError, IndexError):
-        return False
+            stat = handle.read()
+    except OSError:
+        return True
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] != b"Z"
 
 
 class LeaseManager:

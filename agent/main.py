@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--prometheus-port", type=int, help="serve metrics on 127.0.0.1:PORT (0 = off)")
     add("--socket-group", help="group owning the sockets (default envpipe, else the agent's group)")
     add("--log-level", choices=("debug", "info", "warning", "error"))
+    add("--exit-with-pid", type=int, help="stop (resetting clocks) once this process is gone")
     add("--version", action="version", version=f"envpipe-agent {__version__}")
     return parser
 

@@ -21,7 +21,7 @@ from envpipe_agent import __version__
 from envpipe_agent.backend import AllowList, GpuBackend, GpuDesc
 from envpipe_agent.config import AgentConfig
 from envpipe_agent.energy import EnergySampler
-from envpipe_agent.leases import Lease, LeaseManager
+from envpipe_agent.leases import Lease, LeaseManager, pid_alive
 from envpipe_agent.protocol import (
     EVENT_BEGIN,
     MAX_FRAME_BYTES,
@@ -95,6 +95,7 @@ class Agent:
             0,
         )
         self.started_s = time.monotonic()
+        self.stopping = False  # set when the process named by exit_with_pid is gone
         self._next_window_id = 1
         self._last_rate_s = self.started_s
         self.handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
@@ -165,7 +166,7 @@ class Agent:
             on_ready()
         last_tick_s = time.monotonic()
         try:
-            while not stop.is_set():
+            while not (stop.is_set() or self.stopping):
                 ready = dict(poller.poll(int(TICK_S * 1000)))
                 if events in ready:
                     self._drain_events(events)
@@ -374,6 +375,9 @@ class Agent:
     # -- bookkeeping -----------------------------------------------------------------------------------
     def tick(self) -> None:
         """End overdue leases (and reset their GPUs); refresh event rates once a second."""
+        if self.config.exit_with_pid and not pid_alive(self.config.exit_with_pid):
+            log.warning("process %d is gone: stopping (exit_with_pid)", self.config.exit_with_pid)
+            self.stopping = True
         for lease, reason in self.leases.expire():
             self.counters["leases_expired"] += 1
             self._reset_gpu(lease.gpu_index)

@@ -64,6 +64,9 @@ def agent(
         Optional[str], typer.Option(help="Group owning the sockets (default envpipe).")
     ] = None,
     log_level: Annotated[Optional[str], typer.Option(help="debug, info, warning or error.")] = None,
+    exit_with_pid: Annotated[
+        Optional[int], typer.Option(help="Stop (resetting clocks) once this process is gone.")
+    ] = None,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
@@ -86,6 +89,7 @@ def agent(
         "prometheus_port": prometheus_port,
         "socket_group": socket_group,
         "log_level": log_level,
+        "exit_with_pid": exit_with_pid,
     }
     raise typer.Exit(start(config, overrides))
 

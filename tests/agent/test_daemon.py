@@ -138,3 +138,37 @@ def test_unknown_socket_group_exits_2(short_dir: str) -> None:
         timeout=20,
     )
     assert result.returncode == 2 and "no-such-group-x" in result.stderr
+
+
+_PARENT = """
+import sys, time
+from envpipe_agent.embedded import start_agent
+agent = start_agent(gpus=1, runtime_dir=sys.argv[1])
+print(agent.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_embedded_agent_stops_when_its_parent_dies(short_dir: str) -> None:
+    import signal
+    import time
+
+    from envpipe_agent.leases import pid_alive
+
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, short_dir], stdout=subprocess.PIPE, text=True)
+    try:
+        agent_pid = int(parent.stdout.readline())
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline_s = time.monotonic() + 5
+        while pid_alive(agent_pid) and time.monotonic() < deadline_s:
+            time.sleep(0.05)
+            try:
+                os.waitpid(agent_pid, os.WNOHANG)  # reap if it became our child (it does not: init adopts it)
+            except ChildProcessError:
+                pass
+        assert not pid_alive(agent_pid)
+    finally:
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()

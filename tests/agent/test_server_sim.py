@@ -196,3 +196,20 @@ def test_min_max_allow_list_applies_to_the_sim(make_sim_agent) -> None:
         client.claim(info.gpus[0].uuid)
         client.phase("F0", "begin", 1980)
         _wait_for(lambda: agent.backend.read_clock_mhz(0) == 1200)
+
+
+def test_a_zombie_holder_counts_as_dead() -> None:
+    import signal
+
+    from envpipe_agent.leases import pid_alive
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert pid_alive(child.pid)
+        os.kill(child.pid, signal.SIGKILL)
+        _wait_for(lambda: not pid_alive(child.pid), timeout_s=3.0)  # not reaped yet: a zombie
+        assert child.poll() is not None
+    finally:
+        child.kill()
+        child.wait()
+    assert pid_alive(os.getpid()) and not pid_alive(0)
