@@ -17,6 +17,8 @@ lacks for EnvPipe:
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import MethodType
 from typing import Any, ClassVar
 
@@ -25,11 +27,32 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from envpipe.deepspeed import translate as tr
 from envpipe.deepspeed.events import make_notifier
-from envpipe.deepspeed.p2p import Link, as_list
+from envpipe.deepspeed.p2p import Link, PeerLostError, as_list
 from envpipe.deepspeed.timing import gather, make_timer
 from envpipe.errors import ConfigError
 
 log = logging.getLogger("envpipe.deepspeed")
+
+
+_LOST_PEER_HINTS = ("connection closed", "connection reset", "broken pipe", "timed out", "timeout", "nccl")
+
+
+@contextmanager
+def _peer_errors(stage_id: int, where: str) -> Iterator[None]:
+    """Turn a collective's transport failure (a rank died mid-iteration) into one clear error."""
+    try:
+        yield
+    except PeerLostError:
+        raise
+    except RuntimeError as exc:
+        text = str(exc)
+        if not any(hint in text.lower() for hint in _LOST_PEER_HINTS):
+            raise
+        first_line = text.splitlines()[0] if text else type(exc).__name__
+        raise PeerLostError(
+            f"stage {stage_id}: {where} failed talking to the other ranks ({first_line}); another rank has "
+            "probably died or hung — check the other ranks' logs"
+        ) from exc
 
 
 class EnvpipeEngine(PipelineEngine):
@@ -105,7 +128,8 @@ class EnvpipeEngine(PipelineEngine):
         """Run one iteration of the schedule; returns the mean loss over micro-batches (same on all stages)."""
         self._timeline = None
         self._timer.start_iteration()
-        return super().train_batch(data_iter)
+        with _peer_errors(self.stage_id, "train_batch"):
+            return super().train_batch(data_iter)
 
     def _train_schedule(self) -> tr.IRPipeSchedule:
         return self._pipe_schedule
@@ -131,7 +155,10 @@ class EnvpipeEngine(PipelineEngine):
 
     def gather_timeline(self) -> list[Any]:
         """Every stage's spans of the last iteration on one time axis (collective over the pipeline group)."""
-        return gather(self.last_timeline(), self._timer.origin_wall_s, self.grid.get_pipe_parallel_group())
+        with _peer_errors(self.stage_id, "gather_timeline"):
+            return gather(
+                self.last_timeline(), self._timer.origin_wall_s, self.grid.get_pipe_parallel_group()
+            )
 
     # -- units ------------------------------------------------------------------------------------------
     def _unit_begin(self, unit: str) -> None:

@@ -276,3 +276,15 @@ def test_connect_agent_without_an_agent_warns_and_trains_on(caplog):
         assert connect_agent(Gone(), 0) == (None, None)
     assert "training goes on" in caplog.text
     assert connect_agent(None, 0) == (None, None)
+
+
+def test_transport_failures_become_one_clear_error():
+    from envpipe.deepspeed.engine import _peer_errors
+    from envpipe.deepspeed.p2p import PeerLostError
+
+    lost = "stage 2: train_batch failed .*Connection closed by peer"
+    with pytest.raises(PeerLostError, match=lost), _peer_errors(2, "train_batch"):
+        raise RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1234")
+    # a bug is not a dead peer: passed through
+    with pytest.raises(RuntimeError, match="shape mismatch"), _peer_errors(2, "train_batch"):
+        raise RuntimeError("shape mismatch")
