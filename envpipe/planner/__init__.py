@@ -1,0 +1,162 @@
+"""Clock planning: which SM clock each unit runs at, so energy falls and the iteration stays within the bound.
+
+* ``plan_clocks(schedule, costs, policy)`` plans offline on the simulator (``envpipe.sim.simulate``).
+* ``Reconfigurer(schedule, costs, policy).update(clocks, timeline)`` is the online form: the training job
+  calls it once per iteration with the spans of that iteration (``UnitSpan``, gathered from all stages) and
+  applies the plan it returns, until it returns None. ``plan_clocks`` is the same loop on simulated spans.
+
+Policies (``POLICIES``): ``default`` (no change), ``greedy`` and ``balanced`` (the paper's intent with its
+defects fixed), ``optimal`` (the whole DAG at once), and ``paper`` / ``paper-greedy`` (the ATC'23 algorithm,
+reference only). Every policy runs under the same guard: the iteration may be at most ``1 + slowdown_bound``
+times the baseline (1F1B, every unit at the top clock) measured at the start, and the round cap ends every
+run on a plan that meets it (the top clocks, if nothing better does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from envpipe.errors import ConfigError
+from envpipe.ir import ClockPlan, Schedule
+from envpipe.planner.balanced import Balanced
+from envpipe.planner.greedy import Greedy
+from envpipe.planner.observe import Observation, critical_path, observe
+from envpipe.planner.optimal import Optimal
+from envpipe.planner.paper import Paper
+
+__all__ = ["POLICIES", "PlanResult", "Reconfigurer", "critical_path", "plan_clocks", "top_plan"]
+
+POLICIES = ("default", "greedy", "balanced", "optimal", "paper", "paper-greedy")
+DEFAULT_MAX_ROUNDS = {"greedy": 400, "balanced": 200, "optimal": 8, "paper": 2000, "paper-greedy": 2000}
+
+
+def _policy(name: str, schedule: Schedule, costs) -> Any:
+    if name == "balanced":
+        return Balanced(schedule, costs)
+    if name == "greedy":
+        return Greedy(schedule, costs)
+    if name == "optimal":
+        return Optimal(schedule, costs)
+    if name in ("paper", "paper-greedy"):
+        return Paper(schedule, costs, variant="balanced" if name == "paper" else "greedy")
+    return None
+
+
+def top_plan(schedule: Schedule, costs) -> ClockPlan:
+    """Every unit at the top clock (the baseline's clocks)."""
+    return {s: {a.unit: costs.max_clock_mhz for a in schedule.units(s)} for s in range(schedule.stages)}
+
+
+class Reconfigurer:
+    """Online reconfiguration: one ``update`` per iteration until it returns None.
+
+    Args:
+        schedule: the schedule being run.
+        costs: the cost model (the profile's, in training): predicts a unit's time at other clocks.
+        policy: one of ``POLICIES``.
+        slowdown_bound: allowed slowdown against the baseline (0.01 = 1 %).
+        max_rounds: cap on updates (default per policy); at the cap a plan that misses the bound is replaced
+            by the top clocks once, then the Reconfigurer stops.
+        baseline_ms: the baseline iteration time measured at the start (1F1B, top clocks). Without it the
+            simulated baseline is scaled by measured / simulated time of the first update's plan.
+    """
+
+    def __init__(self, schedule: Schedule, costs, policy: str, *, slowdown_bound: float = 0.01,
+                 max_rounds: int | None = None, baseline_ms: float | None = None) -> None:
+        if policy not in POLICIES:
+            raise ConfigError(f"unknown reconfiguration policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        if not 0 <= slowdown_bound < 1:
+            raise ConfigError(f"slowdown_bound is a fraction in [0, 1), e.g. 0.01 for 1%; got {slowdown_bound}")
+        if max_rounds is not None and max_rounds < 0:
+            raise ConfigError(f"max_rounds must be >= 0, got {max_rounds}")
+        if baseline_ms is not None and baseline_ms <= 0:
+            raise ConfigError(f"baseline_ms must be > 0 ms, got {baseline_ms}")
+        self.schedule, self.costs, self.policy = schedule, costs, policy
+        self.slowdown_bound = slowdown_bound
+        self.max_rounds = DEFAULT_MAX_ROUNDS.get(policy, 0) if max_rounds is None else max_rounds
+        self.baseline_ms = baseline_ms
+        self.target_ms: float | None = None
+        self.bound_reachable = True
+        self.rounds = 0
+        self._rule = _policy(policy, schedule, costs)
+        self._fell_back = False
+
+    def update(self, clocks: ClockPlan | None, timeline: list[Any]) -> ClockPlan | None:
+        """The plan for the next iteration, given this iteration's clocks and spans; None = keep (stable)."""
+        if self._rule is None:
+            return None
+        obs = observe(self.schedule, self.costs, clocks, timeline)
+        if self.target_ms is None:
+            self._calibrate(obs, clocks)
+        assert self.target_ms is not None
+        self.rounds += 1
+        if self.rounds > self.max_rounds:
+            return self._at_cap(obs)
+        return self._rule.step(obs, self.target_ms, self.rounds)
+
+    def _calibrate(self, obs: Observation, clocks: ClockPlan | None) -> None:
+        from envpipe.schedules import get_schedule
+        from envpipe.sim import simulate
+
+        # Measured and simulated time differ (overheads, model error): compare like with like.
+        scale = obs.iteration_ms / simulate(self.schedule, self.costs, clocks).iteration_time_ms
+        if self.baseline_ms is None:
+            one_f_one_b = get_schedule("1f1b", self.schedule.stages, self.schedule.micro_batches)
+            self.baseline_ms = simulate(one_f_one_b, self.costs).iteration_time_ms * scale
+        fastest_ms = simulate(self.schedule, self.costs).iteration_time_ms * scale
+        self.target_ms = self.baseline_ms * (1 + self.slowdown_bound)
+        if fastest_ms > self.target_ms:  # this schedule cannot meet the bound at any clocks
+            self.bound_reachable = False
+            self.target_ms = fastest_ms
+
+    def _at_cap(self, obs: Observation) -> ClockPlan | None:
+        assert self.target_ms is not None
+        if obs.iteration_ms <= self.target_ms * (1 + 1e-9) or self._fell_back or self.policy.startswith("paper"):
+            return None
+        self._fell_back = True
+        return top_plan(self.schedule, self.costs)
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """An offline plan and its simulated outcome (every number simulated)."""
+
+    clocks: ClockPlan
+    sim: Any  # envpipe.sim.SimResult of the final plan
+    rounds: int
+    policy: str
+    baseline_ms: float
+    target_ms: float
+    bound_reachable: bool
+
+    @property
+    def met_bound(self) -> bool:
+        """True when the simulated iteration is within the bound."""
+        return self.sim.iteration_time_ms <= self.target_ms * (1 + 1e-9)
+
+
+def plan_clocks(schedule: Schedule, costs, policy: str, *, slowdown_bound: float = 0.01,
+                start: ClockPlan | None = None, max_rounds: int | None = None,
+                baseline_ms: float | None = None) -> PlanResult:
+    """Run ``policy`` on simulated iterations from ``start`` (default: top clocks) until it is stable.
+
+    Returns:
+        The final plan with its simulation, the rounds taken and the bound used.
+    """
+    from envpipe.sim import simulate
+
+    reconfigurer = Reconfigurer(schedule, costs, policy, slowdown_bound=slowdown_bound, max_rounds=max_rounds,
+                                baseline_ms=baseline_ms)
+    clocks = start if start is not None else top_plan(schedule, costs)
+    rounds = 0
+    while True:
+        sim = simulate(schedule, costs, clocks)
+        new = reconfigurer.update(clocks, sim.timeline)
+        if new is None:
+            break
+        clocks, rounds = new, rounds + 1
+    if reconfigurer.target_ms is None:  # default policy: still report the bound
+        reconfigurer._calibrate(observe(schedule, costs, clocks, sim.timeline), clocks)
+    return PlanResult(clocks, sim, rounds, policy, float(reconfigurer.baseline_ms or 0.0),
+                      float(reconfigurer.target_ms or 0.0), reconfigurer.bound_reachable)

@@ -1,0 +1,42 @@
+"""The ``greedy`` policy: the paper's greedy reconfiguration with its defects fixed (see ``balanced``).
+
+Too slow: raise the last non-top unit of the critical path (read from start/end times) by 90 MHz, one unit
+per round, as the paper. Within the bound: lower the one unit whose next step down saves the most energy
+and fits in its slack. The Reconfigurer's guard and round cap apply as for every policy.
+"""
+
+from __future__ import annotations
+
+from envpipe.ir import ClockPlan
+from envpipe.planner.balanced import TABU_ROUNDS
+from envpipe.planner.moves import faster, lower_into_slack
+from envpipe.planner.observe import Observation, observed_critical_path
+
+
+class Greedy:
+    """Raise the last non-top unit of the critical path by ``raise_mhz``; lower one unit per round."""
+
+    name = "greedy"
+
+    def __init__(self, schedule, costs, *, raise_mhz: int = 90, lower_mhz: int = 90) -> None:
+        self.schedule, self.costs = schedule, costs
+        self.raise_mhz, self.lower_mhz = raise_mhz, lower_mhz
+        self.raised: dict[int, int] = {}
+
+    def step(self, obs: Observation, target_ms: float, round_no: int) -> ClockPlan | None:
+        """One round: the next plan, or None when nothing should change."""
+        dag, choice = obs.pdag.dag, list(obs.choice)
+        units = list(obs.pdag.unit_nodes.values())
+        if obs.iteration_ms > target_ms:
+            path = observed_critical_path(obs)
+            for key in reversed(path):
+                u = obs.pdag.unit_nodes[key]
+                if choice[u] > 0:
+                    choice[u] = faster(dag, u, choice[u], self.raise_mhz)
+                    self.raised[u] = round_no
+                    return obs.pdag.plan(choice)
+            return None
+        frozen = {u for u, r in self.raised.items() if round_no - r < TABU_ROUNDS}
+        moved = lower_into_slack(dag, choice, obs.dag_deadline_ms(target_ms), units, self.lower_mhz,
+                                 frozen=frozen, single=True)
+        return obs.pdag.plan(choice) if moved else None

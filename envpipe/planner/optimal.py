@@ -1,0 +1,288 @@
+"""The ``optimal`` policy: least iteration energy under the iteration-time bound, over the whole DAG.
+
+Pure Python, fast enough to run online. It is a heuristic for an NP-hard discrete problem, so it proves
+nothing by itself: the benchmark and the tests hold it against the LP relaxation (a lower bound) and, on
+small cases, the exact MILP optimum (``envpipe.planner.lp_bound``).
+
+How it works:
+
+* Prices. In the relaxation's optimum every unit pays a *time price* (J/ms) and runs at the clock that
+  minimises ``reduced energy + price * duration``; the prices form a flow through the critical units, so
+  every instant of the iteration carries the same total price, shared by the critical units running then.
+  A unit alone on the critical path (first forward, last backward) is worth far more time than one of S
+  units side by side in the steady state. The *priced start* gives critical units the weight
+  ``1 / (critical units running alongside)`` and scales all prices together (bisection) until the plan
+  just meets the deadline; units with slack keep the top clock.
+* Descent (a batched marginal-rate greedy, exact for one shared slack budget). A price ``theta`` falls in
+  steps; every unit whose next slower clock saves at least ``theta`` J per ms it adds is a *mover*. A mover
+  may grow by ``float_u / k_u`` (its slack against the deadline over the largest number of movers on any
+  path through it): on every path the growth sums to at most that path's slack, so the deadline holds
+  without re-checking. Units sharing slack so end with equal marginal rates, as in the optimum.
+* Sweeps hand out what remains: backward (each unit may end when its successors must start) and forward.
+
+Both the all-top-clock start and the priced start are descended; the cheaper plan wins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from envpipe.planner.dag import ClockDag, mover_counts, slack_ms
+
+_EPS_MS = 1e-9
+_PRICE_STEPS = 16  # geometric price levels from the best rate down to ~0.5% of it
+_PRICE_FACTOR = 0.72
+_ROUNDS_PER_PRICE = 4
+_REPRICINGS = 3
+_INF = float("inf")
+
+
+def solve(dag: ClockDag, deadline_ms: float, start: Sequence[int] | None = None) -> list[int]:
+    """Choose an option per node minimising energy with makespan <= ``deadline_ms``.
+
+    Args:
+        dag: the clock-assignment problem.
+        deadline_ms: the iteration-time bound (ms).
+        start: a feasible starting choice (default: every node at its fastest option).
+
+    Returns:
+        The option index chosen for every node.
+
+    Raises:
+        ValueError: the starting plan already misses the deadline.
+    """
+    first = list(start) if start is not None else [0] * len(dag)
+    base_ms = dag.makespan_ms(dag.durations(first))
+    if base_ms > deadline_ms * (1 + 1e-12):
+        raise ValueError(f"the starting plan takes {base_ms:.3f} ms, over the deadline {deadline_ms:.3f} ms; "
+                         "start from the all-top-clock plan or raise the bound")
+    rates = _Rates(dag)
+    hulls = [_Hull(dag, u) for u in range(len(dag))]
+    succs = dag.succs()
+    best, best_j = first, dag.evaluate(first)[1]
+    starts: list[list[int] | None] = [list(first)]
+    starts.append(_scaled(dag, deadline_ms, hulls, _parallel_weights(dag, first, deadline_ms, succs), first))
+    for attempt in range(2 + _REPRICINGS):
+        if attempt >= 2:  # re-price around the best plan so far: its critical set is the real one
+            starts.append(_scaled(dag, deadline_ms, hulls, _parallel_weights(dag, best, deadline_ms, succs), best))
+        choice = starts[attempt]
+        if choice is None:
+            continue
+        _price_descent(dag, choice, deadline_ms, rates, succs)
+        _sweep_backward(dag, choice, deadline_ms, rates, succs)
+        _sweep_forward(dag, choice, deadline_ms, rates, succs)
+        energy = dag.evaluate(choice)[1]
+        if energy < best_j - 1e-9:
+            best, best_j = list(choice), energy
+        elif attempt >= 2:
+            break  # re-pricing stopped paying
+    return best
+
+
+class _Rates:
+    """Per node, the best slower move from each option: (target option, saving rate J/ms, growth ms)."""
+
+    def __init__(self, dag: ClockDag) -> None:
+        self.moves: list[list[tuple[int, float, float] | None]] = []
+        for u, opts in enumerate(dag.options):
+            reduced = [dag.reduced_j(u, c) for c in range(len(opts))]
+            per_option: list[tuple[int, float, float] | None] = []
+            for c in range(len(opts)):
+                per_option.append(_best_move(opts, reduced, c))
+            self.moves.append(per_option)
+
+    def max_rate(self) -> float:
+        return max((m[1] for per in self.moves for m in per if m is not None), default=0.0)
+
+
+def _best_move(opts, reduced: list[float], c: int) -> tuple[int, float, float] | None:
+    best: tuple[int, float, float] | None = None
+    for c2 in range(c + 1, len(opts)):
+        grow_ms = opts[c2].duration_ms - opts[c].duration_ms
+        saving_j = reduced[c] - reduced[c2]
+        if grow_ms <= _EPS_MS or saving_j <= 0:
+            continue
+        rate = saving_j / grow_ms
+        if best is None or rate > best[1] + 1e-12:
+            best = (c2, rate, grow_ms)
+    return best
+
+
+def _advance(rates: _Rates, u: int, c: int, allowance_ms: float, price: float) -> tuple[int, float]:
+    """Take moves worth at least ``price`` while they fit in ``allowance_ms``; returns (option, growth)."""
+    grown = 0.0
+    while True:
+        move = rates.moves[u][c]
+        if move is None or move[1] < price or grown + move[2] > allowance_ms + _EPS_MS:
+            return c, grown
+        c, grown = move[0], grown + move[2]
+
+
+def _price_descent(dag: ClockDag, choice: list[int], deadline_ms: float, rates: _Rates, succs) -> None:
+    price = rates.max_rate()
+    for _ in range(_PRICE_STEPS):
+        for _round in range(_ROUNDS_PER_PRICE):
+            durations = dag.durations(choice)
+            _, _, slack = slack_ms(dag, durations, deadline_ms, succs)
+            movers = []
+            for u, c in enumerate(choice):
+                move = rates.moves[u][c]
+                movers.append(move is not None and move[1] >= price and move[2] <= slack[u] + _EPS_MS)
+            if not any(movers):
+                break
+            counts = mover_counts(dag, movers, succs)
+            moved = False
+            for u in range(len(choice)):
+                if movers[u]:
+                    new_c, _ = _advance(rates, u, choice[u], slack[u] / counts[u], price)
+                    moved |= new_c != choice[u]
+                    choice[u] = new_c
+            if not moved:
+                break
+        price *= _PRICE_FACTOR
+
+
+def _sweep_backward(dag: ClockDag, choice: list[int], deadline_ms: float, rates: _Rates, succs) -> None:
+    """Latest-first: each node may finish as late as its successors' (already final) latest starts."""
+    durations = dag.durations(choice)
+    head = dag.heads(durations)
+    latest_start = [0.0] * len(choice)
+    for u in range(len(choice) - 1, -1, -1):
+        finish = min((latest_start[v] for v in succs[u]), default=deadline_ms)
+        c, grown = _advance(rates, u, choice[u], finish - head[u] - durations[u], 0.0)
+        choice[u] = c
+        latest_start[u] = finish - durations[u] - grown
+
+
+def _sweep_forward(dag: ClockDag, choice: list[int], deadline_ms: float, rates: _Rates, succs) -> None:
+    """Earliest-first: each node may grow up to the latest finish its (unchanged) successors allow."""
+    durations = dag.durations(choice)
+    tail = dag.tails(durations, succs)
+    finish_at = [0.0] * len(choice)
+    for u in range(len(choice)):
+        start = max((finish_at[p] for p in dag.preds[u]), default=0.0)
+        c, grown = _advance(rates, u, choice[u], deadline_ms - tail[u] - start - durations[u], 0.0)
+        choice[u] = c
+        finish_at[u] = start + durations[u] + grown
+
+
+
+
+class _Hull:
+    """A node's lower convex hull of (duration, reduced energy): the option it picks at each time price."""
+
+    __slots__ = ("options", "prices")
+
+    def __init__(self, dag: ClockDag, u: int) -> None:
+        opts = dag.options[u]
+        hull: list[int] = []
+        for c in range(len(opts)):  # options by ascending duration
+            while len(hull) >= 2 and _cross(dag, u, hull[-2], hull[-1], c) <= 0:
+                hull.pop()
+            hull.append(c)
+        self.options = hull
+        # Price at which the pick moves from hull[k] (slower side k+1) -> picking hull[k] needs price >= prices[k].
+        self.prices = [_slope(dag, u, hull[k], hull[k + 1]) for k in range(len(hull) - 1)]
+
+    def pick(self, price: float) -> int:
+        """The hull option minimising ``reduced + price * duration``."""
+        k = len(self.prices)
+        for i, p in enumerate(self.prices):  # prices decrease along the hull
+            if price >= p:
+                k = i
+                break
+        return self.options[k]
+
+
+def _slope(dag: ClockDag, u: int, a: int, b: int) -> float:
+    da = dag.options[u][b].duration_ms - dag.options[u][a].duration_ms
+    return (dag.reduced_j(u, a) - dag.reduced_j(u, b)) / da if da > _EPS_MS else float("inf")
+
+
+def _cross(dag: ClockDag, u: int, a: int, b: int, c: int) -> float:
+    oa, ob, oc = dag.options[u][a], dag.options[u][b], dag.options[u][c]
+    ra, rb, rc = dag.reduced_j(u, a), dag.reduced_j(u, b), dag.reduced_j(u, c)
+    return (ob.duration_ms - oa.duration_ms) * (rc - ra) - (rb - ra) * (oc.duration_ms - oa.duration_ms)
+
+
+
+def _scaled(dag: ClockDag, deadline_ms: float, hulls: list[_Hull], weights: list[float],
+            floor: list[int]) -> list[int] | None:
+    """The lowest common scale of per-node time prices whose plan meets the deadline (None: none does)."""
+    def pick(scale: float) -> list[int]:
+        return [kept if w == _INF else h.pick(scale * w) for h, w, kept in zip(hulls, weights, floor)]
+
+    lo, hi = 0.0, 1.0
+    while dag.makespan_ms(dag.durations(pick(hi))) > deadline_ms:
+        hi *= 4
+        if hi > 1e12:
+            return None
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        if dag.makespan_ms(dag.durations(pick(mid))) > deadline_ms:
+            lo = mid
+        else:
+            hi = mid
+    return pick(hi)
+
+
+def _parallel_weights(dag: ClockDag, choice: list[int], deadline_ms: float, succs) -> list[float]:
+    """Time-price weight of every unit: 1 / (critical nodes running alongside), infinite off the critical set.
+
+    Critical here means: on a path that the deadline's extra time can make critical (slack < that time).
+    """
+    d = dag.durations(choice)
+    head = dag.heads(d)
+    tail = dag.tails(d, succs)
+    span = max(h + x + t for h, x, t in zip(head, d, tail))
+    tol = max(deadline_ms - span, 0.0) + 1e-6 * span
+    crit = [x > 0 and h + x + t >= span - tol for h, x, t in zip(head, d, tail)]
+    start = [round(h, 9) for h in head]
+    end = [round(h + x, 9) for h, x in zip(head, d)]
+    events = sorted({t for u in range(len(d)) if crit[u] for t in (start[u], end[u])})
+    where = {t: k for k, t in enumerate(events)}
+    count = [0] * (len(events) + 1)
+    for u in range(len(d)):
+        if crit[u]:
+            count[where[start[u]]] += 1
+            count[where[end[u]]] -= 1
+    prefix, running = [0.0], 0
+    for k in range(len(events) - 1):
+        running += count[k]
+        prefix.append(prefix[-1] + (events[k + 1] - events[k]) / max(1, running))
+    weights = [_INF] * len(d)
+    for u in range(len(d)):
+        if crit[u] and dag.stages[u] is not None:
+            weights[u] = (prefix[where[end[u]]] - prefix[where[start[u]]]) / d[u]
+    return weights
+
+
+class Optimal:
+    """The policy: plan every unit's clock at once, then tighten the deadline if a measured run misses it."""
+
+    name = "optimal"
+    _MAX_TIGHTENINGS = 6
+
+    def __init__(self, schedule, costs) -> None:
+        self.schedule, self.costs = schedule, costs
+        self.squeeze = 1.0
+        self.plans = 0
+
+    def step(self, obs, target_ms: float, round_no: int):
+        """Plan on the first round; afterwards only re-plan (tighter) while the iteration misses the bound."""
+        from envpipe.planner.observe import observe
+
+        if self.plans and obs.iteration_ms <= target_ms * (1 + 1e-9):
+            return None
+        if self.plans:
+            if self.plans > self._MAX_TIGHTENINGS:
+                return None
+            # Clock-switch latency and measurement noise are not in the DAG: ask for the miss back.
+            self.squeeze *= target_ms / obs.iteration_ms * 0.999
+        self.plans += 1
+        view = observe(self.schedule, self.costs, None, obs.spans.values(), prune=True)
+        try:
+            choice = solve(view.pdag.dag, view.dag_deadline_ms(target_ms) * self.squeeze)
+        except ValueError:  # even the top clocks miss the squeezed deadline
+            choice = [0] * len(view.pdag.dag)
+        return view.pdag.plan(choice)
