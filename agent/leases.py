@@ -50,6 +50,8 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         pass
+    except OverflowError:  # a pid no kernel can have (a forged claim): gone, not a crash of the agent's loop
+        return False
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             stat = handle.read()
