@@ -41,6 +41,7 @@ log = logging.getLogger("envpipe_agent.server")
 
 TICK_S = 0.1  # lease expiry and rate bookkeeping period
 MAX_WINDOWS_PER_LEASE = 4096
+MAX_JOB_ID_CHARS = 256
 _EVENT_BATCH = 4096  # events drained per loop turn before control gets a look
 
 
@@ -89,6 +90,7 @@ class Agent:
                 "control_requests",
                 "control_errors",
                 "leases_granted",
+                "loop_errors",
                 "leases_expired",
                 "leases_released",
             ),
@@ -168,13 +170,17 @@ class Agent:
         try:
             while not (stop.is_set() or self.stopping):
                 ready = dict(poller.poll(int(TICK_S * 1000)))
-                if events in ready:
-                    self._drain_events(events)
-                if control in ready:
-                    self._drain_control(control)
-                if time.monotonic() - last_tick_s >= TICK_S:
-                    last_tick_s = time.monotonic()
-                    self.tick()
+                try:
+                    if events in ready:
+                        self._drain_events(events)
+                    if control in ready:
+                        self._drain_control(control)
+                    if time.monotonic() - last_tick_s >= TICK_S:
+                        last_tick_s = time.monotonic()
+                        self.tick()
+                except Exception:  # noqa: BLE001 - a bug must not take the agent (and its resets) down
+                    self.counters["loop_errors"] += 1
+                    log.exception("event loop error (the agent keeps serving)")
         finally:
             self.stop_threads()
             self.reset_all("shutdown")
@@ -309,6 +315,12 @@ class Agent:
     def op_claim(self, args: dict[str, Any]) -> dict[str, Any]:
         gpu_uuid = _arg(args, "gpu_uuid", str)
         job_id, rank, pid = _arg(args, "job_id", str), _arg(args, "rank", int), _arg(args, "pid", int)
+        if len(job_id) > MAX_JOB_ID_CHARS:
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST,
+                f"job_id has {len(job_id)} characters; at most {MAX_JOB_ID_CHARS} (it is shown by status)",
+            )
+        # No range check on pid: one no process can have is simply dead, and the lease ends at the next tick.
         gpu = self.by_uuid.get(gpu_uuid)
         if gpu is None:
             raise ProtocolError(

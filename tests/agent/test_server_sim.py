@@ -142,7 +142,10 @@ def test_control_errors_are_replies_not_crashes(sim_agent, client) -> None:
     with pytest.raises(AgentError) as caught:
         client.call("claim", {"gpu_uuid": 3})
     assert caught.value.code == "bad_request"
-    assert client.status()["counters"]["control_errors"] == 3
+    uuid = client.hello().gpus[0].uuid
+    with pytest.raises(AgentError, match="at most 256"):
+        client.call("claim", {"gpu_uuid": uuid, "job_id": "j" * 300, "rank": 0, "pid": os.getpid()})
+    assert client.status()["counters"]["control_errors"] == 4
 
 
 def test_sockets_are_group_restricted(sim_agent) -> None:
