@@ -26,12 +26,12 @@ import time
 from typing import Any
 
 import zmq
-
-from benchmarks.reliability.common import agent_test_helpers, poll_until, short_dir
 from envpipe_agent.client import AgentClient
 from envpipe_agent.embedded import start_agent
 from envpipe_agent.errors import LeaseError
 from envpipe_agent.protocol import encode_event
+
+from benchmarks.reliability.common import agent_test_helpers, poll_until, short_dir
 
 _PROBE = """
 import sys
@@ -49,7 +49,7 @@ NOBODY = 65534
 def _as_uid(endpoint: str, uid: int, groups: list[int]) -> str:
     group_args = ["--groups", ",".join(map(str, groups))] if groups else ["--clear-groups"]
     command = ["setpriv", "--reuid", str(uid), "--regid", str(uid), *group_args, sys.executable, "-c", _PROBE, endpoint]
-    return subprocess.run(command, capture_output=True, text=True, timeout=30, cwd="/").stdout.strip()
+    return subprocess.run(command, capture_output=True, text=True, timeout=30, cwd="/", check=False).stdout.strip()
 
 
 def other_uid() -> dict[str, Any]:

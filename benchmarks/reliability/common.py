@@ -64,7 +64,15 @@ class FakeNvml:
 
 @contextmanager
 def fake_nvml(gpus: int = 2, lib_dir: str | None = None) -> Iterator[FakeNvml]:
-    """A fresh fake-NVML state of ``gpus`` GPUs (at most 8) in a short temporary directory."""
+    """A fresh fake-NVML state of ``gpus`` GPUs (at most 8) in a short temporary directory.
+
+    Raises:
+        RuntimeError: this machine has NVIDIA GPUs. These scenarios lock clocks through NVML calls; should
+            the fake library not be the one loaded, a real GPU would be re-clocked, so they never run there.
+    """
+    if os.path.exists("/dev/nvidiactl"):
+        raise RuntimeError("this machine has NVIDIA GPUs (/dev/nvidiactl): the fake-NVML scenarios lock clocks, "
+                           "so run them on a machine without GPUs (the sim scenarios are safe anywhere)")
     directory = tempfile.mkdtemp(prefix="ep-nvml-")
     try:
         lib = lib_dir or build_fake_nvml(directory)
@@ -111,7 +119,7 @@ def percentiles(values: list[float], points: tuple[int, ...] = (50, 90, 99, 100)
         if not ordered:
             out[key] = None
             continue
-        rank = min(len(ordered) - 1, max(0, int(round(point / 100 * len(ordered))) - 1))
+        rank = min(len(ordered) - 1, max(0, round(point / 100 * len(ordered)) - 1))
         out[key] = round(ordered[rank], 4)
     return out
 

@@ -23,11 +23,18 @@ from collections.abc import Callable
 from typing import Any
 
 import zmq
-
-from benchmarks.reliability.common import cpu_s, rss_kib, short_dir
 from envpipe_agent.client import AgentClient
 from envpipe_agent.embedded import start_agent
-from envpipe_agent.protocol import EVENT_MAGIC, EVENT_STRUCT, MAX_CONTROL_BYTES, MAX_FRAME_BYTES, OPS, encode_event
+from envpipe_agent.protocol import (
+    EVENT_MAGIC,
+    EVENT_STRUCT,
+    MAX_CONTROL_BYTES,
+    MAX_FRAME_BYTES,
+    OPS,
+    encode_event,
+)
+
+from benchmarks.reliability.common import cpu_s, rss_kib, short_dir
 
 _HUGE = [-1, 0, -2**31, 2**31, 2**32, -2**63, 2**63, 2**64, 10**30, -10**30, 1e308, -1e308, 1.5, -0.0, True,
          None, "", "9" * 50, [], {}, [1] * 100]

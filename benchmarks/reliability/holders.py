@@ -24,9 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.reliability.common import fake_nvml, percentiles, poll_until, short_dir
 from envpipe_agent.client import AgentClient
 from envpipe_agent.embedded import start_agent
+
+from benchmarks.reliability.common import fake_nvml, percentiles, poll_until, short_dir
 
 HOLDER = str(Path(__file__).with_name("_holder.py"))
 

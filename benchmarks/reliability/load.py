@@ -22,9 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.reliability.common import cpu_s, percentiles, rss_kib, short_dir
 from envpipe_agent.client import AgentClient
 from envpipe_agent.embedded import start_agent
+
+from benchmarks.reliability.common import cpu_s, percentiles, rss_kib, short_dir
 
 RANKS = str(Path(__file__).with_name("_ranks.py"))
 

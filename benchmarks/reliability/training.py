@@ -24,14 +24,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.reliability.common import percentiles, short_dir
 from envpipe_agent.client import AgentClient
 from envpipe_agent.embedded import start_agent
+
+from benchmarks.reliability.common import percentiles, short_dir
 
 PHASES = ("normal", "killed", "restarted", "stopped", "resumed")
 
 
-class _Warnings(logging.Handler):
+class Warnings(logging.Handler):
     """Counts the warnings of envpipe_agent.client (what a user sees in the training log)."""
 
     def __init__(self) -> None:
@@ -96,16 +97,22 @@ def _client_steps(client: AgentClient, life: _AgentLife, micro_batches: int, uni
                   clocks: list[int]) -> list[dict[str, Any]]:
     """The training loop of ``client`` mode: one row per step (phase, time, lease, event counters)."""
     steps = []
+    clock = time.perf_counter
     while not life.done.is_set():
         phase = life.phase
-        start_s = time.perf_counter()
+        start_s = clock()
+        in_phase_s = 0.0  # time spent inside client.phase(): what the agent can cost a step, free of noise
         for m in range(micro_batches):
-            for kind, clock in (("F", clocks[m % len(clocks)]), ("B", clocks[-1 - m % len(clocks)])):
-                client.phase(f"{kind}{m}", "begin", clock)
+            for kind, clock_mhz in (("F", clocks[m % len(clocks)]), ("B", clocks[-1 - m % len(clocks)])):
+                t0 = clock()
+                client.phase(f"{kind}{m}", "begin", clock_mhz)
+                t1 = clock()
                 _busy_ms(unit_ms)
+                t2 = clock()
                 client.phase(f"{kind}{m}", "end")
-        steps.append({"phase": phase, "step_ms": (time.perf_counter() - start_s) * 1000, "lease": client.lease_id,
-                      "sent": client.events_sent, "dropped": client.events_dropped})
+                in_phase_s += (t1 - t0) + (clock() - t2)
+        steps.append({"phase": phase, "step_ms": (clock() - start_s) * 1000, "phase_call_us": in_phase_s * 1e6,
+                      "lease": client.lease_id, "sent": client.events_sent, "dropped": client.events_dropped})
     return steps
 
 
@@ -114,7 +121,7 @@ def run(mode: str = "client", phase_s: float = 4.0, micro_batches: int = 4, unit
     """Run one training loop through the agent's five phases and report (see the module docstring)."""
     if mode == "engine":
         return run_engine(phase_s=phase_s, lease_timeout_s=lease_timeout_s)
-    handler = _Warnings()
+    handler = Warnings()
     logger = logging.getLogger("envpipe_agent.client")
     logger.addHandler(handler)
     with short_dir() as runtime_dir:
@@ -145,6 +152,7 @@ def summarise(steps: list[dict[str, Any]], warnings: list[str]) -> dict[str, Any
         if not rows:
             continue
         phases[name] = {"steps": len(rows), "step_ms": percentiles([r["step_ms"] for r in rows]),
+                        "phase_calls_us_per_step": percentiles([r["phase_call_us"] for r in rows if "phase_call_us" in r]),
                         "events_sent": rows[-1]["sent"] - rows[0]["sent"],
                         "events_dropped": rows[-1]["dropped"] - rows[0]["dropped"],
                         "leases": sorted({r["lease"] for r in rows} - {0})}
@@ -176,7 +184,8 @@ def run_engine(phase_s: float = 6.0, lease_timeout_s: float = 2.0, world_size: i
         started.start()
         try:
             results = run_ranks(world_size, worker, {"endpoint": life.agent.endpoint, "ready_dir": ready_dir,
-                                                     "done_path": done_path, "phase_path": runtime_dir + "/phase"},
+                                                     "done_path": done_path, "phase_path": runtime_dir + "/phase",
+                                                     "phases": list(PHASES)},
                                 timeout_s=5 * phase_s + 300)
         finally:
             life.done.set()
