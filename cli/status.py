@@ -65,7 +65,7 @@ def render_status(status: dict[str, Any]) -> Group:
         )
     parts: list[Any] = [header, table]
     if status.get("simulated"):
-        parts.append(Text(f"simulated: {status.get('model', '')}", style="dim"))
+        parts.append(Text(f"model: {status.get('model', '')}", style="dim"))
     return Group(*parts)
 
 
