@@ -277,6 +277,21 @@ def link_schedule(schedule: Schedule, stage: int) -> Schedule:
     return Schedule(f"{schedule.name}[link {stage}-{stage + 1}]", 2, schedule.micro_batches, (0, 0), programs)
 
 
+def step_grid(schedule: Schedule, *, compute_only: bool = False) -> str:
+    """The schedule as a step x stage grid: each stage runs its next action as soon as it can (unit steps).
+
+    Raises:
+        ScheduleError: when the schedule deadlocks (the grid is in the message).
+    """
+    columns, stuck_at = _lockstep(schedule.programs)
+    if any(pc < len(p) for pc, p in zip(stuck_at, schedule.programs)):
+        raise ScheduleError(_deadlock_message(schedule, stuck_at))
+    if compute_only:
+        columns = [[cell if cell[:1] in "FB" else "" for cell in col] for col in columns]
+    keep = [i for i in range(len(columns[0])) if any(col[i] not in ("", ".") for col in columns)]
+    return format_grid([[col[i] for i in keep] for col in columns], tail_rows=len(keep))
+
+
 def deadlocks(programs: tuple[tuple[Action, ...], ...]) -> bool:
     """True if the programs get stuck under rendezvous semantics (no static checks, no message)."""
     return _rendezvous(programs) is not None
@@ -326,7 +341,8 @@ def _lockstep(programs: tuple[tuple[Action, ...], ...]) -> tuple[list[list[str]]
                 ch, k = index[stage][pc]
                 ok = True
                 if action.kind in SEND_KINDS:
-                    posted[ch] = max(posted[ch], k + 1)
+                    if posted[ch] <= k:  # posting a send is progress even when the sender must wait
+                        posted[ch], progressed = k + 1, True
                     ok = action.asynchronous or received[ch] > k
                 elif action.kind in RECV_KINDS:
                     ok = posted[ch] > k

@@ -9,7 +9,8 @@ from envpipe_agent.dvfs import get_model
 
 from envpipe.clock_types import assign_clocks
 from envpipe.errors import SimulationError
-from envpipe.ir import schedule_from_text
+from envpipe.ir import ActionKind, Schedule, schedule_from_text
+from envpipe.render import timeline_text
 from envpipe.schedules import get_schedule
 from envpipe.sim import CostModel, SimResult, simulate
 from envpipe.sim.energy import unit_cost
@@ -152,3 +153,56 @@ def test_s8_m64_simulates_in_under_200_ms() -> None:
     result = simulate(schedule, costs, clocks)
     assert time.process_time() - started < 0.2
     assert len(result.timeline) == 8 * 64 * 2
+
+
+def test_timeline_text_marks_low_clocks_in_lower_case() -> None:
+    costs = _costs(2, p2p_latency_ms=0.0, clock_switch_ms=0.0)
+    schedule = get_schedule("1f1b", 2, 1)
+    result = simulate(schedule, costs, {0: {"F0": 1980, "B0": 1350}, 1: {"F0": 1980, "B0": 1980}})
+    rows = timeline_text(result, resolution_ms=5.0).splitlines()
+    assert rows[0].startswith("s0: FF....") and "b" in rows[0] and "B" not in rows[0]
+    assert rows[1] == "s1: ..FFBBBB" + "." * (len(rows[1]) - 12)
+
+
+def _dataflow_makespan(schedule: Schedule, costs: CostModel, clocks: dict[int, dict[str, int]]) -> float:
+    """Longest path of the unit DAG: stage order plus F(m,s-1)->F(m,s), B(m,s+1)->B(m,s).
+
+    A blocking receive right before its unit posts when the stage is free, and a rendezvous transfer starts
+    when both sides are there: a received unit starts at max(stage free, producer end) + one transfer.
+    """
+    xfer, end = costs.transfer_ms(0, 1), {}
+    pending = {s: list(schedule.units(s)) for s in range(schedule.stages)}
+    stage_free = [0.0] * schedule.stages
+    while any(pending.values()):
+        for s, units in pending.items():
+            while units:
+                unit = units[0]
+                peer = s - 1 if unit.kind is ActionKind.F else s + 1
+                if 0 <= peer < schedule.stages and (peer, unit.unit) not in end:
+                    break
+                start = stage_free[s]
+                if 0 <= peer < schedule.stages:
+                    start = max(start, end[(peer, unit.unit)]) + xfer
+                stage_free[s] = end[(s, unit.unit)] = start + costs.unit_duration_ms(
+                    s, unit.kind, clocks[s][unit.unit]
+                )
+                units.pop(0)
+    return max(end.values())
+
+
+@pytest.mark.parametrize("r", [(0, 0, 0, 0), (4, 3, 1, 0), (8, 8, 2, 0), (6, 7, 2, 0)])
+@pytest.mark.parametrize("clock_type", ["baseline", "envelope"])
+def test_ours_adds_no_gating_to_the_critical_path(r: tuple[int, ...], clock_type: str) -> None:
+    """ours' makespan is exactly the longest path of its unit DAG: communication never delays a unit."""
+    for fwd, bwd in [((10, 10, 10, 14), (20, 20, 20, 28)), ((16, 10, 8, 10), (40, 20, 16, 20))]:
+        costs = CostModel.build(4, fwd_ms=fwd, bwd_ms=bwd, p2p_latency_ms=0.4, clock_switch_ms=0.0)
+        schedule = get_schedule("ours", 4, 8, r)
+        clocks = assign_clocks(schedule, costs, clock_type)
+        result = simulate(schedule, costs, clocks)
+        assert result.iteration_time_ms == pytest.approx(_dataflow_makespan(schedule, costs, clocks))
+    # DeepSpeed's 1F1B order sends an activation only after the next gradient arrives: it can be later.
+    one_f_one_b = get_schedule("1f1b", 4, 8)
+    clocks = assign_clocks(one_f_one_b, costs, "baseline")
+    assert simulate(one_f_one_b, costs, clocks).iteration_time_ms >= _dataflow_makespan(
+        one_f_one_b, costs, clocks
+    )
