@@ -10,9 +10,9 @@ import pytest
 
 from envpipe.errors import ScheduleError
 from envpipe.ir import Action, ActionKind, Schedule, schedule_from_text
+from envpipe.render import format_grid
 from envpipe.schedules import get_schedule
 from envpipe.schedules.one_f_one_b import step_unit
-from envpipe.render import format_grid
 from envpipe.verify import deadlocks, link_schedule, step_grid, verify
 
 K = ActionKind
