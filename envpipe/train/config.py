@@ -57,7 +57,7 @@ class TrainConfig:
         profile_clocks: how many candidate clocks to profile (evenly spread over the window below).
         profile_min_ratio: lowest candidate clock as a share of the top clock.
         min_window_s: shortest energy window with a real agent (its counter advances every ~100 ms).
-        reconfig_max_rounds: cap on reconfiguration iterations.
+        reconfig_max_rounds: cap on reconfiguration iterations; ``None`` = the policy's own cap.
         slowdown_bound: allowed iteration-time slowdown for the planner (0.01 = 1 %).
         lr: learning rate of the default optimizer (SGD), used when the DeepSpeed config names none.
         seed: seed of the model initialisation and the synthetic data.
@@ -92,7 +92,7 @@ class TrainConfig:
     profile_clocks: int = 4
     profile_min_ratio: float = 0.5
     min_window_s: float = 1.0
-    reconfig_max_rounds: int = 20
+    reconfig_max_rounds: int | None = None
     slowdown_bound: float = 0.01
     lr: float = 0.05
     seed: int = 1234
@@ -215,7 +215,7 @@ def _validate(config: TrainConfig) -> None:
             raise ConfigError(f"{name} = {value!r} is not one of {', '.join(choices)}; pick one of them")
     for name, low in _INT_MIN.items():
         value = getattr(config, name)
-        if value is None and name in ("num_gpus", "num_nodes"):
+        if value is None and name in ("num_gpus", "num_nodes", "reconfig_max_rounds"):
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ConfigError(f"{_flag(name)} must be an integer >= {low}, got {value!r}")

@@ -180,36 +180,43 @@ class PhaseRunner:
         return costs
 
     def reconfigure(self, costs: Any) -> None:
-        """Measure, let rank 0's Reconfigurer update the plan, broadcast it; until stable or the round cap."""
-        rounds_cap = self.config.reconfig_max_rounds
-        if self.config.reconfig == "default" or rounds_cap == 0:
-            self.phases.append({"name": "reconfiguration", "policy": self.config.reconfig, "rounds": 0,
-                                "stable": True, "changes": 0})
+        """Measure, let rank 0's Reconfigurer update the plan, broadcast it; until it returns None (stable,
+        or its round cap reached)."""
+        from envpipe.planner import DEFAULT_MAX_ROUNDS
+
+        policy = self.config.reconfig
+        cap = self.config.reconfig_max_rounds
+        cap = DEFAULT_MAX_ROUNDS.get(policy, 0) if cap is None else cap
+        record: dict[str, Any] = {"name": "reconfiguration", "policy": policy, "max_rounds": cap}
+        if policy == "default" or cap == 0:
+            self.phases.append({**record, "rounds": 0, "changes": 0})
             return
         from envpipe.train.planning import make_reconfigurer
 
         reconfigurer = None
         if self.ctx.is_rank0:
-            reconfigurer = make_reconfigurer(self.schedule, costs, self.config, baseline_ms=self.baseline_span_ms)
-        self._start("reconfiguration", f"reconfiguration ({self.config.reconfig})", rounds_cap)
-        changes, stable, rounds = 0, False, 0
-        for rounds in range(1, rounds_cap + 1):
+            reconfigurer = make_reconfigurer(self.schedule, costs, self.config, max_rounds=cap,
+                                             baseline_ms=self.baseline_span_ms)
+        self._start("reconfiguration", f"reconfiguration ({policy})", cap)
+        changes, rounds = 0, 0
+        # At its cap the Reconfigurer may send one last plan (the top clocks) before None: cap + 2 bounds it.
+        for rounds in range(1, cap + 2):
             loss = float(self.ctx.engine.train_batch(self.ctx.data_iter))
             timeline = self.ctx.engine.gather_timeline()
-            new = reconfigurer.update(self.clocks, timeline) if reconfigurer is not None else None
-            new = _broadcast(new)
+            new = _broadcast(reconfigurer.update(self.clocks, timeline) if reconfigurer is not None else None)
             if self.ctx.is_rank0:
-                emit("advance", phase="reconfiguration", completed=rounds,
+                emit("advance", phase="reconfiguration", completed=min(rounds, cap),
                      info=f"loss {loss:.3f} · {changes + (new is not None)} plan changes")
             if new is None:
-                stable = True
                 break
             changes += 1
             self._set(self.schedule, new)
-        self._done("reconfiguration", f"{'stable' if stable else 'round cap hit'} after {rounds} rounds, "
-                   f"{changes} changes", completed=rounds, total=rounds)
-        self.phases.append({"name": "reconfiguration", "policy": self.config.reconfig, "rounds": rounds,
-                            "stable": stable, "changes": changes})
+        self._done("reconfiguration", f"done after {rounds} rounds, {changes} plan changes",
+                   completed=rounds, total=rounds)
+        if reconfigurer is not None:
+            record.update(target_ms=reconfigurer.target_ms, baseline_ms=reconfigurer.baseline_ms,
+                          bound_reachable=reconfigurer.bound_reachable)
+        self.phases.append({**record, "rounds": rounds, "changes": changes})
 
     def steady(self) -> tuple[Window, list[Any]]:
         """The configured schedule and clocks for ``--steps`` iterations; returns the last iteration's spans."""

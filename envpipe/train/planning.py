@@ -105,20 +105,22 @@ def costs_from_profile(profile: dict[str, Any]) -> Any:
     )
 
 
-def make_reconfigurer(schedule: Any, costs: Any, config: TrainConfig, *, baseline_ms: float | None) -> Any:
+def make_reconfigurer(schedule: Any, costs: Any, config: TrainConfig, *, max_rounds: int,
+                      baseline_ms: float | None) -> Any:
     """The planner's online reconfigurer for the run's policy.
 
     Args:
         schedule: the schedule being run.
         costs: the cost model from the run's profile.
-        config: the run's config (policy, slowdown bound, round cap).
+        config: the run's config (policy, slowdown bound).
+        max_rounds: cap on updates.
         baseline_ms: the baseline window's iteration time in the planner's frame (first unit start to last
             unit end, all stages); the bound is checked against it.
     """
     from envpipe.planner import Reconfigurer
 
     return Reconfigurer(schedule, costs, config.reconfig, slowdown_bound=config.slowdown_bound,
-                        max_rounds=config.reconfig_max_rounds, baseline_ms=baseline_ms)
+                        max_rounds=max_rounds, baseline_ms=baseline_ms)
 
 
 def plot_timeline(spans: list[dict[str, Any]], path: str, *, title: str) -> None:
