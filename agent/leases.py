@@ -26,6 +26,9 @@ class Lease:
     created_s: float = field(default_factory=time.monotonic)
     heartbeat_s: float = field(default_factory=time.monotonic)
     windows: dict[int, tuple[int, float]] = field(default_factory=dict)  # window id -> (energy_mj, t_s)
+    # False when the pid named no live process at claim time: a rank in a container (its own pid namespace)
+    # reports a pid the agent cannot see, and checking it would end its lease at every tick.
+    pid_checked: bool = True
 
     def holder(self) -> dict[str, object]:
         """Who holds it, for refusals and status."""
@@ -97,6 +100,7 @@ class LeaseManager:
         while lease_id in self.by_id:
             lease_id = secrets.randbelow(0xFFFFFFFE) + 1
         lease = Lease(lease_id, gpu_index, gpu_uuid, job_id, rank, pid)
+        lease.pid_checked = self.check_pids and pid_alive(pid)  # else heartbeats alone end it
         self.by_id[lease_id] = lease
         self.by_gpu[gpu_index] = lease
         return lease, True
@@ -120,7 +124,7 @@ class LeaseManager:
         for lease in list(self.by_id.values()):
             if now_s - lease.heartbeat_s > self.timeout_s:
                 reason = f"no heartbeat for {now_s - lease.heartbeat_s:.1f} s"
-            elif self.check_pids and not pid_alive(lease.pid):
+            elif lease.pid_checked and not pid_alive(lease.pid):
                 reason = f"holder pid {lease.pid} is gone"
             else:
                 continue
