@@ -107,6 +107,8 @@ def run_simulation(
         "iteration_time_s": result.iteration_time_s,
         "energy_j": result.energy_j,
         "stage_energy_j": list(result.stage_energy_j),
+        "stage_busy_ms": list(result.stage_busy_ms),
+        "stage_idle_ms": list(result.stage_idle_ms),
         "baseline": {
             "scheduling": "1f1b",
             "type": "baseline",
@@ -211,5 +213,24 @@ def _print(report: dict[str, Any], as_json: bool) -> None:
         f"{report['slowdown'] * 100:+.1f}%",
     )
     console.print(table)
-    console.print(f"r = {report['r']}   f_low (MHz) = {report['f_low_mhz']}", highlight=False)
+    console.print(_stage_table(report))
+    console.print(f"r = {report['r']}", highlight=False)
     console.print(f"model (simulated): {report['model']}", highlight=False)
+
+
+def _stage_table(report: dict[str, Any]) -> Table:
+    """Per stage: busy and idle time, energy, f_low and how many units lie on the critical path."""
+    table = Table(title="per stage (simulated)")
+    for header in ("stage", "busy (ms)", "idle (ms)", "energy (J)", "f_low (MHz)", "critical units"):
+        table.add_column(header, justify="right", no_wrap=True)
+    on_path = [sum(1 for s, _ in report["critical_path"] if s == stage) for stage in range(report["stages"])]
+    for stage in range(report["stages"]):
+        table.add_row(
+            str(stage),
+            f"{report['stage_busy_ms'][stage]:.1f}",
+            f"{report['stage_idle_ms'][stage]:.1f}",
+            f"{report['stage_energy_j'][stage]:.1f}",
+            str(report["f_low_mhz"][stage]),
+            str(on_path[stage]),
+        )
+    return table

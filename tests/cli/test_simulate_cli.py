@@ -37,6 +37,7 @@ def test_table_compares_with_1f1b_at_max_clock() -> None:
     out = result.output
     assert "simulated" in out and "baseline (1f1b, max clock)" in out
     assert "ours / envelope / default" in out and "r = [4, 3, 1, 0]" in out and "central" in out
+    assert "per stage (simulated)" in out and "critical units" in out
 
 
 def test_json_carries_the_contract_fields() -> None:
@@ -121,7 +122,7 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "why"),
     [
-        (["--reconfig", "greedy"], "--reconfig 'greedy' is not available"),
+        (["--reconfig", "turbo"], "--reconfig 'turbo' is not available"),
         (["--model", "central", "--model-params", "a=1,p0=1,g=1,idle=0"], "give only one of"),
         (["--type", "turbo"], "unknown clock type"),
         (["--scheduling", "gpipe"], "unknown schedule"),
