@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from envpipe.ir import ClockPlan, Schedule
     from envpipe.sim import CostModel
 
-RECONFIG_CHOICES = ("default",)
+RECONFIG_CHOICES = ("default", "greedy", "balanced", "optimal", "paper", "paper-greedy")  # envpipe.planner.POLICIES
 
 
 def simulate(
@@ -127,12 +127,16 @@ def run_simulation(
 
 
 def reconfigure(policy: str, schedule: Schedule, costs: CostModel, clocks: ClockPlan) -> ClockPlan:
-    """Apply ``--reconfig`` to the clock type's plan (only ``default``, no change, for now)."""
+    """Apply ``--reconfig`` to the clock type's plan: ``default`` keeps it, the others run the planner on it."""
     if policy not in RECONFIG_CHOICES:
         raise ValueError(
             f"--reconfig {policy!r} is not available; choose one of {', '.join(RECONFIG_CHOICES)}"
         )
-    return clocks
+    if policy == "default":
+        return clocks
+    from envpipe.planner import plan_clocks
+
+    return plan_clocks(schedule, costs, policy, start=clocks).clocks
 
 
 def _costs(

@@ -1,0 +1,29 @@
+"""``envpipe simulate --reconfig`` runs the planner's policies."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from envpipe.planner import POLICIES
+from envpipe_cli.main import app
+from envpipe_cli.simulate import RECONFIG_CHOICES
+
+
+def test_simulate_accepts_every_policy_and_meets_the_bound() -> None:
+    assert tuple(POLICIES) == RECONFIG_CHOICES
+    runner = CliRunner()
+    for policy in ("optimal", "balanced"):
+        result = runner.invoke(app, ["simulate", "-S", "4", "-M", "8", "--reconfig", policy, "--json"])
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.output)
+        assert report["simulated"] is True and report["reconfig"] == policy
+        assert report["slowdown"] <= 0.01 + 1e-9
+        assert report["energy_saving"] > 0.05
+
+
+def test_unknown_policy_is_one_line_error() -> None:
+    result = CliRunner().invoke(app, ["simulate", "--reconfig", "fastest"])
+    assert result.exit_code == 1
+    assert "choose one of" in result.output
