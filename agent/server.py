@@ -66,6 +66,15 @@ def _arg(args: dict[str, Any], name: str, kind: type) -> Any:
     return value
 
 
+def _read_or_none(read: Callable[[int], float], index: int) -> float | None:
+    # One GPU whose NVML read fails must not take the whole status (or Prometheus scrape) down with it.
+    try:
+        return round(read(index), 1)
+    except Exception as exc:  # noqa: BLE001 - shown as null, logged
+        log.warning("GPU %d: %s", index, exc)
+        return None
+
+
 class Agent:
     """State and handlers of one agent process (constructed in the main thread, served in one thread)."""
 
@@ -416,11 +425,11 @@ class Agent:
         del info["clocks_mhz"]
         return {
             **info,
-            "clock_mhz": self.backend.read_clock_mhz(index),
+            "clock_mhz": _read_or_none(self.backend.read_clock_mhz, index),
             "target_mhz": stats.target_mhz,
             # Read-only agents apply nothing, so never hold a lock (target_mhz shows what they would set).
             "locked": worker.applied_mhz is not None and not self.backend.read_only,
-            "power_w": round(self.backend.read_power_w(index), 1),
+            "power_w": _read_or_none(self.backend.read_power_w, index),
             "energy_j": energy_mj / 1000.0,
             "holder": lease.holder() if lease else None,
             "lease_age_s": round(time.monotonic() - lease.created_s, 3) if lease else None,

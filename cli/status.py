@@ -53,7 +53,7 @@ def render_status(status: dict[str, Any]) -> Group:
             str(gpu["index"]),
             gpu["uuid"][4:12],
             gpu["name"],
-            f"{gpu['clock_mhz']}/{_fmt(gpu['target_mhz'])}",
+            f"{_fmt(gpu['clock_mhz'])}/{_fmt(gpu['target_mhz'])}",
             "yes" if gpu["locked"] else "no",
             _fmt(gpu["power_w"], ".0f"),
             _fmt(gpu["energy_j"], ".1f"),
