@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import pytest
 from envpipe_agent.dvfs import get_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from envpipe.clock_types import assign_clocks
 from envpipe.errors import SimulationError
@@ -14,6 +18,9 @@ from envpipe.render import timeline_text
 from envpipe.schedules import get_schedule
 from envpipe.sim import CostModel, SimResult, simulate
 from envpipe.sim.energy import unit_cost
+from envpipe.verify import verify
+
+GOLDEN = Path(__file__).parent / "golden"
 
 
 def _costs(stages: int, **kw: object) -> CostModel:
@@ -206,3 +213,42 @@ def test_ours_adds_no_gating_to_the_critical_path(r: tuple[int, ...], clock_type
     assert simulate(one_f_one_b, costs, clocks).iteration_time_ms >= _dataflow_makespan(
         one_f_one_b, costs, clocks
     )
+
+
+def test_golden_timeline() -> None:
+    """A small simulated timeline, unit by unit (regenerate with ENVPIPE_UPDATE_GOLDEN=1 when intended)."""
+    costs = CostModel.build(3, fwd_ms=[10, 10, 14], bwd_ms=[20, 20, 28], p2p_latency_ms=0.1)
+    schedule = get_schedule("ours", 3, 4, (2, 1, 0))
+    result = simulate(schedule, costs, assign_clocks(schedule, costs, "envelope"))
+    rows = ["stage,unit,start_ms,end_ms,clock_mhz"]
+    rows += [f"{u.stage},{u.unit},{u.start_ms:.4f},{u.end_ms:.4f},{u.clock_mhz}" for u in result.timeline]
+    rows.append(
+        f"# iteration_time_ms={result.iteration_time_ms:.4f} energy_j={result.energy_j:.4f} (simulated)"
+    )
+    path = GOLDEN / "sim_ours_S3_M4_r2-1-0_envelope.csv"
+    if os.environ.get("ENVPIPE_UPDATE_GOLDEN"):
+        path.write_text("\n".join(rows) + "\n")
+    assert "\n".join(rows) + "\n" == path.read_text()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    stages=st.integers(2, 5),
+    extra=st.integers(0, 4),
+    data=st.data(),
+)
+def test_random_pipelines_run_without_gating(stages: int, extra: int, data: st.DataObject) -> None:
+    """Any admissible r, any stage times: ours verifies and its makespan is its DAG's longest path."""
+    micro_batches = stages + extra
+    warm = [1]
+    for s in range(stages - 2, -1, -1):  # warm-up counts non-increasing from stage 0 to the last stage
+        warm.insert(0, data.draw(st.integers(max(warm[0], min(micro_batches, stages - s)), micro_batches)))
+    r = tuple(max(0, warm[s] - (stages - s)) for s in range(stages))
+    fwd = data.draw(st.lists(st.floats(1, 30), min_size=stages, max_size=stages))
+    bwd = [f * data.draw(st.floats(1, 3)) for f in fwd]
+    costs = CostModel.build(stages, fwd_ms=fwd, bwd_ms=bwd, p2p_latency_ms=0.2, clock_switch_ms=0.0)
+    schedule = get_schedule("ours", stages, micro_batches, r)
+    verify(schedule)
+    clocks = assign_clocks(schedule, costs, data.draw(st.sampled_from(["baseline", "uniform", "envelope"])))
+    result = simulate(schedule, costs, clocks)
+    assert result.iteration_time_ms == pytest.approx(_dataflow_makespan(schedule, costs, clocks))
