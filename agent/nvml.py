@@ -8,6 +8,7 @@ setter only logs what it would have done and counts it; nothing is ever written 
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -31,7 +32,8 @@ class NvmlBackend:
 
         self._nvml: Any = pynvml
         self.read_only = read_only
-        self.would_set: list[tuple[str, int, int]] = []  # read-only: what would have been applied
+        # Read-only: the latest settings that would have been applied (bounded: a long run makes many).
+        self.would_set: collections.deque[tuple[str, int, int]] = collections.deque(maxlen=10_000)
         self.readback_mismatches = 0
         self._call(
             "initialise NVML (is the NVIDIA driver installed? --backend sim simulates GPUs)", pynvml.nvmlInit
