@@ -34,6 +34,7 @@ class NvmlBackend:
         self.read_only = read_only
         # Read-only: the latest settings that would have been applied (bounded: a long run makes many).
         self.would_set: collections.deque[tuple[str, int, int]] = collections.deque(maxlen=10_000)
+        self.would_count = 0
         self.readback_mismatches = 0
         self._call(
             "initialise NVML (is the NVIDIA driver installed? --backend sim simulates GPUs)", pynvml.nvmlInit
@@ -73,8 +74,7 @@ class NvmlBackend:
 
     def set_locked_clock(self, index: int, clock_mhz: int) -> None:
         if self.read_only:
-            self.would_set.append(("lock", index, clock_mhz))
-            log.info("read-only: would lock GPU %d at %d MHz", index, clock_mhz)
+            self._would("lock", index, clock_mhz, f"lock GPU {index} at {clock_mhz} MHz")
             return
         handle = self._handles[index]
         self._call(
@@ -90,10 +90,19 @@ class NvmlBackend:
             self.readback_mismatches += 1
             log.warning("GPU %d: locked at %d MHz but reads %d MHz", index, clock_mhz, actual_mhz)
 
+    def _would(self, operation: str, index: int, clock_mhz: int, text: str) -> None:
+        self.would_set.append((operation, index, clock_mhz))
+        self.would_count += 1
+        # Every one at debug; at info the first 20 and then every 1000th, so a training run at 1k events/s
+        # does not flood the journal.
+        if self.would_count <= 20 or self.would_count % 1000 == 0:
+            log.info("read-only: would %s (%d settings skipped so far)", text, self.would_count)
+        else:
+            log.debug("read-only: would %s", text)
+
     def reset_clocks(self, index: int) -> None:
         if self.read_only:
-            self.would_set.append(("reset", index, 0))
-            log.info("read-only: would reset the locked clocks of GPU %d", index)
+            self._would("reset", index, 0, f"reset the locked clocks of GPU {index}")
             return
         self._call(
             f"reset the clocks of GPU {index}",
