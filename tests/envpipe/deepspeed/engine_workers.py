@@ -52,14 +52,24 @@ class RecordingAgent:
 
 
 def _train(
-    model_dir: str, schedule: Any, steps: int, *, clocks: Any = None, agent: Any = None, emulate: bool = False
+    model_dir: str,
+    schedule: Any,
+    steps: int,
+    *,
+    clocks: Any = None,
+    agent: Any = None,
+    emulate: bool = False,
+    checkpoint_interval: int = 0,
 ) -> tuple[Any, list[float]]:
     from envpipe.deepspeed import initialize
     from envpipe.models.llama import build_pipeline, load_config
 
     config = load_config(model_dir)
-    module = build_pipeline(config, schedule.stages, model_dir=model_dir)
-    engine = initialize(module, _ds_config(schedule.micro_batches), schedule, clocks, agent, emulate)
+    module = build_pipeline(
+        config, schedule.stages, model_dir=model_dir, activation_checkpoint_interval=checkpoint_interval
+    )
+    ds_config = _ds_config(schedule.micro_batches) | {"pipeline": {"use_reentrant": False}}
+    engine = initialize(module, ds_config, schedule, clocks, agent, emulate)
     data = _data(config.vocab_size)
     losses = [float(engine.train_batch(data)) for _ in range(steps)]
     return engine, losses
@@ -89,9 +99,10 @@ def _reference_loss(model_dir: str, micro_batches: int) -> float:
 
 
 def equivalence(
-    model_dir: str, agent_endpoint: str, micro_batches: int = 4, steps: int = 3
+    model_dir: str, agent_endpoint: str, tied_model_dir: str, micro_batches: int = 4, steps: int = 3
 ) -> dict[str, Any]:
-    """2 stages: 1f1b vs ours (same init) losses/params; pipeline vs unsplit loss; phase events to the agent."""
+    """2 stages: 1f1b vs ours (same init) losses/params; pipeline vs unsplit loss; phase events to the agent;
+    then a tied-embedding model with activation checkpointing (non-reentrant)."""
     from envpipe.deepspeed import setup_distributed
     from envpipe.schedules import get_schedule
 
@@ -126,7 +137,18 @@ def equivalence(
         result["reference_loss"] = _reference_loss(model_dir, micro_batches)
     engine.close()
     agent.client.close()
+    result.update(_tied_with_checkpointing(tied_model_dir, ours))
     return result
+
+
+def _tied_with_checkpointing(model_dir: str, schedule: Any) -> dict[str, Any]:
+    """Embedding tied to the head across the first and last stage, checkpointed layers: loss and tied weight."""
+    engine, losses = _train(model_dir, schedule, 2, checkpoint_interval=1)
+    (tied,) = engine.module.tied_modules.values()  # stage 0 holds it as embedding, the last stage as head
+    out = {"tied_losses": losses, "tied_weight_sum": float(tied.embed_tokens.weight.double().sum())}
+    if engine.is_last_stage():
+        out["tied_reference_loss"] = _reference_loss(model_dir, schedule.micro_batches)
+    return out
 
 
 def killed_rank(

@@ -20,18 +20,29 @@ WORKERS = str(Path(__file__).with_name("engine_workers.py"))
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """llama-tiny saved as a local HF directory (config + safetensors) with a fixed seed."""
+def _save_tiny(path: Path, *, tied: bool) -> str:
     import torch
     from transformers import LlamaForCausalLM
 
     from envpipe.models.llama import load_config
 
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("llama-tiny")
-    LlamaForCausalLM(load_config("llama-tiny")).save_pretrained(path, safe_serialization=True)
+    config = load_config("llama-tiny")
+    config.tie_word_embeddings = tied
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """llama-tiny saved as a local HF directory (config + safetensors) with a fixed seed."""
+    return _save_tiny(tmp_path_factory.mktemp("llama-tiny"), tied=False)
+
+
+@pytest.fixture(scope="module")
+def tied_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The same with the head tied to the embedding (as Llama-3.2-1B)."""
+    return _save_tiny(tmp_path_factory.mktemp("llama-tiny-tied"), tied=True)
 
 
 @pytest.fixture()
@@ -54,11 +65,12 @@ def _failures(results) -> str:
     return "\n".join(f"rank {r.rank} exit {r.returncode}:\n{r.stderr_tail}" for r in results if r.returncode)
 
 
-def test_two_stages_ours_matches_1f1b_and_unsplit_model_and_reaches_agent(model_dir, sim_agent):
+def test_two_stages_ours_matches_1f1b_and_unsplit_model_and_reaches_agent(
+    model_dir, tied_model_dir, sim_agent
+):
     agent, observer = sim_agent
-    results = run_ranks(
-        2, f"{WORKERS}:equivalence", {"model_dir": model_dir, "agent_endpoint": agent.endpoint}, timeout_s=150
-    )
+    kwargs = {"model_dir": model_dir, "agent_endpoint": agent.endpoint, "tied_model_dir": tied_model_dir}
+    results = run_ranks(2, f"{WORKERS}:equivalence", kwargs, timeout_s=150)
     assert all(r.returncode == 0 for r in results), _failures(results)
     values = [r.value for r in results]
     for v in values:
@@ -69,6 +81,10 @@ def test_two_stages_ours_matches_1f1b_and_unsplit_model_and_reaches_agent(model_
         assert v["base_losses"] == values[0]["base_losses"]  # every stage reports the same loss
     last = values[-1]
     assert abs(last["base_losses"][0] - last["reference_loss"]) <= 1e-5 * last["reference_loss"]
+    # tied embedding/head on two stages, checkpointed layers: same loss as unsplit, tied copies stay equal
+    assert abs(last["tied_losses"][0] - last["tied_reference_loss"]) <= 1e-5 * last["tied_reference_loss"]
+    assert values[0]["tied_losses"] == last["tied_losses"]
+    assert values[0]["tied_weight_sum"] == pytest.approx(last["tied_weight_sum"], rel=1e-9)
 
     status = {g["uuid"]: g for g in observer.status()["gpus"]}
     for v in values:

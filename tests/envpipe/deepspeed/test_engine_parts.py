@@ -288,3 +288,26 @@ def test_transport_failures_become_one_clear_error():
     # a bug is not a dead peer: passed through
     with pytest.raises(RuntimeError, match="shape mismatch"), _peer_errors(2, "train_batch"):
         raise RuntimeError("shape mismatch")
+
+
+def test_files_use_the_model_directory_tokenizer_when_it_has_one(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from envpipe.data import batches
+
+    vocab = {"[UNK]": 0, "red": 1, "green": 2, "blue": 3}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]").save_pretrained(tmp_path / "model")
+    (tmp_path / "colours.txt").write_text("red green blue purple " * 4)
+    ids, _ = next(
+        batches(
+            tmp_path / "colours.txt",
+            vocab_size=8,
+            micro_batch_size=1,
+            seq_len=8,
+            model_dir=tmp_path / "model",
+        )
+    )
+    assert ids[0].tolist() == [1, 2, 3, 0, 1, 2, 3, 0]  # word-level ids, not bytes
