@@ -42,10 +42,24 @@ class PipelineDag:
             if clock is None:
                 continue
             opts = self.dag.options[node]
-            exact = [c for c, o in enumerate(opts) if o.clock_mhz == clock]
-            out[node] = exact[0] if exact else min(
+            exact = _clock_index(opts).get(clock)
+            out[node] = exact if exact is not None else min(
                 range(len(opts)), key=lambda c: (abs(opts[c].clock_mhz - clock), -opts[c].clock_mhz))
         return out
+
+
+_INDEX_CACHE: dict[int, tuple[tuple[ClockOption, ...], dict[int, int]]] = {}
+
+
+def _clock_index(options: tuple[ClockOption, ...]) -> dict[int, int]:
+    """Clock -> option index, cached per (shared, cached) option tuple."""
+    hit = _INDEX_CACHE.get(id(options))
+    if hit is None or hit[0] is not options:
+        if len(_INDEX_CACHE) > 8192:
+            _INDEX_CACHE.clear()
+        hit = (options, {o.clock_mhz: c for c, o in enumerate(options)})
+        _INDEX_CACHE[id(options)] = hit
+    return hit[1]
 
 
 def build_dag(schedule: Schedule, costs, *, unit_scale: Mapping[UnitKey, float] | None = None,
@@ -70,10 +84,9 @@ def build_dag(schedule: Schedule, costs, *, unit_scale: Mapping[UnitKey, float] 
         if stage is None:
             options: tuple[ClockOption, ...] = (ClockOption(0, xfer_ms, 0.0),)
         else:
-            options = _unit_options(costs, stage, unit[0], prune)
-            scale = (unit_scale or {}).get((stage, unit), 1.0)
-            if scale != 1.0:
-                options = tuple(ClockOption(o.clock_mhz, o.duration_ms * scale, o.energy_j * scale) for o in options)
+            # Scales are rounded to 0.1% (far below timing noise) so that scaled option sets can be cached.
+            scale = round((unit_scale or {}).get((stage, unit), 1.0), 3)
+            options = _scaled_options(costs, stage, unit[0], prune, scale)
         dag.add_node(key, stage, options)
         for p in preds:
             dag.add_edge(p, key)
@@ -118,6 +131,14 @@ def _skeleton(schedule: Schedule) -> _Skeleton:
             raise ValueError(f"action at {key} waits for a message that is never sent; verify the schedule")
         nodes[key][2].append(("xfer", msg))
     return _topological(schedule, nodes)
+
+
+@lru_cache(maxsize=4096)
+def _scaled_options(costs, stage: int, kind: str, prune: bool, scale: float) -> tuple[ClockOption, ...]:
+    options = _unit_options(costs, stage, kind, prune)
+    if scale == 1.0:
+        return options
+    return tuple(ClockOption(o.clock_mhz, o.duration_ms * scale, o.energy_j * scale) for o in options)
 
 
 @lru_cache(maxsize=64)

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class ClockOption:
-    """One way to run a node: at ``clock_mhz`` it takes ``duration_ms`` and uses ``energy_j`` (active)."""
+class ClockOption(NamedTuple):
+    """One way to run a node: at ``clock_mhz`` it takes ``duration_ms`` and uses ``energy_j`` (active).
+
+    A NamedTuple rather than a dataclass: the online planner builds tens of thousands of them per round.
+    """
 
     clock_mhz: int
     duration_ms: float
@@ -57,8 +60,7 @@ class ClockDag:
         self._index[key] = len(self.keys)
         self.keys.append(key)
         self.stages.append(stage)
-        options = tuple(options)
-        if any(a.clock_mhz < b.clock_mhz for a, b in zip(options, options[1:])):
+        if not isinstance(options, tuple):  # the builder passes sorted tuples; sort anything else
             options = tuple(sorted(options, key=lambda o: -o.clock_mhz))
         self.options.append(options)
         self.preds.append([])
