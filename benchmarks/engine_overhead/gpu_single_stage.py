@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--bf16", action="store_true", help="DeepSpeed bf16 (BF16_Optimizer) instead of fp32")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
@@ -89,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         "steps_per_print": 10**9,
         "optimizer": {"type": "SGD", "params": {"lr": 0.01}},
     }
+    if args.bf16:
+        ds["bf16"] = {"enabled": True}
 
     def data():
         return batches(
@@ -139,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "deepspeed": deepspeed.__version__,
         "model": args.model,
+        "bf16": args.bf16,
         "micro_batches": m,
         "micro_batch_size": args.micro_batch_size,
         "seq_len": args.seq_len,

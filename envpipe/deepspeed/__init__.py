@@ -143,6 +143,8 @@ def initialize(
 
         top_mhz = top_mhz or 1980
         stretcher = DvfsStretcher(dvfs_model, max_clock_mhz=top_mhz)
+        if engine.device.type == "cuda":
+            stretcher.calibrate_gpu()
     engine.attach(agent, max_clock_mhz=top_mhz, stretcher=stretcher)
     engine.set_clocks(clocks)
     engine.agent, engine.gpu = agent, gpu

@@ -3,7 +3,8 @@
 With the sim agent nothing really slows down at a lower clock, so reconfiguration would see flat timings
 and learn nothing. Here a unit planned at clock f takes ``time_ratio(f / f_max)`` times its real duration:
 on CPU the extra is slept after the unit; on GPU a ``torch.cuda._sleep`` spin is queued after the unit's
-kernels, sized from the unit's duration in the latest measured timeline (the device is not waited on).
+kernels, sized from the unit's duration in the latest timeline read with ``last_timeline()`` (the device
+is not waited on; the spin rate is measured once, at setup).
 The curve is an ``envpipe_agent.dvfs`` model, the same one the sim agent integrates energy with.
 """
 
@@ -60,13 +61,22 @@ class DvfsStretcher:
         for span in spans:
             self._last_ms[span.unit] = (span.end_ms - span.start_ms) / self.ratio(span.clock_mhz)
 
+    def calibrate_gpu(self) -> float:
+        """Measure the spin rate now (``initialize`` calls this at setup, so no unit pays for it)."""
+        return self._device_cycles_per_ms()
+
     def _device_cycles_per_ms(self) -> float:
+        """Spin cycles per ms on this device, measured once (CUDA events around a known spin)."""
         if self._cycles_per_ms is None:
             import torch
 
-            props = torch.cuda.get_device_properties(torch.cuda.current_device())
-            clock_khz = (
-                getattr(props, "clock_rate", 0) or 1_500_000
-            )  # kHz; fall back to a typical boost clock
-            self._cycles_per_ms = float(clock_khz)  # kHz = cycles per ms
+            # The nominal clock is not the clock the SM runs the spin at (boost, power caps): time a spin
+            # once instead of trusting device properties.
+            cycles = 20_000_000
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.cuda._sleep(cycles)
+            end.record()
+            end.synchronize()
+            self._cycles_per_ms = cycles / max(start.elapsed_time(end), 1e-3)
         return self._cycles_per_ms
