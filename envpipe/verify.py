@@ -38,12 +38,16 @@ class VerifyReport:
     max_in_flight: tuple[int, ...]
 
 
-def verify(schedule: Schedule, max_outstanding_sends: int | None = None) -> VerifyReport:
+def verify(
+    schedule: Schedule, max_outstanding_sends: int | None = None, *, buffered_sends: bool = False
+) -> VerifyReport:
     """Check a schedule; raise :class:`ScheduleError` (with the step x stage grid) on the first problem.
 
     Args:
         schedule: the schedule to check.
         max_outstanding_sends: if given, the most async sends a stage may have posted and not yet waited.
+        buffered_sends: model unlimited transport buffering (every send completes at once) instead of
+            rendezvous. Only for diagnosis: a schedule must pass with the default to be safe everywhere.
 
     Returns:
         The per-stage buffer needs of the schedule.
@@ -55,9 +59,9 @@ def verify(schedule: Schedule, max_outstanding_sends: int | None = None) -> Veri
     for stage in range(schedule.stages - 1):
         _check_pairing(schedule, stage)
     report = _buffer_report(schedule, max_outstanding_sends)
-    stuck = _rendezvous(schedule.programs)
+    stuck = _rendezvous(schedule.programs, buffered_sends)
     if stuck is not None:
-        raise ScheduleError(_deadlock_message(schedule, stuck))
+        raise ScheduleError(_deadlock_message(schedule, buffered_sends))
     return report
 
 
@@ -229,7 +233,7 @@ def channel_index(programs: tuple[tuple[Action, ...], ...]) -> list[list[tuple[t
     return result
 
 
-def _rendezvous(programs: tuple[tuple[Action, ...], ...]) -> list[int] | None:
+def _rendezvous(programs: tuple[tuple[Action, ...], ...], buffered: bool = False) -> list[int] | None:
     """Run the programs under rendezvous semantics; None if all finish, else each stage's stuck position."""
     index = channel_index(programs)
     posted: dict[tuple[int, int], int] = defaultdict(int)
@@ -247,14 +251,14 @@ def _rendezvous(programs: tuple[tuple[Action, ...], ...]) -> list[int] | None:
                 if posted[ch] <= k:
                     posted[ch] = k + 1
                     work.append(ch[1])
-                if not action.asynchronous and received[ch] <= k:
+                if not (action.asynchronous or buffered) and received[ch] <= k:
                     break
             elif kind in RECV_KINDS:
                 if posted[ch] <= k:
                     break
                 received[ch] = k + 1
                 work.append(ch[0])
-            elif kind is K.W and received[ch] <= k:
+            elif kind is K.W and not buffered and received[ch] <= k:
                 break
             pc += 1
         pcs[stage] = pc
@@ -285,16 +289,16 @@ def step_grid(schedule: Schedule, *, compute_only: bool = False) -> str:
     """
     columns, stuck_at = _lockstep(schedule.programs)
     if any(pc < len(p) for pc, p in zip(stuck_at, schedule.programs)):
-        raise ScheduleError(_deadlock_message(schedule, stuck_at))
+        raise ScheduleError(_deadlock_message(schedule))
     if compute_only:
         columns = [[cell if cell[:1] in "FB" else "" for cell in col] for col in columns]
     keep = [i for i in range(len(columns[0])) if any(col[i] not in ("", ".") for col in columns)]
     return format_grid([[col[i] for i in keep] for col in columns], tail_rows=len(keep))
 
 
-def deadlocks(programs: tuple[tuple[Action, ...], ...]) -> bool:
+def deadlocks(programs: tuple[tuple[Action, ...], ...], *, buffered_sends: bool = False) -> bool:
     """True if the programs get stuck under rendezvous semantics (no static checks, no message)."""
-    return _rendezvous(programs) is not None
+    return _rendezvous(programs, buffered_sends) is not None
 
 
 # ------------------------------------------------------------------------------------------------- messages
@@ -308,9 +312,9 @@ def _program_grid(schedule: Schedule, marks: dict[int, int]) -> str:
     return format_grid(columns, error_row=error_row, row_label="pos")
 
 
-def _deadlock_message(schedule: Schedule, stuck: list[int]) -> str:
+def _deadlock_message(schedule: Schedule, buffered: bool = False) -> str:
     """Replay in lockstep (one action per stage per step) to draw the step x stage grid of the deadlock."""
-    columns, stuck_at = _lockstep(schedule.programs)
+    columns, stuck_at = _lockstep(schedule.programs, buffered)
     reasons = []
     for stage, pc in enumerate(stuck_at):
         if pc < len(schedule.programs[stage]):
@@ -320,12 +324,14 @@ def _deadlock_message(schedule: Schedule, stuck: list[int]) -> str:
             reasons.append(f"stage {stage} blocked at {action} (on stage {peer})")
     return (
         f"{schedule.name} S={schedule.stages} M={schedule.micro_batches} r={list(schedule.r)} deadlocks "
-        f"under rendezvous sends: {'; '.join(reasons)}\n"
+        f"under {'buffered' if buffered else 'rendezvous'} sends: {'; '.join(reasons)}\n"
         + format_grid(columns, error_row=len(columns[0]) - 1, row_label="step")
     )
 
 
-def _lockstep(programs: tuple[tuple[Action, ...], ...]) -> tuple[list[list[str]], list[int]]:
+def _lockstep(
+    programs: tuple[tuple[Action, ...], ...], buffered: bool = False
+) -> tuple[list[list[str]], list[int]]:
     index = channel_index(programs)
     posted: dict[tuple[int, int], int] = defaultdict(int)
     received: dict[tuple[int, int], int] = defaultdict(int)
@@ -343,13 +349,13 @@ def _lockstep(programs: tuple[tuple[Action, ...], ...]) -> tuple[list[list[str]]
                 if action.kind in SEND_KINDS:
                     if posted[ch] <= k:  # posting a send is progress even when the sender must wait
                         posted[ch], progressed = k + 1, True
-                    ok = action.asynchronous or received[ch] > k
+                    ok = action.asynchronous or buffered or received[ch] > k
                 elif action.kind in RECV_KINDS:
                     ok = posted[ch] > k
                     if ok:
                         received[ch] = k + 1
                 elif action.kind is K.W:
-                    ok = received[ch] > k
+                    ok = buffered or received[ch] > k
                 if ok:
                     pcs[stage], cell, progressed = pc + 1, str(action), True
             columns[stage].append(cell)

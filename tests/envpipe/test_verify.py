@@ -18,16 +18,19 @@ from envpipe.verify import deadlocks, link_schedule, step_grid, verify
 K = ActionKind
 
 
-def artifact_ours(stages: int, micro_batches: int, r: tuple[int, ...]) -> Schedule:
+def artifact_ours(stages: int, micro_batches: int, r: tuple[int, ...], *, kisti: bool = False) -> Schedule:
     """The ATC'23 artifact's ``steps_ours`` order (DeepSpeed 0.7.4 fork), every send blocking.
 
     Forward step: RecvActivation(m), SendGrad(previous step's micro-batch). Backward step: SendActivation of
     the oldest queued forward output, RecvGrad(m). Forward outputs are queued after each ForwardPass.
+    ``kisti``: the KISTI fork's variant (read from its source): the queued activation goes out as an isend
+    that is never waited; modelled as waited at the very end of the program.
     """
     programs = []
     for stage in range(stages):
         program: list[Action] = []
         queue: deque[int] = deque()
+        never_waited: list[int] = []
         prev = -1
         for step in range(2 * (micro_batches + stages - 1 + max(r))):
             mb, forward = step_unit(step, stage, stages, r[stage])
@@ -43,14 +46,19 @@ def artifact_ours(stages: int, micro_batches: int, r: tuple[int, ...]) -> Schedu
                         queue.append(mb)
             else:
                 if queue and stage < stages - 1:
-                    program.append(Action(K.SA, queue.popleft()))
+                    program.append(Action(K.SA, queue[0], asynchronous=kisti))
+                    never_waited.append(queue.popleft())
                 if valid and stage < stages - 1:
                     program.append(Action(K.RG, mb))
                 if valid:
                     program.append(Action(K.B, mb))
             prev = mb
+        if kisti:
+            program += [Action(K.W, mb, waits=K.SA) for mb in never_waited]
         programs.append(tuple(program))
-    return Schedule("artifact-ours", stages, micro_batches, tuple(r), tuple(programs))
+    return Schedule(
+        "kisti-ours" if kisti else "artifact-ours", stages, micro_batches, tuple(r), tuple(programs)
+    )
 
 
 def admissible_r(stages: int, micro_batches: int) -> list[tuple[int, ...]]:
@@ -189,3 +197,25 @@ def test_format_grid_marks_the_error_row_and_keeps_the_tail() -> None:
     assert "(26 earlier rows)" in lines[2]
     assert lines[-1].endswith("<-- ERROR HERE") and lines[-1].split()[0] == "30"
     assert len(lines) == 3 + 5
+
+
+def test_published_orders_fail_where_their_authors_saw_it() -> None:
+    """The artifact relies on transport buffering; the KISTI fork deadlocks for non-monotone r regardless."""
+    artifact = artifact_ours(4, 8, (4, 3, 1, 0))
+    assert deadlocks(artifact.programs) and not deadlocks(artifact.programs, buffered_sends=True)
+    for r in admissible_r(4, 8):
+        kisti = artifact_ours(4, 8, r, kisti=True)
+        # Monotone in effect: r_s <= r_{s-1} wherever stage s is not at the M cap (warm-up w_s = M).
+        warm = [min(8, 4 - s + r[s]) for s in range(4)]
+        monotone = all(warm[s] < warm[s - 1] or warm[s] == 8 for s in range(1, 4))
+        assert deadlocks(kisti.programs) != monotone, r
+        if not monotone:
+            assert deadlocks(kisti.programs, buffered_sends=True), r
+        verify(get_schedule("ours", 4, 8, r))
+        verify(get_schedule("ours", 4, 8, r), buffered_sends=True)
+    # KISTI's never-waited isends also free activations that may still be in flight.
+    with pytest.raises(ScheduleError, match="B0 reuses the output of F0 before its async send is waited"):
+        verify(artifact_ours(3, 6, (0, 1, 0), kisti=True), buffered_sends=True)
+    # Waiting for a gradient before sending the activation it needs deadlocks with any buffering.
+    with pytest.raises(ScheduleError, match="deadlocks under buffered sends"):
+        verify(schedule_from_text("s0: F0 RG0 SA0 B0\ns1: RA0 F0 B0 SG0"), buffered_sends=True)
