@@ -89,3 +89,17 @@ def test_schedule_checks_sizes() -> None:
         Schedule("x", 2, 1, (0, 0), ((Action(K.F, 0),),))
     with pytest.raises(ScheduleError, match="one per stage"):
         Schedule("x", 1, 1, (0, 0), ((Action(K.F, 0),),))
+
+
+def test_schedule_core_imports_nothing_heavy() -> None:
+    """The IR, generators, verifier, simulator and simulate CLI import no torch, deepspeed or matplotlib."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, envpipe.ir, envpipe.schedules, envpipe.verify, envpipe.sim, envpipe.clock_types, "
+        "envpipe.render, envpipe_cli.simulate; "
+        "print(sorted(m for m in ('torch', 'deepspeed', 'matplotlib') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"
