@@ -170,7 +170,7 @@ def compute_r(
         bwd = [_DEFAULT_BWD_OVER_FWD] * stages
         fwd_low = [slow] * stages
     else:
-        top = costs.card.max_clock_mhz
+        top = costs.max_clock_mhz
         bwd = [costs.unit_duration_ms(s, K.B, top) for s in range(stages)]
         fwd_low = [costs.unit_duration_ms(s, K.F, costs.f_low_mhz(s)) for s in range(stages)]
     return r_from_times(micro_batches, bwd, fwd_low, memory_cap)

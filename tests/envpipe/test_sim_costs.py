@@ -9,6 +9,7 @@ import pytest
 from envpipe_agent.dvfs import get_model, model_from_params
 
 from envpipe.errors import ConfigError, SimulationError
+from envpipe.schedules import compute_r, get_schedule
 from envpipe.sim import CostModel, load_profile, profile_from_dict
 
 
@@ -118,3 +119,12 @@ def test_cost_model_input_errors() -> None:
         CostModel.build(1, gpu="tpu")
     with pytest.raises(SimulationError, match="only F and B"):
         CostModel.build(1).unit_duration_ms(0, "RA", 1980)
+
+
+def test_profile_below_the_card_top_clock_drives_r_and_baseline() -> None:
+    data = _profile_dict()
+    data["stages"][0]["points"] = data["stages"][0]["points"][1:]  # top profiled clock 1500 MHz
+    costs = CostModel.build(4, profile=profile_from_dict(data))
+    assert costs.max_clock_mhz == 1500 and costs.fwd_ms == (12, 12, 12, 12)
+    r = compute_r(4, 16, costs)
+    assert r == get_schedule("ours", 4, 16, costs=costs).r and r[0] > 0
