@@ -63,7 +63,7 @@ def _clock_index(options: tuple[ClockOption, ...]) -> dict[int, int]:
 
 
 def build_dag(schedule: Schedule, costs, *, unit_scale: Mapping[UnitKey, float] | None = None,
-              prune: bool = True) -> PipelineDag:
+              prune: bool = True, idle_clock_mhz: int | None = None) -> PipelineDag:
     """The clock-assignment DAG of ``schedule`` under ``costs`` (an ``envpipe.sim.CostModel``).
 
     Args:
@@ -71,12 +71,14 @@ def build_dag(schedule: Schedule, costs, *, unit_scale: Mapping[UnitKey, float] 
         costs: the cost model (durations, power, idle power at the top clock, transfer time).
         unit_scale: optional per-unit factor on duration and energy, e.g. measured / predicted time.
         prune: drop clocks that are slower without saving energy (they can never help).
+        idle_clock_mhz: the clock whose idle power the DAG charges (default: the top clock). The lowest
+            clock gives the least idle power, hence a valid lower bound on the simulator's energy.
 
     Returns:
         The DAG with its unit map.
     """
-    top = costs.max_clock_mhz
-    idle_w = [costs.idle_power_w(s, top) for s in range(schedule.stages)]
+    idle_clock = costs.max_clock_mhz if idle_clock_mhz is None else idle_clock_mhz
+    idle_w = [costs.idle_power_w(s, idle_clock) for s in range(schedule.stages)]
     xfer_ms = costs.transfer_ms(0, 1)
     dag = ClockDag(idle_power_w=list(idle_w))
     skeleton = _skeleton(schedule)
@@ -86,7 +88,7 @@ def build_dag(schedule: Schedule, costs, *, unit_scale: Mapping[UnitKey, float] 
         else:
             # Scales are rounded to 0.1% (far below timing noise) so that scaled option sets can be cached.
             scale = round((unit_scale or {}).get((stage, unit), 1.0), 3)
-            options = _scaled_options(costs, stage, unit[0], prune, scale)
+            options = _scaled_options(costs, stage, unit[0], prune and idle_clock_mhz is None, scale)
         dag.add_node(key, stage, options)
         for p in preds:
             dag.add_edge(p, key)
