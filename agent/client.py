@@ -107,6 +107,7 @@ class AgentClient:
         self.pid = os.getpid()
         self.events_sent = 0
         self.events_dropped = 0
+        self._lease_events = 0  # events sent on the current lease; requests carry it so none is overtaken
         self._context = zmq.Context.instance()
         self._lock = threading.Lock()
         self._event_lock = threading.Lock()
@@ -250,6 +251,8 @@ class AgentClient:
         if self._lease_id and gpu_uuid == self._gpu_uuid:
             args["lease_id"] = self._lease_id  # a repeated claim proves it holds the lease
         result = self.call("claim", args)
+        if int(result["lease_id"]) != self._lease_id:
+            self._lease_events = 0
         self._gpu_uuid, self._lease_id = gpu_uuid, int(result["lease_id"])
         self._wait_event_peer()
         if self._heartbeat is None:
@@ -301,6 +304,8 @@ class AgentClient:
         if self._lost_lease_id:
             args["lease_id"] = self._lost_lease_id
         result = self.call("claim", args)
+        if int(result["lease_id"]) != self._lost_lease_id:
+            self._lease_events = 0  # a new lease: the agent counts its events from zero
         self._lease_id, self._lost_lease_id = int(result["lease_id"]), 0
         self._wait_event_peer()
         self._warned = False  # the next outage warns again
@@ -322,22 +327,25 @@ class AgentClient:
         lease_id, self._lease_id, self._gpu_uuid = self._lease_id, 0, ""
         if lease_id:
             try:
-                self.call("release", {"lease_id": lease_id})
+                self.call("release", {"lease_id": lease_id, "events_sent": self._lease_events})
             except LeaseError:
                 pass  # already expired: the agent reset the GPU itself
         self._stop = threading.Event()
 
     def set_clock(self, clock_mhz: int) -> dict[str, Any]:
         """Ask for a clock through the control socket (for tools); returns ``target_mhz`` and ``snapped``."""
-        return self.call("set_clock", {"lease_id": self._lease_id, "clock_mhz": int(clock_mhz)})
+        args = {"lease_id": self._lease_id, "clock_mhz": int(clock_mhz), "events_sent": self._lease_events}
+        return self.call("set_clock", args)
 
     def window_begin(self) -> int:
         """Mark the start of an energy window on the leased GPU; returns its id."""
-        return int(self.call("window_begin", {"lease_id": self._lease_id})["window_id"])
+        args = {"lease_id": self._lease_id, "events_sent": self._lease_events}
+        return int(self.call("window_begin", args)["window_id"])
 
     def window_end(self, window_id: int) -> EnergyWindow:
         """Close window ``window_id``: energy and wall time since its start."""
-        result = self.call("window_end", {"lease_id": self._lease_id, "window_id": window_id})
+        args = {"lease_id": self._lease_id, "window_id": window_id, "events_sent": self._lease_events}
+        result = self.call("window_end", args)
         return EnergyWindow(float(result["energy_j"]), float(result["duration_s"]), bool(result["simulated"]))
 
     def status(self) -> dict[str, Any]:
@@ -372,6 +380,7 @@ class AgentClient:
                 self._drop()
                 return
         self.events_sent += 1
+        self._lease_events += 1
 
     def _drop(self) -> None:
         self.events_dropped += 1

@@ -26,6 +26,7 @@ class Lease:
     created_s: float = field(default_factory=time.monotonic)
     heartbeat_s: float = field(default_factory=time.monotonic)
     windows: dict[int, tuple[int, float]] = field(default_factory=dict)  # window id -> (energy_mj, t_s)
+    events: int = 0  # phase events accepted for this lease
     # False when the pid named no live process at claim time: a rank in a container (its own pid namespace)
     # reports a pid the agent cannot see, and checking it would end its lease at every tick.
     pid_checked: bool = True

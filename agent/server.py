@@ -42,6 +42,7 @@ log = logging.getLogger("envpipe_agent.server")
 TICK_S = 0.1  # lease expiry and rate bookkeeping period
 MAX_WINDOWS_PER_LEASE = 4096
 MAX_JOB_ID_CHARS = 256
+CATCH_UP_S = 0.1  # longest a request waits for the events its client sent before it
 _EVENT_BATCH = 4096  # events drained per loop turn before control gets a look
 
 
@@ -107,6 +108,7 @@ class Agent:
         )
         self.started_s = time.monotonic()
         self.stopping = False  # set when the process named by exit_with_pid is gone
+        self._events_sock: zmq.Socket | None = None
         self._next_window_id = 1
         self._last_rate_s = self.started_s
         self.handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
@@ -169,6 +171,7 @@ class Agent:
         """Run the event loop until ``stop`` is set; resets every GPU on the way out."""
         context = context or zmq.Context.instance()
         control, events = self.bind(context)
+        self._events_sock = events
         poller = zmq.Poller()
         poller.register(control, zmq.POLLIN)
         poller.register(events, zmq.POLLIN)
@@ -218,6 +221,7 @@ class Agent:
             self.counters["events_no_lease"] += 1
             return
         lease.heartbeat_s = received_ns / 1e9  # an event proves the holder alive, like a heartbeat
+        lease.events += 1
         index = lease.gpu_index
         self.stats[index].events += 1
         self.backend.on_phase(index, kind == EVENT_BEGIN)
@@ -238,7 +242,23 @@ class Agent:
 
     def _reset_gpu(self, index: int) -> None:
         self.stats[index].target_mhz = None
+        self.backend.on_phase(index, False)  # a GPU nobody holds runs no unit (its last "end" may be lost)
         self.workers[index].mailbox.put(RESET, time.monotonic_ns())
+
+    def _catch_up(self, lease: Lease, args: dict[str, Any]) -> None:
+        """Process the lease's events sent before this request (``events_sent``): events and requests
+        travel on two sockets, so a release or window mark could otherwise overtake the last events."""
+        sent = args.get("events_sent")
+        sock = self._events_sock
+        if not isinstance(sent, int) or isinstance(sent, bool) or sock is None:
+            return
+        deadline_s = time.monotonic() + CATCH_UP_S
+        while lease.events < sent:
+            remaining_ms = int(1000 * (deadline_s - time.monotonic()))
+            if remaining_ms <= 0 or not sock.poll(remaining_ms, zmq.POLLIN):
+                log.debug("lease %d: %d of %d events arrived", lease.lease_id, lease.events, sent)
+                return
+            self._drain_events(sock)
 
     # -- control path ----------------------------------------------------------------------------------
     def _drain_control(self, sock: zmq.Socket) -> None:
@@ -353,6 +373,7 @@ class Agent:
 
     def op_release(self, args: dict[str, Any]) -> dict[str, Any]:
         lease = self._lease(args)
+        self._catch_up(lease, args)
         self.leases.release(lease.lease_id)
         self.counters["leases_released"] += 1
         self._reset_gpu(lease.gpu_index)
@@ -361,12 +382,14 @@ class Agent:
 
     def op_set_clock(self, args: dict[str, Any]) -> dict[str, Any]:
         lease = self._lease(args)
+        self._catch_up(lease, args)
         clock_mhz = _arg(args, "clock_mhz", int)
         target = self._queue_clock(lease.gpu_index, clock_mhz, time.monotonic_ns())
         return {"target_mhz": target, "snapped": target != clock_mhz}
 
     def op_window_begin(self, args: dict[str, Any]) -> dict[str, Any]:
         lease = self._lease(args)
+        self._catch_up(lease, args)
         if len(lease.windows) >= MAX_WINDOWS_PER_LEASE:
             raise ProtocolError(
                 ErrorCode.BAD_REQUEST, f"more than {MAX_WINDOWS_PER_LEASE} open windows; end some"
@@ -377,6 +400,7 @@ class Agent:
 
     def op_window_end(self, args: dict[str, Any]) -> dict[str, Any]:
         lease = self._lease(args)
+        self._catch_up(lease, args)
         window_id = _arg(args, "window_id", int)
         start = lease.windows.pop(window_id, None)
         if start is None:

@@ -216,3 +216,20 @@ def test_a_zombie_holder_counts_as_dead() -> None:
         child.kill()
         child.wait()
     assert pid_alive(os.getpid()) and not pid_alive(0)
+
+
+def test_release_and_windows_see_every_event_sent_before_them(sim_agent, client) -> None:
+    # Events and requests travel on two sockets; a request names how many events preceded it, and the
+    # agent processes those first, so none is counted as "no lease" after the release.
+    client.claim(client.hello().gpus[0].uuid)
+    for round_index in range(3):
+        for i in range(500):
+            client.phase(f"F{i}", "begin" if i % 2 == 0 else "end", (1410, 1200)[i % 2])
+        window = client.window_end(client.window_begin())
+        assert window.simulated
+        assert sim_agent.agent.leases.by_gpu[0].events == 500 * (round_index + 1)
+    client.phase("B0", "begin", 990)
+    client.release()
+    assert sim_agent.agent.stats[0].events == 1501
+    assert sim_agent.agent.counters["events_no_lease"] == 0
+    assert sim_agent.backend.read_power_w(0) == 127.0  # released: idle, though its last unit never ended
