@@ -8,7 +8,6 @@ Energy comes from the agent's windows, one per rank (= per stage), gathered on r
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -87,9 +86,11 @@ class PhaseRunner:
 
     def window_iterations(self, requested: int) -> int:
         """Enough iterations for a real agent's energy window (>= min_window_s); the sim agent is exact."""
+        from envpipe.profiling import iterations_per_clock
+
         if self.ctx.agent_simulated or self.iteration_s_estimate <= 0:
             return requested
-        return max(requested, math.ceil(self.config.min_window_s / self.iteration_s_estimate))
+        return iterations_per_clock(requested, self.iteration_s_estimate * 1e3, min_window_s=self.config.min_window_s)
 
     def measure(self, phase: str, iterations: int, *, info: str = "", offset: int = 0, total: int = 0,
                 spans: bool = False) -> Window:

@@ -11,34 +11,17 @@ from typing import Any
 
 from envpipe.train.config import TrainConfig
 
-PROFILE_FORMAT = "envpipe-profile/1"
-
-
 def candidate_clocks(clocks_mhz: Sequence[int], count: int, min_ratio: float) -> list[int]:
-    """``count`` supported clocks spread evenly from the top clock down to ``min_ratio`` of it, descending.
+    """``count`` supported clocks spread from the top clock down to ``min_ratio`` of it, descending."""
+    from envpipe.profiling import candidate_clocks as pick
 
-    Args:
-        clocks_mhz: the GPU's supported SM clocks.
-        count: how many candidates (the top clock is always one).
-        min_ratio: lowest candidate as a share of the top clock.
-    """
-    supported = sorted(set(int(c) for c in clocks_mhz), reverse=True)
-    top = supported[0]
-    window = [c for c in supported if c >= top * min_ratio] or [top]
-    if count <= 1 or len(window) == 1:
-        return [top]
-    picks = []
-    for k in range(count):
-        target = top - (top - window[-1]) * k / (count - 1)
-        picks.append(min(window, key=lambda c: abs(c - target)))
-    return sorted(set(picks), reverse=True)
+    top = max(clocks_mhz)
+    return pick(clocks_mhz, count=count, min_mhz=int(top * min_ratio))
 
 
 def build_profile(points: list[tuple[int, Any]], *, gpu_name: str, clocks_mhz: Sequence[int], idle_power_w: float,
                   micro_batches: int, simulated: bool, source: str) -> dict[str, Any]:
-    """The profile JSON (docs/architecture.md, "Profile JSON") from the profiling windows.
-
-    Each stage also gets ``f_low_mhz``, the argmin of its energy per iteration (the energy valley).
+    """The profile JSON (docs/architecture.md, "Profile JSON") from the profiling windows, f_low per stage.
 
     Args:
         points: ``(clock_mhz, Window)`` per candidate clock (see :class:`envpipe.train.phases.Window`).
@@ -49,23 +32,17 @@ def build_profile(points: list[tuple[int, Any]], *, gpu_name: str, clocks_mhz: S
         simulated: True with the sim agent.
         source: where the energy came from.
     """
-    stages = sorted({stage for _, window in points for stage in window.stage_energy_j})
-    out_stages = []
-    for stage in stages:
-        stage_points = []
-        for clock_mhz, window in points:
-            units = window.stage_unit_ms.get(stage, {})
-            stage_points.append({
-                "clock_mhz": int(clock_mhz), "fwd_ms": units.get("F", 0.0), "bwd_ms": units.get("B", 0.0),
-                "iteration_ms": window.iteration_ms, "energy_j": window.stage_energy_j[stage],
-            })
-        f_low = min(stage_points, key=lambda p: p["energy_j"])["clock_mhz"]
-        out_stages.append({"stage": stage, "f_low_mhz": f_low, "points": stage_points})
-    return {
-        "format": PROFILE_FORMAT, "simulated": simulated, "source": source,
-        "gpu": {"name": gpu_name, "clocks_mhz": sorted((int(c) for c in clocks_mhz), reverse=True)},
-        "idle_power_w": idle_power_w, "micro_batches": micro_batches, "stages": out_stages,
-    }
+    from envpipe.profiling import ClockSample
+    from envpipe.profiling import build_profile as aggregate
+
+    samples = [
+        ClockSample(stage=stage, clock_mhz=int(clock_mhz), fwd_ms=[window.stage_unit_ms[stage]["F"]],
+                    bwd_ms=[window.stage_unit_ms[stage]["B"]], iteration_ms=[window.iteration_ms_median],
+                    energy_j=energy_j * window.iterations, iterations=window.iterations)
+        for clock_mhz, window in points for stage, energy_j in window.stage_energy_j.items()
+    ]
+    return aggregate(samples, gpu_name=gpu_name, supported_mhz=clocks_mhz, idle_power_w=idle_power_w,
+                     micro_batches=micro_batches, simulated=simulated, source=source)
 
 
 def initial_plan(profile: dict[str, Any] | None, config: TrainConfig) -> tuple[Any, Any, dict[int, dict[str, int]]]:
@@ -79,30 +56,11 @@ def initial_plan(profile: dict[str, Any] | None, config: TrainConfig) -> tuple[A
         schedule = get_schedule(config.scheduling, config.stages, config.micro_batches)
         return None, schedule, None
     from envpipe.clock_types import assign_clocks
+    from envpipe.profiling import cost_model_from_profile
 
-    costs = costs_from_profile(profile)
+    costs = cost_model_from_profile(profile)
     schedule = get_schedule(config.scheduling, config.stages, config.micro_batches, costs=costs)
     return costs, schedule, assign_clocks(schedule, costs, config.type)
-
-
-def costs_from_profile(profile: dict[str, Any]) -> Any:
-    """The simulator's CostModel on a run's own profile (measured, or from the sim agent: labelled so).
-
-    The card is described by the profile itself (its clocks and idle power), so any GPU the agent reports
-    works, not only the cards the simulator knows by name.
-    """
-    from envpipe.sim import CostModel, profile_from_dict
-    from envpipe_agent.dvfs import Card
-
-    measured = profile_from_dict(profile, origin="profiling phase")
-    card = Card(str(profile["gpu"]["name"]), tuple(profile["gpu"]["clocks_mhz"]), busy_power_w=0.0,
-                idle_power_w=float(profile["idle_power_w"]), source=measured.describe())
-    top_mhz = measured.clocks_mhz[0]
-    stages = len(profile["stages"])
-    return CostModel(
-        tuple(measured.unit_ms(s, True, top_mhz) for s in range(stages)),
-        tuple(measured.unit_ms(s, False, top_mhz) for s in range(stages)), card, measured,
-    )
 
 
 def make_reconfigurer(schedule: Any, costs: Any, config: TrainConfig, *, max_rounds: int,
