@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.reliability", description=__doc__.split("\n")[0])
     add = parser.add_argument
     add("--scenario", choices=(*SCENARIOS, "all"), required=True)
-    add("--out", help="JSON file that collects every run's figures (appended by scenario)")
+    add("--out", help="JSON file that collects every run's figures (one entry per scenario)")
+    add("--append", action="store_true", help="add to the scenario's earlier runs in --out instead of replacing them")
     add("--seed", type=int, default=0)
     add("--holders", type=int, default=100, help="holders: processes killed in all")
     add("--backend", choices=("nvml", "sim", "both"), default="both", help="holders: fake NVML and/or sim")
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             results = [{"scenario": name, "error": str(exc)}]
         for result in results:
             result["command"] = command
-        collected[name] = results
+        collected[name] = (collected.get(name, []) if args.append else []) + results
         print(json.dumps(results, indent=1, default=str), flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps(collected, indent=1, default=str) + "\n")

@@ -65,13 +65,18 @@ def _summarise(outs: list[dict[str, Any]], before: dict[str, int], status: dict[
     received = status["counters"]["events_received"] - before["events_received"]
     p99s = [g["apply_latency_p99_ms"] for g in status["gpus"] if g["apply_latency_p99_ms"] is not None]
     control_ms = [ms for o in outs for ms in o["control_ms"]]
+    achieved = received / max(min(o["elapsed_s"] for o in outs), 1e-9)
     return {
         "scenario": "load", "backend": "sim", "simulated": True, "ranks": ranks, "events_per_s_per_rank": events_per_s,
         "duration_s": duration_s, "wall_s": round(wall_s, 1),
         "events_attempted": attempted, "events_counted_by_agent": received,
         "event_drop_rate": round((attempted - received) / attempted, 6) if attempted else None,
+        # Events still queued when the ranks exit (their PUSH sockets have LINGER=0, so these are discarded):
+        # at the agent's achieved rate, how late the last of them would have been applied.
+        "backlog_at_end": sent - received,
+        "backlog_delay_s_est": round((sent - received) / max(achieved, 1e-9), 2),
         "dropped_in_client": sum(o["events_dropped"] for o in outs), "lost_in_transit": sent - received,
-        "achieved_events_per_s": round(received / max(min(o["elapsed_s"] for o in outs), 1e-9)),
+        "achieved_events_per_s": round(achieved),
         "control_ok": sum(o["control_ok"] for o in outs), "control_failed": sum(o["control_failed"] for o in outs),
         "control_failures": [f for o in outs for f in o["failures"]][:5],
         "control_round_trip_ms": percentiles(control_ms),

@@ -124,6 +124,8 @@ def run(mode: str = "client", phase_s: float = 4.0, micro_batches: int = 4, unit
     handler = Warnings()
     logger = logging.getLogger("envpipe_agent.client")
     logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # what a training log shows, whatever the caller configured
     with short_dir() as runtime_dir:
         life = _AgentLife(runtime_dir, 1, phase_s, lease_timeout_s)
         client = AgentClient(life.agent.endpoint, job_id="train", rank=0)  # default timeout, as training uses
@@ -138,6 +140,7 @@ def run(mode: str = "client", phase_s: float = 4.0, micro_batches: int = 4, unit
             client.close()
             life.stop()
             logger.removeHandler(handler)
+            logger.setLevel(level)
     result = summarise(steps, handler.messages)
     result.update(scenario="training", mode="client", backend="sim", simulated=True, phase_s=phase_s,
                   unit_ms=unit_ms, micro_batches=micro_batches, clock_target_at_end_mhz=locked_at_end)
