@@ -56,6 +56,7 @@ def _window_summary(window: dict[str, Any], tokens_per_iteration: int) -> dict[s
         "energy_j_per_iteration": float(window["energy_j"]),
         "stage_energy_j": {str(k): float(v) for k, v in window["stage_energy_j"].items()},
         "iterations": int(window["iterations"]),
+        "statistic": window.get("statistic", "window mean"),
         "loss_last": window["losses"][-1] if window.get("losses") else None,
     }
 
@@ -70,7 +71,7 @@ def print_summary(report: dict[str, Any], console: Any) -> None:
     config = report["config"]
     reconfig = f" · reconfig {config['reconfig']}" if config["type"] != "baseline" else ""
     table = Table(title=f"envpipe train: {config['type']} · {report['schedule']['name']}{reconfig}",
-                  caption=f"energy ({label}): {report['energy_source']}")
+                  caption=f"energy ({label}): {report['energy_source']}\nper iteration: {steady['statistic']}")
     table.add_column("")
     table.add_column("baseline", justify="right")
     table.add_column(f"{config['type']}", justify="right")

@@ -70,7 +70,8 @@ def test_candidate_clocks_spread_over_the_window():
 
 
 def _window(energy: dict[int, float], iteration_ms: float, units=None) -> Window:
-    return Window(iterations=2, iteration_ms=iteration_ms, iteration_ms_median=iteration_ms,
+    return Window(iterations=2, kept_iterations=2, statistic="window mean", iteration_ms=iteration_ms,
+                  iteration_ms_mean=iteration_ms, iteration_ms_median=iteration_ms,
                   stage_energy_j=energy, simulated=True, losses=[5.0, 4.0], stage_unit_ms=units or {})
 
 
@@ -94,6 +95,15 @@ def _result() -> dict:
     return {"simulated": True, "energy_source": "sim agent (simulated)", "dp_size": 1, "world_size": 2,
             "baseline": base, "steady": steady, "schedule": {"name": "ours", "r": [1, 0], "text": ""},
             "clocks": {}, "phases": [], "profile": None, "last_iteration": [], "agent": {}, "gpu": {}}
+
+
+def test_statistics_drop_the_slowest_and_fastest_fifth():
+    from envpipe.train.phases import _kept_iterations
+
+    assert _kept_iterations([10.0, 11.0, 90.0, 12.0]) == [0, 1, 2, 3]  # too few to trim
+    times = [10.0, 11.0, 95.0, 12.0, 1.0, 10.5, 11.5, 10.2, 9.9, 10.8]
+    kept = _kept_iterations(times)
+    assert len(kept) == 6 and 2 not in kept and 4 not in kept
 
 
 def test_report_summary_numbers(tmp_path: Path):
