@@ -34,6 +34,7 @@ _PRICE_STEPS = 16  # geometric price levels from the best rate down to ~0.5% of 
 _PRICE_FACTOR = 0.72
 _ROUNDS_PER_PRICE = 4
 _REPRICINGS = 3
+_BOLDNESS = (0.25, 0.5)  # first try shares of slack / k**b, checked against the deadline
 _INF = float("inf")
 
 
@@ -124,24 +125,38 @@ def _price_descent(dag: ClockDag, choice: list[int], deadline_ms: float, rates: 
     price = rates.max_rate()
     for _ in range(_PRICE_STEPS):
         for _round in range(_ROUNDS_PER_PRICE):
-            durations = dag.durations(choice)
-            _, _, slack = slack_ms(dag, durations, deadline_ms, succs)
-            movers = []
-            for u, c in enumerate(choice):
-                move = rates.moves[u][c]
-                movers.append(move is not None and move[1] >= price and move[2] <= slack[u] + _EPS_MS)
-            if not any(movers):
-                break
-            counts = mover_counts(dag, movers, succs)
-            moved = False
-            for u in range(len(choice)):
-                if movers[u]:
-                    new_c, _ = _advance(rates, u, choice[u], slack[u] / counts[u], price)
-                    moved |= new_c != choice[u]
-                    choice[u] = new_c
-            if not moved:
+            if not _descent_round(dag, choice, deadline_ms, rates, succs, price):
                 break
         price *= _PRICE_FACTOR
+
+
+def _descent_round(dag: ClockDag, choice: list[int], deadline_ms: float, rates: _Rates, succs,
+                   price: float) -> bool:
+    """One round of moves worth >= ``price``; True if anything moved.
+
+    The safe share ``slack / k`` is tried first with a bolder share ``slack / sqrt(k)``: long paths
+    with few tight spots make ``k`` far too cautious. The bold round is kept only if the deadline holds.
+    """
+    durations = dag.durations(choice)
+    _, _, slack = slack_ms(dag, durations, deadline_ms, succs)
+    movers = []
+    for u, c in enumerate(choice):
+        move = rates.moves[u][c]
+        movers.append(move is not None and move[1] >= price and move[2] <= slack[u] + _EPS_MS)
+    if not any(movers):
+        return False
+    counts = mover_counts(dag, movers, succs)
+    for boldness in (*_BOLDNESS, 1.0):
+        trial = list(choice)
+        for u in range(len(choice)):
+            if movers[u]:
+                trial[u], _ = _advance(rates, u, choice[u], slack[u] / counts[u] ** boldness, price)
+        if trial == choice:
+            continue
+        if boldness == 1.0 or dag.makespan_ms(dag.durations(trial)) <= deadline_ms * (1 + 1e-12):
+            choice[:] = trial
+            return True
+    return False
 
 
 def _sweep_backward(dag: ClockDag, choice: list[int], deadline_ms: float, rates: _Rates, succs) -> None:

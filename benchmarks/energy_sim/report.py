@@ -1,0 +1,183 @@
+"""Write docs/results.md (tables, goals, honest notes) and one Gantt PNG per case from results.json.
+
+    python benchmarks/energy_sim/report.py [--no-plots]
+
+Every number is simulated (DVFS model named in each table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+
+from run import BOUND, CASES, MODELS, RESULTS, ROUND_POLICIES, SCHEDULINGS, TYPES, costs_for  # noqa: E402
+
+DOC = ROOT / "docs" / "results.md"
+IMG = ROOT / "docs" / "img"
+GUARDED = ("greedy", "balanced", "optimal")
+
+
+def load() -> dict[tuple, dict]:
+    runs = json.loads(RESULTS.read_text())["runs"]
+    return {(r["case"], r["model"], r["scheduling"], r["type"], r["policy"]): r for r in runs}
+
+
+def saving(row: dict) -> float:
+    return 1.0 - row["energy_j"] / row["baseline_energy_j"]
+
+
+def slowdown(row: dict) -> float:
+    return row["iteration_ms"] / row["baseline_ms"] - 1.0
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def grid_table(runs: dict, case: str, model: str) -> list[str]:
+    lines = [f"| schedule | type | reconfig | saving | slowdown | rounds |", "|---|---|---|---:|---:|---:|"]
+    for scheduling in SCHEDULINGS:
+        rows = [(t, p) for t in TYPES for p in ROUND_POLICIES] + [("any", "optimal")]
+        for clock_type, policy in rows:
+            row = runs.get((case, model, scheduling, clock_type, policy))
+            if row is None:
+                continue
+            flag = " (over bound)" if slowdown(row) > BOUND + 1e-9 else ""
+            lines.append(f"| {scheduling} | {clock_type} | {policy} | {pct(saving(row))} | "
+                         f"{100 * slowdown(row):+.2f}%{flag} | {row['rounds']} |")
+    return lines
+
+
+def goals(runs: dict) -> tuple[list[str], list[str]]:
+    """The goal table (one row per case x model) and the list of misses, for the 'ours' schedule."""
+    lines = ["| case | model | LP bound saving | optimal (DAG) | optimal / LP | optimal (sim) | balanced (sim) "
+             "| balanced / optimal | paper (sim) | max guarded slowdown | sanity |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    misses: list[str] = []
+    for model in MODELS:
+        for case in CASES:
+            bounds = runs.get((case, model, "-", "-", "bounds"))
+            if bounds is None:
+                continue
+            b = bounds["ours"]
+            base = bounds["dag_baseline_energy_j"]
+            lp_save = 1 - b["lp_energy_j"] / base
+            opt_dag = 1 - b["optimal_dag_energy_j"] / base
+            ratio = opt_dag / lp_save if lp_save > 0 else 1.0
+            opt = runs.get((case, model, "ours", "any", "optimal"))
+            bal = runs.get((case, model, "ours", "envelope", "balanced"))
+            pap = runs.get((case, model, "ours", "envelope", "paper"))
+            guarded = [r for k, r in runs.items() if k[0] == case and k[1] == model and k[4] in GUARDED]
+            worst = max((slowdown(r) for r in guarded), default=0.0)
+            floor = min(bounds[s]["sanity_floor_energy_j"] for s in SCHEDULINGS)
+            below = [k for k, r in runs.items() if k[0] == case and k[1] == model and "energy_j" in r
+                     and r["energy_j"] < floor - 1e-6]
+            bal_ratio = saving(bal) / saving(opt) if bal and opt and saving(opt) > 0 else float("nan")
+            lines.append(
+                f"| {case} | {model} | {pct(lp_save)} | {pct(opt_dag)} | {100 * ratio:.1f}% | "
+                f"{pct(saving(opt)) if opt else '-'} | {pct(saving(bal)) if bal else '-'} | "
+                f"{100 * bal_ratio:.1f}% | {pct(saving(pap)) if pap else '-'} | {100 * worst:+.2f}% | "
+                f"{'ok' if not below else 'BUG: ' + str(len(below))} |")
+            tag = f"{case} / {model}"
+            if ratio < 0.99:
+                misses.append(f"{tag}: the optimal planner reaches {100 * ratio:.1f}% of the LP bound's saving "
+                              f"(goal 99%).")
+            if bal_ratio < 0.90:
+                misses.append(f"{tag}: balanced reaches {100 * bal_ratio:.1f}% of the optimal planner's saving "
+                              "(goal 90%).")
+            if opt and pap and saving(opt) <= saving(pap) and slowdown(pap) <= BOUND:
+                misses.append(f"{tag}: the paper's algorithm saves as much as the optimal planner within the bound.")
+            if worst > BOUND + 1e-9:
+                misses.append(f"{tag}: a guarded policy ends {100 * worst:+.2f}% slower (bound {100 * BOUND:.0f}%).")
+            if below:
+                misses.append(f"{tag}: {len(below)} run(s) below the unconstrained floor -- a bug.")
+    return lines, misses
+
+
+def plot(case: str) -> str:
+    """Gantt of the ours schedule under the optimal plan (central model); returns the relative path."""
+    from envpipe.planner import plan_clocks
+    from envpipe.render import gantt_png
+    from envpipe.schedules import get_schedule
+
+    spec = CASES[case]
+    costs = costs_for(case, "central")
+    schedule = get_schedule("ours", spec["stages"], spec["micro_batches"], costs=costs)
+    result = plan_clocks(schedule, costs, "optimal", slowdown_bound=BOUND)
+    IMG.mkdir(parents=True, exist_ok=True)
+    path = IMG / f"energy_sim_{case}.png"
+    gantt_png(result.sim, path, title=f"simulated: {case}, ours + optimal, r={list(schedule.r)}, central model")
+    return path.relative_to(DOC.parent).as_posix()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args()
+    runs = load()
+    goal_lines, misses = goals(runs)
+    out = [
+        "# Simulated energy results (benchmarks/energy_sim)",
+        "",
+        "**Every number on this page is simulated** by `envpipe.sim.simulate` with a named DVFS model from "
+        "shared DVFS-MODELS.md (central, conservative, optimistic) on the H100 card model (110 clocks, "
+        "700 W busy, idle 18% of busy at the top clock, 25% lower idle power at the bottom clock, 1 ms "
+        "clock-switch latency, 0.05 ms transfers). None is a measurement.",
+        "",
+        f"Saving and slowdown are against the baseline of the same case and model: 1F1B with every unit at "
+        f"the top clock. Bound: {100 * BOUND:.0f}% slowdown. Reproduce: `python benchmarks/energy_sim/run.py` "
+        "then `python benchmarks/energy_sim/report.py`.",
+        "",
+        "Columns of the goal table (schedule `ours`): *LP bound* = continuous-clock lower bound (LP relaxation "
+        "of the same clock assignment, scipy HiGHS) on the DAG model (the simulator without clock-switch "
+        "latency, idle power at the top clock); *optimal (DAG)* = the optimal planner on that same model; "
+        "*(sim)* = the policy run on the full simulator (balanced and paper start from the envelope clock "
+        "type); *sanity* = no simulated run may use less energy than the unconstrained optimum (no deadline, "
+        "least idle power) -- a run below it would be a bug.",
+        "",
+        *goal_lines,
+        "",
+        "## Where a goal is missed, and why",
+        "",
+    ]
+    out += [f"- {m}" for m in misses] or ["- Every goal is met in every case."]
+    out += ["", _why(), ""]
+    for case in CASES:
+        out += [f"## {case} (simulated, central model)", "", _case_line(case), ""]
+        if not args.no_plots:
+            out += [f"![{case}]({plot(case)})", ""]
+        out += grid_table(runs, case, "central") + [""]
+    out += ["## Other DVFS models (simulated; envelope start)", ""]
+    for model in MODELS[1:]:
+        for case in CASES:
+            lines = grid_table(runs, case, model)
+            if len(lines) > 2:
+                out += [f"### {case}, {model} model", "", *lines, ""]
+    DOC.write_text("\n".join(out) + "\n")
+    print(f"wrote {DOC}")
+
+
+def _case_line(case: str) -> str:
+    spec = CASES[case]
+    return (f"S={spec['stages']}, M={spec['micro_batches']}, forward {spec['fwd_ms']} ms, backward "
+            f"{spec['bwd_ms']} ms per unit at the top clock.")
+
+
+def _why() -> str:
+    return ("Notes. The optimal planner is a pure-Python heuristic (priced starts + marginal-rate descent); on "
+            "balanced pipelines its gap to the LP bound comes from the cool-down backward chains, where the LP "
+            "staggers clocks stage by stage more finely than the slack-sharing rule does. On the simulator it "
+            "also spends a little of the bound on the 1 ms clock-switch latency that the DAG model leaves out, "
+            "which is why round-based `balanced` (measuring every round) can match or beat it there. "
+            "The paper's algorithm has no iteration-time guard: its slowdowns above the bound are its own "
+            "(reference only).")
+
+
+if __name__ == "__main__":
+    main()
