@@ -112,7 +112,9 @@ def _run_with_agent(config: TrainConfig, console: Any) -> dict[str, Any]:
     """Find or start the agent, run the ranks, and return rank 0's result (with the agent described)."""
     device = resolve_device(config)
     world_size = _local_world_size(config, device)
-    with agent_for_run(config.agent, gpus=world_size, console=console, dvfs_model=config.dvfs_model) as agent:
+    multi_node = config.hostfile is not None and (config.num_nodes or 2) > 1
+    with agent_for_run(config.agent, gpus=world_size, console=console, dvfs_model=config.dvfs_model,
+                       multi_node=multi_node) as agent:
         emulate = config.emulate_dvfs if config.emulate_dvfs is not None else agent.simulated
         run_config = dataclasses.replace(config, agent=agent.endpoint, emulate_dvfs=emulate, device=device,
                                          job_id=f"envpipe-{config.mode}-{os.getpid()}-{int(time.time())}")
@@ -152,6 +154,9 @@ def _local_world_size(config: TrainConfig, device: str) -> int:
     gpus = config.num_gpus or visible
     if gpus > visible:
         raise RunError(f"--num-gpus {gpus}: only {visible} GPU(s) visible; lower --num-gpus")
+    if config.hostfile is None and gpus < config.stages:
+        raise RunError(f"--stages {config.stages} needs {config.stages} GPUs on this node, {gpus} available; "
+                       "lower --stages, or give --hostfile for more nodes")
     if config.hostfile is None and gpus % config.stages:
         raise RunError(
             f"{gpus} GPU(s) cannot hold {config.stages} stages evenly; set --num-gpus to a multiple of --stages"
@@ -160,17 +165,21 @@ def _local_world_size(config: TrainConfig, device: str) -> int:
 
 
 @contextlib.contextmanager
-def agent_for_run(endpoint: str | None, *, gpus: int, console: Any,
-                  dvfs_model: str = "central") -> Iterator[AgentForRun]:
+def agent_for_run(endpoint: str | None, *, gpus: int, console: Any, dvfs_model: str = "central",
+                  multi_node: bool = False) -> Iterator[AgentForRun]:
     """The agent at ``endpoint`` (or the default endpoints); none reachable: start the embedded sim agent.
 
-    The embedded agent is stopped when the block exits, also on errors.
+    The embedded agent is stopped when the block exits, also on errors. Ranks on other nodes cannot reach
+    an embedded agent, so a multi-node run needs the node agents running.
     """
     found = probe_agent(endpoint)
     if found is not None:
         console.print(f"agent: {found.description} at {found.endpoint}")
         yield found
         return
+    if multi_node:
+        raise RunError(f"no agent reachable at {endpoint or 'the default endpoints'}: a multi-node run needs "
+                       "envpipe-agent running on every node (see systemd/README.md); start it, or pass --agent")
     from envpipe_agent.embedded import start_agent
 
     where = endpoint or "the default endpoints"

@@ -157,3 +157,18 @@ def test_rank_env_is_what_the_launchers_set():
     env = launch.rank_env(1, 4, 12345, agent="ipc:///tmp/x")
     assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"], env["MASTER_PORT"]) == ("1", "1", "4", "12345")
     assert env["OMP_NUM_THREADS"] == "1" and env["ENVPIPE_AGENT"] == "ipc:///tmp/x"
+
+
+@pytest.mark.slow
+def test_embedded_sim_agent_when_none_answers(tmp_path: Path):
+    console = Console(record=True, width=200)
+    nowhere = f"ipc://{tmp_path}/none.sock"
+    with launch.agent_for_run(nowhere, gpus=2, console=console) as agent:
+        assert agent.embedded and agent.simulated
+        found = launch.probe_agent(agent.endpoint)
+        assert found is not None and found.simulated
+    assert "started an embedded sim agent (2 simulated GPUs)" in console.export_text()
+    assert launch.probe_agent(agent.endpoint, timeout_s=0.3) is None  # stopped with the block
+    with pytest.raises(launch.RunError, match="needs envpipe-agent running on every node"):
+        with launch.agent_for_run(nowhere, gpus=2, console=console, multi_node=True):
+            pass
