@@ -119,6 +119,20 @@ def sync_calls_by_thread(trace: dict[str, Any]) -> dict[int, dict[str, int]]:
     return counts
 
 
+def counter_updates(series: Sequence[tuple[float, float]]) -> dict[str, Any]:
+    """How often an energy counter read ``(time_s, energy_j)`` as fast as possible actually changes.
+
+    Returns the number of reads, the intervals between changes (ms) and the energy of each change (J): a
+    counter that changes every ~100 ms makes any window edge uncertain by up to that long.
+    """
+    changes = [(t, e) for (_, e0), (t, e) in itertools.pairwise(series) if e != e0]
+    intervals_ms = [(t1 - t0) * 1e3 for (t0, _), (t1, _) in itertools.pairwise(changes)]
+    steps_j = [e1 - e0 for (_, e0), (_, e1) in itertools.pairwise(changes)]
+    read_ms = [(t1 - t0) * 1e3 for (t0, _), (t1, _) in itertools.pairwise(series)]
+    return {"reads": len(series), "changes": len(changes), "read_interval_ms": stats(read_ms),
+            "change_interval_ms": stats(intervals_ms), "change_step_j": stats(steps_j)}
+
+
 def stats(values: Iterable[float]) -> dict[str, float]:
     """n, median, p10/p90/p99, min and max (empty input gives n = 0 only)."""
     data = sorted(float(v) for v in values)

@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Any
 
-from analysis import goal, integrate_power_j, relative_error, stats
+from analysis import counter_updates, goal, integrate_power_j, relative_error, stats
 
 _POWER_INSTANT_FIELD = 186  # NVML_FI_DEV_POWER_INSTANT in nvml.h (pynvml may lack the constant)
 
@@ -133,6 +133,24 @@ def measure_window(client: Any, sampler_factory: Any, load: Any, *, load_s: floa
     return out
 
 
+def probe_counter(nvml: Any, handle: Any, load: Any, seconds: float) -> dict[str, Any]:
+    """Read the energy counter back to back while ``load`` runs: how often does it change?"""
+    series: list[tuple[float, float]] = []
+    done = threading.Event()
+
+    def reader() -> None:
+        while not done.is_set():
+            energy_j = nvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1000.0
+            series.append((time.monotonic(), energy_j))
+
+    thread = threading.Thread(target=reader, name="counter-probe", daemon=True)
+    thread.start()
+    load(seconds)
+    done.set()
+    thread.join(5.0)
+    return counter_updates(series)
+
+
 def run_energy_part(endpoint: str, gpu_uuid: str, on_gpu: bool, loads_s: list[float]) -> dict[str, Any]:
     """Claim the GPU at the agent, measure one window per load length, release; goals at 5 %."""
     import pynvml
@@ -147,13 +165,14 @@ def run_energy_part(endpoint: str, gpu_uuid: str, on_gpu: bool, loads_s: list[fl
             client.claim(gpu_uuid)
             windows = [measure_window(client, lambda: PowerSampler(pynvml, handle), load,
                                       load_s=seconds, lead_s=1.5, tail_s=1.5) for seconds in loads_s]
+            counter = probe_counter(pynvml, handle, load, 2.0)
         finally:
             client.close()
     finally:
         pynvml.nvmlShutdown()
     errors = [w.get("error_vs_power_instant", w.get("error_vs_power_avg")) for w in windows]
     worst = max((abs(e) for e in errors if e is not None), default=None)
-    return {"windows": windows, "goal": goal("agent window energy vs integral of power samples", worst, 0.05)}
+    return {"windows": windows, "counter_under_load": counter, "goal": goal("agent window energy vs integral of power samples", worst, 0.05)}
 
 
 def _handle_for(nvml: Any, gpu_uuid: str) -> Any:

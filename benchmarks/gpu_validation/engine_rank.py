@@ -178,13 +178,18 @@ def overhead_phase(env: dict[str, Any], steps: int) -> dict[str, Any]:
             "sync_calls": counter.as_rows()}
 
 
+def _thread_ids(thread: threading.Thread) -> list[int]:
+    return sorted({thread.native_id, thread.ident, thread.ident & 0xFFFFFFFF})
+
+
 def profiler_phase(env: dict[str, Any], steps: int) -> dict[str, Any]:
     """Synchronising CUDA API calls per thread id under torch.profiler, for each engine."""
     from torch.profiler import ProfilerActivity, profile
 
     notifier = getattr(env["envpipe"]._notifier, "_thread", None)
-    out: dict[str, Any] = {"main_tid": threading.get_native_id(),
-                           "notifier_tid": notifier.native_id if notifier is not None else None}
+    # Kineto names a thread by its kernel id or by its pthread id cut to 32 bits: keep every form.
+    out: dict[str, Any] = {"main_tids": _thread_ids(threading.current_thread()),
+                           "notifier_tids": _thread_ids(notifier) if notifier is not None else []}
     for name in ("stock", "envpipe"):
         env["sync"]()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

@@ -246,13 +246,21 @@ def _gpu_events(agent: AgentProcess) -> int:
     return int(agent.status()["gpus"][0]["events"])
 
 
+def _ds_block(d: Driver, name: str, options: dict[str, Any]) -> Path:
+    """A DeepSpeed JSON whose "envpipe" block sets ``options`` and the energy window length."""
+    path = d.tmp / name
+    path.write_text(json.dumps({"envpipe": {"min_window_s": d.args.min_window_s, **options}}))
+    return path
+
+
 def part_train(d: Driver, agent: AgentProcess) -> dict[str, Any]:
     """``envpipe train`` (type baseline, 1f1b, one stage) with the agent; events counted at the agent."""
     report_path = d.out / "train_report.json"
+    ds_path = _ds_block(d, "train-ds.json", {})
     events_before = _gpu_events(agent)
     d.run(["envpipe", "train", "--type", "baseline", "--scheduling", "1f1b", *_shape_flags(d),
-           "--steps", str(d.args.steps), "--agent", agent.endpoint, "--report", str(report_path)],
-          d.args.part_timeout_s, "envpipe train")
+           "--steps", str(d.args.steps), "--agent", agent.endpoint, "--report", str(report_path),
+           "--deepspeed-config", str(ds_path)], d.args.part_timeout_s, "envpipe train")
     time.sleep(0.5)
     received = _gpu_events(agent) - events_before
     report = json.loads(report_path.read_text())
@@ -260,6 +268,9 @@ def part_train(d: Driver, agent: AgentProcess) -> dict[str, Any]:
     iterations = config["warmup_steps"] + summary["baseline"]["iterations"] + summary["steady"]["iterations"]
     expected = 4 * d.args.micro_batches * iterations  # begin + end of F and B per micro-batch
     spans = report["last_iteration"]
+    # Baseline and steady windows run the same schedule and clocks: their difference is measurement error.
+    repeat = relative_error(summary["steady"]["energy_j_per_iteration"],
+                            summary["baseline"]["energy_j_per_iteration"])
     unit_ms = {kind: stats(s["end_ms"] - s["start_ms"] for s in spans if s["unit"].startswith(kind))
                for kind in "FB"}
     return {
@@ -268,14 +279,15 @@ def part_train(d: Driver, agent: AgentProcess) -> dict[str, Any]:
         "steady": summary["steady"], "baseline": summary["baseline"],
         "last_iteration_unit_ms": unit_ms, "last_iteration": spans,
         "events": {"expected": expected, "received_by_agent": received},
+        "min_window_s": config["min_window_s"],
         "goal": goal("phase events received minus expected", received - expected, 0),
+        "goal_repeat": goal("energy/it of two identical windows (steady vs baseline)", repeat, 0.02),
     }
 
 
 def part_profile(d: Driver, agent: AgentProcess, train: dict[str, Any]) -> dict[str, Any]:
     """Profile at the card's own clock, simulate from it, compare with part 3's measurement."""
-    ds_path = d.tmp / "profile-ds.json"
-    ds_path.write_text(json.dumps({"envpipe": {"profile_clocks": 1, "profile_steps": d.args.profile_steps}}))
+    ds_path = _ds_block(d, "profile-ds.json", {"profile_clocks": 1, "profile_steps": d.args.profile_steps})
     profile_path = d.out / "profile.json"
     d.run(["envpipe", "profile", *_shape_flags(d), "--agent", agent.endpoint, "--deepspeed-config",
            str(ds_path), "-o", str(profile_path)], d.args.part_timeout_s, "envpipe profile")
@@ -356,12 +368,19 @@ def summarise_engine(engine: dict[str, Any], records: list[list[Any]]) -> dict[s
     out["profiler"] = prof = engine.get("profiler", {})
     if "envpipe_device_wide" in prof:
         extra = prof["envpipe_device_wide"] - prof["stock_device_wide"]
-        notifier = prof["envpipe"].get(str(prof["notifier_tid"]), {})
-        out["notifier_thread_sync_calls"] = notifier
+        out["sync_calls_by_thread"] = label_threads(prof)
         out["goal_sync"] = goal("device-wide syncs: EnvpipeEngine minus stock (profiler)", extra, 0,
                                 kind="le")
     out["engine_meta"] = {k: v for k, v in engine.items() if k not in ("lag", "overhead", "profiler")}
     return out
+
+
+def label_threads(prof: dict[str, Any]) -> dict[str, dict[str, dict[str, int]]]:
+    """Per engine, synchronising calls per thread named main / notifier / other (tid)."""
+    names = {str(t): "main" for t in prof.get("main_tids", [])}
+    names.update({str(t): "notifier" for t in prof.get("notifier_tids", [])})
+    return {engine: {names.get(tid, f"other ({tid})"): calls for tid, calls in prof[engine].items()}
+            for engine in ("stock", "envpipe")}
 
 
 # -- main --------------------------------------------------------------------------------------------------
@@ -431,9 +450,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--seq-len", type=int, default=None, help="default 1024 (GPU), 64 (CPU)")
     add("--steps", type=int, default=10, help="steady iterations of envpipe train")
     add("--profile-steps", type=int, default=10)
-    add("--overhead-steps", type=int, default=30, help="timed steps of each engine")
+    add("--overhead-steps", type=int, default=40, help="timed steps of each engine")
     add("--lag-iterations", type=int, default=5)
     add("--load-s", type=float, default=5.0, help="matmul load of the long energy window")
+    add("--min-window-s", type=float, default=None, help="envpipe's min_window_s (default 10 GPU, 1 CPU)")
     add("--agent-backend", choices=("auto", "nvml", "sim"), default="auto")
     add("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls in the ranks")
     add("--parts", default="engine", help="'engine' to run part 4, '' to skip it")
@@ -444,6 +464,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.model = args.model or ("llama-1b" if on_gpu else "llama-tiny")
     args.micro_batch_size = args.micro_batch_size or 2
     args.seq_len = args.seq_len or (1024 if on_gpu else 64)
+    # The H100's counter moves every ~100 ms and the agent samples it every 100 ms: a window edge is
+    # uncertain by up to ~0.2 s at full power, so 1 s windows (envpipe's default) err by up to ~20 %.
+    args.min_window_s = args.min_window_s if args.min_window_s is not None else (10.0 if on_gpu else 1.0)
     return args
 
 

@@ -130,7 +130,7 @@ def _engine_result(lease_id=3):
         "lag": {"spans": spans, "calibration_ns": [(10_000_000, 10_005_000)], "events_sent_before": 2,
                 "events_sent_after": 6, "calibration_width_us": {"n": 1}},
         "overhead": {"ratio_envpipe_over_stock": 1.004, "times_ms": {}, "median_ms": {}},
-        "profiler": {"notifier_tid": 9, "stock": {"1": {"cudaDeviceSynchronize": 2}},
+        "profiler": {"main_tids": [1], "notifier_tids": [9, 4242], "stock": {"1": {"cudaDeviceSynchronize": 2}},
                      "envpipe": {"1": {"cudaDeviceSynchronize": 2}, "9": {"cudaEventSynchronize": 16}},
                      "stock_device_wide": 2, "envpipe_device_wide": 2},
     }
@@ -146,7 +146,10 @@ def test_engine_summary_matches_the_lag_stretch_of_this_lease():
     assert summary["events_received_for_lease"] == 6
     assert summary["lag"]["in_order"] and summary["lag"]["lag_ms"]["median"] == pytest.approx(0.1)
     assert summary["goal_events"]["met"] and summary["goal_overhead"]["met"] and summary["goal_sync"]["met"]
-    assert summary["notifier_thread_sync_calls"] == {"cudaEventSynchronize": 16}
+    assert summary["sync_calls_by_thread"] == {
+        "stock": {"main": {"cudaDeviceSynchronize": 2}},
+        "envpipe": {"main": {"cudaDeviceSynchronize": 2}, "notifier": {"cudaEventSynchronize": 16}},
+    }
 
 
 def test_engine_summary_flags_an_extra_device_wide_sync_and_slow_engine():
@@ -163,3 +166,13 @@ def test_goals_table_collects_goal_lines_of_every_part():
                          "4": {"goal_sync": analysis.goal("b", 1, 0, kind="le"), "other": {}}}}
     rows = driver.goals_table(results)
     assert [(r["part"], r["goal"], r["met"]) for r in rows] == [("1", "a", True), ("4", "b", False)]
+
+
+def test_counter_updates_reports_how_often_the_counter_changes():
+    # Read every 10 ms; the counter moves by 50 J every 100 ms.
+    series = [(i * 0.01, 50.0 * (i // 10)) for i in range(51)]
+    result = analysis.counter_updates(series)
+    assert result["reads"] == 51 and result["changes"] == 5
+    assert result["change_interval_ms"]["median"] == pytest.approx(100.0)
+    assert result["change_step_j"]["median"] == pytest.approx(50.0)
+    assert result["read_interval_ms"]["median"] == pytest.approx(10.0)
