@@ -19,7 +19,7 @@ from envpipe_agent import __version__
 from envpipe_agent.backend import GpuBackend
 from envpipe_agent.config import BACKENDS, AgentConfig, resolve_config
 from envpipe_agent.errors import AgentConfigError, AgentError
-from envpipe_agent.runtime import InstanceLock, sd_notify
+from envpipe_agent.runtime import InstanceLock, raise_fd_limit, sd_notify
 
 log = logging.getLogger("envpipe_agent")
 
@@ -53,6 +53,7 @@ def serve(config: AgentConfig) -> int:
     # The GPU workers wait for the GIL whenever the event loop is busy; Python's default 5 ms switch
     # interval would then bound event->apply latency, so hand the GIL over more often (the agent is small).
     sys.setswitchinterval(0.0005)
+    raise_fd_limit()  # each client connection is an fd; libzmq aborts the agent when it runs out
     backend = make_backend(config)
     stop = threading.Event()
     lock = InstanceLock(config.resolved_runtime_dir()) if config.is_local() else None

@@ -10,6 +10,7 @@ import fcntl
 import grp
 import logging
 import os
+import resource
 import socket
 from pathlib import Path
 
@@ -63,6 +64,25 @@ def secure_socket(endpoint: str, gid: int) -> None:
     path = endpoint[len("ipc://") :]
     _set_group(path, gid)
     os.chmod(path, SOCKET_MODE)
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft open-files limit to the hard one; returns the soft limit in force.
+
+    Every client connection is a file descriptor, and libzmq aborts the whole process when accept() on an
+    ipc socket fails with EMFILE (ipc_listener.cpp asserts), skipping the clock reset on the way out. With
+    systemd's default soft limit of 1024, that many connections from any socket-group member killed the
+    agent; the hard limit (524288 under systemd) puts that out of practical reach.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-files limit from %d to %d: %s", soft, target, exc)
+    return soft
 
 
 class InstanceLock:
