@@ -4,6 +4,7 @@ ranks (gloo) and the embedded sim agent, checked through its --report JSON and -
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,73 @@ def test_envelope_ours_balanced_on_two_cpu_ranks(tmp_path: Path, monkeypatch: py
     spans = report["last_iteration"]
     assert {(s["stage"], s["unit"]) for s in spans} == {(s, f"{k}{m}") for s in (0, 1) for k in "FB" for m in range(4)}
     assert plot_path.stat().st_size > 1000
+
+
+def _children_with(pid: int, needle: bytes) -> list[int]:
+    """Direct children of ``pid`` whose command line contains ``needle`` (read from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and needle in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def _rank_of(pid: int) -> str:
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return next((v.split(b"=", 1)[1].decode() for v in environ if v.startswith(b"RANK=")), "?")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_killed_rank_stops_the_job_with_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import os
+    import signal
+    import threading
+
+    from rich.console import Console
+
+    from envpipe.train import launch
+    from envpipe.train.config import resolve
+    from envpipe.train.progress import ProgressDisplay
+
+    monkeypatch.setenv("ENVPIPE_AGENT", f"ipc://{tmp_path}/no-agent.sock")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    training = threading.Event()
+    handle = ProgressDisplay.handle
+
+    def spy(self, event):
+        if event.get("event") == "phase":
+            training.set()
+        handle(self, event)
+
+    monkeypatch.setattr(ProgressDisplay, "handle", spy)
+    killed: list[int] = []
+
+    def kill_rank_1():
+        if training.wait(120):
+            for pid in _children_with(os.getpid(), b"envpipe.train.worker"):
+                if _rank_of(pid) == "1":
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+
+    killer = threading.Thread(target=kill_rank_1, daemon=True)
+    killer.start()
+    config = resolve({"type": "baseline", "scheduling": "1f1b", "stages": 2, "steps": 10**6, "seq_len": 32})
+    with pytest.raises(launch.RunError) as info:
+        launch.train(config, console=Console(file=open(os.devnull, "w")))
+    killer.join(5)
+    assert killed, "rank 1 was never seen running"
+    message = str(info.value)
+    assert "was killed by signal 9" in message or "exited with code" in message
+    kept = Path(message.split("Logs are kept in ", 1)[1].split(" ", 1)[0])
+    assert (kept / "rank1.log").is_file()
+    shutil.rmtree(kept)
+    assert _children_with(os.getpid(), b"envpipe.train.worker") == []  # every rank is gone
+    assert _children_with(os.getpid(), b"envpipe_agent") == []  # and the embedded agent too
