@@ -19,7 +19,7 @@ from rich.console import Console
 
 from benchmarks.reliability.common import machine
 
-SCENARIOS = ("holders", "restart", "fuzz", "authz", "load", "training", "systemd")
+SCENARIOS = ("holders", "restart", "fuzz", "flood", "authz", "load", "training", "systemd")
 
 
 def _holders(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -32,7 +32,7 @@ def _holders(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _run(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
-    from benchmarks.reliability import authz, fuzz, load, restart, systemd_unit, training
+    from benchmarks.reliability import authz, flood, fuzz, load, restart, systemd_unit, training
 
     if name == "holders":
         return _holders(args)
@@ -40,6 +40,8 @@ def _run(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         return [restart.run(rounds=args.rounds, gpus=args.gpus, lease_timeout_s=args.lease_timeout_s)]
     if name == "fuzz":
         return [fuzz.run(frames=args.frames, seed=args.seed)]
+    if name == "flood":
+        return [flood.run(connections=args.connections)]
     if name == "authz":
         return [authz.run(attempts=args.attempts, seed=args.seed)]
     if name == "load":
@@ -66,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--lease-timeout-s", type=float, default=2.0, help="holders/restart: the agent's lease timeout")
     add("--rounds", type=int, default=20, help="restart: SIGKILL rounds and SIGTERM rounds")
     add("--frames", type=int, default=100_000, help="fuzz: hostile frames")
+    add("--connections", type=int, default=2000, help="flood: idle connections opened to the agent")
     add("--attempts", type=int, default=1000, help="authz: forged lease ids")
     add("--ranks", type=int, default=64, help="load: simulated ranks")
     add("--events-per-s", type=float, default=1000.0, help="load: events per second per rank")
