@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         "median_ms": {k: round(v, 3) for k, v in med.items()},
         "iqr_ms": {k: [round(q, 3) for q in statistics.quantiles(v, n=4)[::2]] for k, v in times.items()},
         "ratio_envpipe_over_stock": round(med["envpipe"] / med["stock"], 4),
-        "emulated_fwd_mean_ms_per_iteration (simulated stretch from iteration 2 on)": fwd_ratio,
+        "emulated_fwd_mean_ms_per_iteration (simulated; stretch sized from iteration 2 on)": fwd_ratio,
         "emulated_last_bwd_mean_ms": round(bwd, 3),
         "model_time_ratio_at_1188": round(get_model("central").time_ratio(1188 / 1980), 4),
     }

@@ -3,8 +3,9 @@
 With the sim agent nothing really slows down at a lower clock, so reconfiguration would see flat timings
 and learn nothing. Here a unit planned at clock f takes ``time_ratio(f / f_max)`` times its real duration:
 on CPU the extra is slept after the unit; on GPU a ``torch.cuda._sleep`` spin is queued after the unit's
-kernels, sized from the unit's duration in the latest timeline read with ``last_timeline()`` (the device
-is not waited on; the spin rate is measured once, at setup).
+kernels, sized from the unit's own compute time in the latest timeline read with ``last_timeline()`` (a
+CUDA event separates compute from spin; the device is not waited on). The spin rate is measured at setup
+and then from every timeline, as the GPU's clock under load differs from its idle clock.
 The curve is an ``envpipe_agent.dvfs`` model, the same one the sim agent integrates energy with.
 """
 
@@ -31,6 +32,7 @@ class DvfsStretcher:
         self._ratio_cache: dict[int, float] = {}
         self._last_ms: dict[str, float] = {}
         self._cycles_per_ms: float | None = None
+        self._spin_cycles: dict[str, int] = {}
 
     def ratio(self, clock_mhz: int | None) -> float:
         """Modelled duration at ``clock_mhz`` over the duration at the top clock (1.0 for None)."""
@@ -48,18 +50,30 @@ class DvfsStretcher:
             time.sleep(extra_s)
 
     def stretch_gpu(self, unit: str, clock_mhz: int | None) -> None:
-        """Queue a device spin of the modelled extra, sized from the unit's last measured top-clock time."""
+        """Queue a device spin of the modelled extra, sized from the unit's last measured compute time."""
         import torch
 
         base_ms = self._last_ms.get(unit)
         extra_ms = 0.0 if base_ms is None else base_ms * (self.ratio(clock_mhz) - 1.0)
-        if extra_ms > 0:
-            torch.cuda._sleep(int(extra_ms * self._device_cycles_per_ms()))
+        cycles = int(extra_ms * self._device_cycles_per_ms()) if extra_ms > 0 else 0
+        self._spin_cycles[unit] = cycles
+        if cycles > 0:
+            torch.cuda._sleep(cycles)
 
-    def observe(self, spans: list[Any]) -> None:
-        """Learn each unit's un-stretched duration from a measured timeline (GPU sizing)."""
-        for span in spans:
-            self._last_ms[span.unit] = (span.end_ms - span.start_ms) / self.ratio(span.clock_mhz)
+    def observe_gpu(self, splits: list[tuple[str, float, float]]) -> None:
+        """Learn each unit's own compute time and the spin rate actually achieved, from one iteration.
+
+        The spin runs at whatever clock the GPU is at (idle-low at setup, boosted under load), so its rate
+        is re-measured every time a timeline is read: the stretch converges within an iteration or two.
+        """
+        rates = []
+        for unit, compute_ms, spin_ms in splits:
+            self._last_ms[unit] = compute_ms
+            cycles = self._spin_cycles.get(unit, 0)
+            if cycles > 0 and spin_ms > 0.01:
+                rates.append(cycles / spin_ms)
+        if rates:
+            self._cycles_per_ms = sorted(rates)[len(rates) // 2]
 
     def calibrate_gpu(self) -> float:
         """Measure the spin rate now (``initialize`` calls this at setup, so no unit pays for it)."""

@@ -150,7 +150,7 @@ class EnvpipeEngine(PipelineEngine):
         if self._timeline is None:
             self._timeline = self._timer.spans(self.stage_id)
             if self._stretcher is not None and self._timer.on_device:
-                self._stretcher.observe(self._timeline)
+                self._stretcher.observe_gpu(self._timer.splits_ms())
         return self._timeline
 
     def gather_timeline(self) -> list[Any]:
@@ -170,6 +170,7 @@ class EnvpipeEngine(PipelineEngine):
         stretcher = self._stretcher
         if stretcher is not None:
             if self._timer.on_device:
+                self._timer.mark_compute_end(unit)
                 stretcher.stretch_gpu(unit, clock_mhz)
             else:
                 stretcher.stretch_cpu(self._timer.elapsed_s(unit), clock_mhz)

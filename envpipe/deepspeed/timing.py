@@ -79,7 +79,9 @@ class CudaUnitTimer:
         self.origin_wall_s = 0.0
         self._origin = None
         self._open: dict[str, Any] = {}
+        self._compute_end: dict[str, Any] = {}
         self._spans: list[tuple[str, Any, Any, int | None]] = []
+        self._splits: list[tuple[str, Any, Any, Any]] = []
 
     def _event(self) -> Any:
         import torch
@@ -91,6 +93,7 @@ class CudaUnitTimer:
     def start_iteration(self) -> None:
         """Record the iteration's start event."""
         self._spans = []
+        self._splits = []
         self._open = {}
         self.origin_wall_s = time.time()
         self._origin = self._event()
@@ -100,11 +103,23 @@ class CudaUnitTimer:
         self._open[unit] = self._event()
         return self._open[unit]
 
+    def mark_compute_end(self, unit: str) -> None:
+        """Record where ``unit``'s own kernels end, before an emulated-DVFS spin is queued after them."""
+        self._compute_end[unit] = self._event()
+
     def end(self, unit: str, clock_mhz: int | None) -> Any:
         """Record ``unit``'s end event and return it."""
         event = self._event()
-        self._spans.append((unit, self._open.pop(unit), event, clock_mhz))
+        begin = self._open.pop(unit)
+        self._spans.append((unit, begin, event, clock_mhz))
+        mid = self._compute_end.pop(unit, None)
+        if mid is not None:
+            self._splits.append((unit, begin, mid, event))
         return event
+
+    def splits_ms(self) -> list[tuple[str, float, float]]:
+        """``(unit, compute_ms, spin_ms)`` of units with a compute-end mark (call after :meth:`spans`)."""
+        return [(unit, b.elapsed_time(m), m.elapsed_time(e)) for unit, b, m, e in self._splits]
 
     def spans(self, stage: int) -> list[Any]:
         """This iteration's spans in ms from its start (waits for the last event: call after the iteration)."""

@@ -311,3 +311,13 @@ def test_files_use_the_model_directory_tokenizer_when_it_has_one(tmp_path):
         )
     )
     assert ids[0].tolist() == [1, 2, 3, 0, 1, 2, 3, 0]  # word-level ids, not bytes
+
+
+def test_gpu_stretch_learns_compute_time_and_the_achieved_spin_rate():
+    from envpipe.deepspeed.dvfs_emulation import DvfsStretcher
+
+    stretcher = DvfsStretcher("central", max_clock_mhz=1980)
+    stretcher._spin_cycles = {"F0": 1_000_000, "F1": 3_000_000, "F2": 2_000_000}
+    stretcher.observe_gpu([("F0", 10.0, 0.5), ("F1", 12.0, 1.0), ("F2", 11.0, 1.0), ("B0", 20.0, 0.0)])
+    assert stretcher._last_ms == {"F0": 10.0, "F1": 12.0, "F2": 11.0, "B0": 20.0}  # compute only, no spin
+    assert stretcher._cycles_per_ms == 2_000_000.0  # median of the rates the spins really ran at
