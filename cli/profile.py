@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
 from envpipe_cli._errors import user_errors
 from envpipe_cli.train import (
     AgentOpt,
@@ -49,7 +48,7 @@ def profile(
     hostfile: HostfileOpt = None,
     num_nodes: NumNodesOpt = None,
 ) -> None:
-    """Profile every stage at each candidate clock (1F1B, a few iterations each) and write the profile JSON."""
+    """Profile every stage at each candidate clock (1F1B, a few iterations each); write the profile JSON."""
     flags = collect_flags({k: v for k, v in locals().items() if k != "output"})  # first: only the options
     from rich.console import Console
 

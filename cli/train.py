@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-
 from envpipe_cli._errors import user_errors
 
 
@@ -60,38 +59,70 @@ def _opt(*names: str, help: str, panel: str, **kwargs: Any) -> Any:
 
 
 # Shared by `envpipe train` and `envpipe profile` (cli/profile.py).
-TypeOpt = Annotated[Optional[ClockType], _opt(
-    "--type", help="Clock type: baseline (top clock), uniform or envelope. \\[default: envelope]", panel=_RUN)]
+TypeOpt = Annotated[
+    Optional[ClockType],
+    _opt(
+        "--type",
+        help="Clock type: baseline (top clock), uniform or envelope. \\[default: envelope]",
+        panel=_RUN,
+    ),
+]
 SchedulingOpt = Annotated[Optional[Scheduling], _opt(help="Pipeline schedule. \\[default: ours]", panel=_RUN)]
-ReconfigOpt = Annotated[Optional[Reconfig], _opt(
-    help="Reconfiguration policy after profiling. \\[default: balanced]", panel=_RUN)]
+ReconfigOpt = Annotated[
+    Optional[Reconfig], _opt(help="Reconfiguration policy after profiling. \\[default: balanced]", panel=_RUN)
+]
 StagesOpt = Annotated[Optional[int], _opt(min=1, help="Pipeline stages. \\[default: 2]", panel=_PIPE)]
-MicroBatchesOpt = Annotated[Optional[int], _opt(min=1, help="Micro-batches per iteration. \\[default: 4]",
-                                                panel=_PIPE)]
-MicroBatchSizeOpt = Annotated[Optional[int], _opt(min=1, help="Sequences per micro-batch. \\[default: 2]",
-                                                  panel=_PIPE)]
+MicroBatchesOpt = Annotated[
+    Optional[int], _opt(min=1, help="Micro-batches per iteration. \\[default: 4]", panel=_PIPE)
+]
+MicroBatchSizeOpt = Annotated[
+    Optional[int], _opt(min=1, help="Sequences per micro-batch. \\[default: 2]", panel=_PIPE)
+]
 SeqLenOpt = Annotated[Optional[int], _opt(min=2, help="Tokens per sequence. \\[default: 64]", panel=_PIPE)]
-StepsOpt = Annotated[Optional[int], _opt(
-    min=1, help="Steady-phase iterations (the other phases add theirs). \\[default: 10]", panel=_RUN)]
-ModelOpt = Annotated[Optional[str], _opt(
-    help="Preset (llama-tiny, llama-160m, llama-1b, llama-7b) or a local HF model folder. \\[default: llama-tiny]",
-    panel=_RUN)]
-DataOpt = Annotated[Optional[Path], _opt(
-    help="Training text (.txt or .jsonl); synthetic tokens when omitted.", panel=_RUN)]
-DeepspeedConfigOpt = Annotated[Optional[Path], _opt(
-    "--deepspeed-config", help='DeepSpeed JSON; its "envpipe" block sets defaults (flags win).', panel=_RUN)]
-AgentOpt = Annotated[Optional[str], _opt(
-    help="Agent control endpoint; if none is reachable an embedded sim agent is started.", panel=_RUN)]
-EmulateDvfsOpt = Annotated[Optional[bool], _opt(
-    "--emulate-dvfs/--no-emulate-dvfs",
-    help="Stretch unit times by the clock's modelled slowdown. \\[default: on with the sim agent]", panel=_RUN)]
+StepsOpt = Annotated[
+    Optional[int],
+    _opt(min=1, help="Steady-phase iterations (the other phases add theirs). \\[default: 10]", panel=_RUN),
+]
+ModelOpt = Annotated[
+    Optional[str],
+    _opt(
+        help="Preset (llama-tiny, llama-160m, llama-1b, llama-7b) or a local HF model folder. "
+        "\\[default: llama-tiny]",
+        panel=_RUN,
+    ),
+]
+DataOpt = Annotated[
+    Optional[Path], _opt(help="Training text (.txt or .jsonl); synthetic tokens when omitted.", panel=_RUN)
+]
+DeepspeedConfigOpt = Annotated[
+    Optional[Path],
+    _opt(
+        "--deepspeed-config",
+        help='DeepSpeed JSON; its "envpipe" block sets defaults (flags win).',
+        panel=_RUN,
+    ),
+]
+AgentOpt = Annotated[
+    Optional[str],
+    _opt(help="Agent control endpoint; if none is reachable an embedded sim agent is started.", panel=_RUN),
+]
+EmulateDvfsOpt = Annotated[
+    Optional[bool],
+    _opt(
+        "--emulate-dvfs/--no-emulate-dvfs",
+        help="Stretch unit times by the clock's modelled slowdown. \\[default: on with the sim agent]",
+        panel=_RUN,
+    ),
+]
 DeviceOpt = Annotated[Optional[Device], _opt(help="Where ranks run. \\[default: auto]", panel=_LAUNCH)]
 NumGpusOpt = Annotated[Optional[int], _opt(min=1, help="GPUs per node. \\[default: all]", panel=_LAUNCH)]
 HostfileOpt = Annotated[Optional[Path], _opt(help="DeepSpeed hostfile for multi-node runs.", panel=_LAUNCH)]
 NumNodesOpt = Annotated[Optional[int], _opt(min=1, help="Nodes to use from the hostfile.", panel=_LAUNCH)]
 ReportOpt = Annotated[Optional[Path], _opt(help="Write the summary and the phases as JSON here.", panel=_OUT)]
-PlotOpt = Annotated[Optional[Path], _opt(
-    help="Draw the measured Gantt chart of the last iteration here (.png, .svg or .pdf).", panel=_OUT)]
+PlotOpt = Annotated[
+    Optional[Path],
+    _opt(help="Draw the measured Gantt chart of the last iteration here (.png, .svg or .pdf).", panel=_OUT),
+]
 
 
 def train(
@@ -115,7 +146,7 @@ def train(
     report: ReportOpt = None,
     plot: PlotOpt = None,
 ) -> None:
-    """Train through an EnvPipe pipeline: baseline window, profiling, reconfiguration, steady phase, summary."""
+    """Train through an EnvPipe pipeline: baseline, profiling, reconfiguration, steady phase, summary."""
     flags = collect_flags(locals())  # first statement: locals() is exactly the options here
     from rich.console import Console
 

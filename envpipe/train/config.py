@@ -43,7 +43,8 @@ class TrainConfig:
         deepspeed_config: path of the DeepSpeed JSON it came from, if any.
         ds_config: the DeepSpeed config handed to the engine (the ``envpipe`` block removed, batch keys set).
         agent: agent control endpoint; ``None`` tries the default endpoints, then starts the sim agent.
-        emulate_dvfs: stretch unit wall times by the clock's modelled slowdown; ``None`` = on with the sim agent.
+        emulate_dvfs: stretch unit wall times by the clock's modelled slowdown; ``None`` = on with the sim
+            agent.
         num_gpus: GPUs per node for the DeepSpeed launcher; ``None`` = all visible.
         hostfile: DeepSpeed hostfile for multi-node runs.
         num_nodes: nodes to use from the hostfile.
@@ -63,6 +64,7 @@ class TrainConfig:
         seed: seed of the model initialisation and the synthetic data.
         job_id: names the run's leases at the agent (set by the launcher).
         mode: ``train`` (every phase) or ``profile`` (baseline window and profiling only).
+
     """
 
     type: str = "envelope"
@@ -123,12 +125,26 @@ _FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 # Keys that only the resolver sets; a user must not put them in the "envpipe" block.
 _INTERNAL = {"deepspeed_config", "ds_config", "job_id", "mode"}
 _INT_MIN = {
-    "stages": 1, "micro_batches": 1, "micro_batch_size": 1, "seq_len": 2, "steps": 1, "warmup_steps": 1, "baseline_steps": 1,
-    "profile_steps": 1, "profile_clocks": 1, "reconfig_max_rounds": 0, "num_gpus": 1, "num_nodes": 1,
+    "stages": 1,
+    "micro_batches": 1,
+    "micro_batch_size": 1,
+    "seq_len": 2,
+    "steps": 1,
+    "warmup_steps": 1,
+    "baseline_steps": 1,
+    "profile_steps": 1,
+    "profile_clocks": 1,
+    "reconfig_max_rounds": 0,
+    "num_gpus": 1,
+    "num_nodes": 1,
 }
 _CHOICES = {
-    "type": TYPES, "scheduling": SCHEDULINGS, "reconfig": RECONFIGS, "device": DEVICES,
-    "dvfs_model": DVFS_MODEL_NAMES, "mode": ("train", "profile"),
+    "type": TYPES,
+    "scheduling": SCHEDULINGS,
+    "reconfig": RECONFIGS,
+    "device": DEVICES,
+    "dvfs_model": DVFS_MODEL_NAMES,
+    "mode": ("train", "profile"),
 }
 
 
@@ -144,6 +160,7 @@ def resolve(flags: dict[str, Any], deepspeed_config: str | Path | None = None) -
 
     Raises:
         ConfigError: a bad key, value or file, with how to fix it.
+
     """
     unknown = set(flags) - _FIELDS
     if unknown:
@@ -233,7 +250,9 @@ def _validate(config: TrainConfig) -> None:
 
 def _validate_floats(config: TrainConfig) -> None:
     checks = {
-        "profile_min_ratio": (0.05, 1.0), "min_window_s": (0.0, 3600.0), "slowdown_bound": (0.0, 1.0),
+        "profile_min_ratio": (0.05, 1.0),
+        "min_window_s": (0.0, 3600.0),
+        "slowdown_bound": (0.0, 1.0),
         "lr": (0.0, 10.0),
     }
     for name, (low, high) in checks.items():
@@ -248,7 +267,9 @@ def _validate_paths(config: TrainConfig) -> None:
     if config.data is not None:
         data = Path(config.data)
         if not data.is_file():
-            raise ConfigError(f"--data {data}: no such file; give a .txt or .jsonl file, or omit it for synthetic tokens")
+            raise ConfigError(
+                f"--data {data}: no such file; give a .txt or .jsonl file, or omit it for synthetic tokens"
+            )
         if data.suffix not in (".txt", ".jsonl"):
             raise ConfigError(f"--data {data}: unsupported type {data.suffix!r}; use a .txt or .jsonl file")
     if config.hostfile is not None and not Path(config.hostfile).is_file():
@@ -271,7 +292,9 @@ def _validate_model(model: str) -> None:
     path = Path(model)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ConfigError(f"--model {model}: the folder has no config.json; give a Hugging Face model folder")
+            raise ConfigError(
+                f"--model {model}: the folder has no config.json; give a Hugging Face model folder"
+            )
         return
     presets = set(llama.PRESETS) | set(getattr(llama, "_ALIASES", {}))
     if model not in presets:

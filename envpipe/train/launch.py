@@ -70,6 +70,7 @@ def train(config: TrainConfig, *, console: Any) -> dict[str, Any]:
 
     Raises:
         RunError: a rank failed (the logs are kept and named in the message).
+
     """
     from envpipe.train import report as report_mod
 
@@ -84,7 +85,9 @@ def train(config: TrainConfig, *, console: Any) -> dict[str, Any]:
             report_mod.draw_plot(report, config.plot)
         except Exception as exc:  # noqa: BLE001 - the run is done; say what failed, keep the rest
             kept = f"; the report is complete in {config.report}" if config.report else ""
-            raise RunError(f"could not draw --plot {config.plot} ({type(exc).__name__}: {exc}){kept}") from None
+            raise RunError(
+                f"could not draw --plot {config.plot} ({type(exc).__name__}: {exc}){kept}"
+            ) from None
         console.print(f"Gantt chart of the last iteration drawn to {config.plot}")
     return report
 
@@ -94,6 +97,7 @@ def profile(config: TrainConfig, output: str | Path, *, console: Any) -> dict[st
 
     Returns:
         The profile dict (docs/architecture.md, "Profile JSON").
+
     """
     from envpipe.train.report import write_json
 
@@ -113,18 +117,33 @@ def _run_with_agent(config: TrainConfig, console: Any) -> dict[str, Any]:
     device = resolve_device(config)
     world_size = _local_world_size(config, device)
     multi_node = config.hostfile is not None and (config.num_nodes or 2) > 1
-    with agent_for_run(config.agent, gpus=world_size, console=console, dvfs_model=config.dvfs_model,
-                       multi_node=multi_node) as agent:
+    with agent_for_run(
+        config.agent, gpus=world_size, console=console, dvfs_model=config.dvfs_model, multi_node=multi_node
+    ) as agent:
         emulate = config.emulate_dvfs if config.emulate_dvfs is not None else agent.simulated
-        run_config = dataclasses.replace(config, agent=agent.endpoint, emulate_dvfs=emulate, device=device,
-                                         job_id=f"envpipe-{config.mode}-{os.getpid()}-{int(time.time())}")
-        how = (f"{config.stages} CPU ranks (gloo over loopback)" if device == "cpu"
-               else "the ranks through the DeepSpeed launcher")
-        console.print(f"starting {how}: {config.model}, {config.stages} stages, {config.micro_batches} "
-                      f"micro-batches of {config.micro_batch_size} x {config.seq_len} tokens")
+        run_config = dataclasses.replace(
+            config,
+            agent=agent.endpoint,
+            emulate_dvfs=emulate,
+            device=device,
+            job_id=f"envpipe-{config.mode}-{os.getpid()}-{int(time.time())}",
+        )
+        how = (
+            f"{config.stages} CPU ranks (gloo over loopback)"
+            if device == "cpu"
+            else "the ranks through the DeepSpeed launcher"
+        )
+        console.print(
+            f"starting {how}: {config.model}, {config.stages} stages, {config.micro_batches} "
+            f"micro-batches of {config.micro_batch_size} x {config.seq_len} tokens"
+        )
         result = run_ranks(run_config, console=console)
-    result["agent"] = {"endpoint": agent.endpoint, "simulated": agent.simulated, "embedded": agent.embedded,
-                       "description": agent.description}
+    result["agent"] = {
+        "endpoint": agent.endpoint,
+        "simulated": agent.simulated,
+        "embedded": agent.embedded,
+        "description": agent.description,
+    }
     result["run_config"] = run_config
     return result
 
@@ -155,18 +174,22 @@ def _local_world_size(config: TrainConfig, device: str) -> int:
     if gpus > visible:
         raise RunError(f"--num-gpus {gpus}: only {visible} GPU(s) visible; lower --num-gpus")
     if config.hostfile is None and gpus < config.stages:
-        raise RunError(f"--stages {config.stages} needs {config.stages} GPUs on this node, {gpus} available; "
-                       "lower --stages, or give --hostfile for more nodes")
+        raise RunError(
+            f"--stages {config.stages} needs {config.stages} GPUs on this node, {gpus} available; "
+            "lower --stages, or give --hostfile for more nodes"
+        )
     if config.hostfile is None and gpus % config.stages:
         raise RunError(
-            f"{gpus} GPU(s) cannot hold {config.stages} stages evenly; set --num-gpus to a multiple of --stages"
+            f"{gpus} GPU(s) cannot hold {config.stages} stages evenly; "
+            "set --num-gpus to a multiple of --stages"
         )
     return gpus
 
 
 @contextlib.contextmanager
-def agent_for_run(endpoint: str | None, *, gpus: int, console: Any, dvfs_model: str = "central",
-                  multi_node: bool = False) -> Iterator[AgentForRun]:
+def agent_for_run(
+    endpoint: str | None, *, gpus: int, console: Any, dvfs_model: str = "central", multi_node: bool = False
+) -> Iterator[AgentForRun]:
     """The agent at ``endpoint`` (or the default endpoints); none reachable: start the embedded sim agent.
 
     The embedded agent is stopped when the block exits, also on errors. Ranks on other nodes cannot reach
@@ -178,20 +201,28 @@ def agent_for_run(endpoint: str | None, *, gpus: int, console: Any, dvfs_model: 
         yield found
         return
     if multi_node:
-        raise RunError(f"no agent reachable at {endpoint or 'the default endpoints'}: a multi-node run needs "
-                       "envpipe-agent running on every node (see systemd/README.md); start it, or pass --agent")
+        raise RunError(
+            f"no agent reachable at {endpoint or 'the default endpoints'}: a multi-node run needs "
+            "envpipe-agent running on every node (see systemd/README.md); start it, or pass --agent"
+        )
     from envpipe_agent.embedded import start_agent
 
     where = endpoint or "the default endpoints"
     # Same DVFS curve as the ranks' emulation; warnings only, so its log does not bury the progress display.
-    running = start_agent(backend="sim", gpus=gpus, extra_args=["--model", dvfs_model, "--log-level", "warning"])
+    running = start_agent(
+        backend="sim", gpus=gpus, extra_args=["--model", dvfs_model, "--log-level", "warning"]
+    )
     console.print(
         f"[yellow]no agent reachable at {where}: started an embedded sim agent ({gpus} simulated GPUs) "
         "for this run; energy figures are simulated[/]"
     )
     try:
-        yield AgentForRun(running.endpoint, simulated=True, embedded=True,
-                          description=f"embedded sim agent, {gpus} simulated GPUs, {dvfs_model} DVFS model")
+        yield AgentForRun(
+            running.endpoint,
+            simulated=True,
+            embedded=True,
+            description=f"embedded sim agent, {gpus} simulated GPUs, {dvfs_model} DVFS model",
+        )
     finally:
         running.stop()
 
@@ -209,8 +240,12 @@ def probe_agent(endpoint: str | None, timeout_s: float = 1.0) -> AgentForRun | N
         client.close()
     names = sorted({gpu.name for gpu in info.gpus}) or ["no GPUs"]
     kind = "sim agent (simulated)" if info.simulated else f"{info.backend} agent"
-    return AgentForRun(client.endpoint, simulated=bool(info.simulated), embedded=False,
-                       description=f"{kind} {info.version}, {len(info.gpus)} x {', '.join(names)}")
+    return AgentForRun(
+        client.endpoint,
+        simulated=bool(info.simulated),
+        embedded=False,
+        description=f"{kind} {info.version}, {len(info.gpus)} x {', '.join(names)}",
+    )
 
 
 def run_ranks(config: TrainConfig, *, console: Any) -> dict[str, Any]:
@@ -260,9 +295,15 @@ def rank_env(rank: int, world_size: int, port: int, *, agent: str | None) -> dic
     """The environment of one CPU rank (what torchrun or the DeepSpeed launcher would set)."""
     env = dict(os.environ)
     env.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1",
-        PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        CUDA_VISIBLE_DEVICES="",
     )
     if agent:
         env["ENVPIPE_AGENT"] = agent
@@ -296,8 +337,12 @@ def _spawn_deepspeed(config: TrainConfig, encoded: str, run_dir: Path) -> tuple[
     log_path = run_dir / "launcher.log"
     log = log_path.open("a")  # append: rank 0's stdout reader appends to the same file
     process = subprocess.Popen(
-        deepspeed_command(config, encoded, free_port()), env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        deepspeed_command(config, encoded, free_port()),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     log.close()
     return [_Rank("DeepSpeed launcher", process, log_path)], process.stdout
@@ -390,7 +435,9 @@ def _last_error_line(log_path: Path) -> str:
         return ""
     for line in reversed(lines):
         text = line.strip()
-        if text.startswith("error:") or (":" in text and text.split(":", 1)[0].endswith(("Error", "Exception"))):
+        if text.startswith("error:") or (
+            ":" in text and text.split(":", 1)[0].endswith(("Error", "Exception"))
+        ):
             return text.removeprefix("error:").strip()
     return ""
 

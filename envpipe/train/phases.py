@@ -1,5 +1,6 @@
-"""The phases of a run, executed in lockstep by every rank: baseline window → profiling → reconfiguration
-→ steady phase (type ``baseline`` skips the middle two).
+"""The phases of a run, executed in lockstep by every rank.
+
+Baseline window → profiling → reconfiguration → steady phase (type ``baseline`` skips the middle two).
 
 Every rank runs the same number of iterations in every phase (DeepSpeed's pipeline needs all stages in each
 ``train_batch``); decisions (window lengths, the schedule, clock plans) are made on rank 0 and broadcast.
@@ -66,8 +67,10 @@ class PhaseRunner:
     # -- measurement ------------------------------------------------------------------------------------
 
     def warm_up(self) -> None:
-        """Unmeasured iterations (first-touch allocations, gloo connections, allocator growth), then a time
-        estimate from the last one."""
+        """Run unmeasured iterations, then estimate the iteration time from the last one.
+
+        They take first-touch allocations, gloo connections and allocator growth out of the baseline.
+        """
         for _ in range(self.config.warmup_steps):
             start = time.perf_counter()
             self.ctx.engine.train_batch(self.ctx.data_iter)
@@ -93,11 +96,21 @@ class PhaseRunner:
 
         if self.ctx.agent_simulated or self.iteration_s_estimate <= 0:
             return requested
-        return iterations_per_clock(requested, self.iteration_s_estimate * 1e3, min_window_s=self.config.min_window_s)
+        return iterations_per_clock(
+            requested, self.iteration_s_estimate * 1e3, min_window_s=self.config.min_window_s
+        )
 
-    def measure(self, phase: str, iterations: int, *, info: str = "", offset: int = 0, total: int = 0,
-                spans: bool = False) -> Window:
-        """Run ``iterations`` and measure time and energy; every rank returns the same gathered :class:`Window`.
+    def measure(
+        self,
+        phase: str,
+        iterations: int,
+        *,
+        info: str = "",
+        offset: int = 0,
+        total: int = 0,
+        spans: bool = False,
+    ) -> Window:
+        """Run ``iterations``, measuring time and energy; every rank returns the same :class:`Window`.
 
         With the sim agent every iteration gets its own energy window (exact and cheap), and the statistics
         drop the slowest and fastest fifth of the iterations (same ones on every stage): a CPU rank stalled
@@ -127,22 +140,37 @@ class PhaseRunner:
             if spans:
                 span_ms.append(_span_iteration_ms(ctx.engine.gather_timeline()))
             if ctx.is_rank0 and total:
-                emit("advance", phase=phase, completed=offset + i + 1,
-                     info=f"{info}loss {losses[-1]:.3f} · {times_ms[-1]:.0f} ms/it")
+                emit(
+                    "advance",
+                    phase=phase,
+                    completed=offset + i + 1,
+                    info=f"{info}loss {losses[-1]:.3f} · {times_ms[-1]:.0f} ms/it",
+                )
         dist.barrier()
         if window_id is not None:
             energy = ctx.client.window_end(window_id)
             energies_j, simulated = [energy.energy_j / iterations] * iterations, bool(energy.simulated)
-        gathered = _all_gather((ctx.stage, energies_j, simulated, {k: statistics.median(v) for k, v in units.items() if v},
-                                times_ms))
+        gathered = _all_gather(
+            (
+                ctx.stage,
+                energies_j,
+                simulated,
+                {k: statistics.median(v) for k, v in units.items() if v},
+                times_ms,
+            )
+        )
         kept = _kept_iterations(gathered[0][4]) if per_iteration else list(range(iterations))
         return Window(
-            iterations=iterations, kept_iterations=len(kept),
+            iterations=iterations,
+            kept_iterations=len(kept),
             statistic="trimmed mean (middle 60% of iterations by time)" if per_iteration else "window mean",
             iteration_ms=statistics.fmean(gathered[0][4][i] for i in kept),
-            iteration_ms_mean=statistics.fmean(gathered[0][4]), iteration_ms_median=statistics.median(gathered[0][4]),
+            iteration_ms_mean=statistics.fmean(gathered[0][4]),
+            iteration_ms_median=statistics.median(gathered[0][4]),
             stage_energy_j=_sum_by_stage([(g[0], statistics.fmean(g[1][i] for i in kept)) for g in gathered]),
-            simulated=all(g[2] for g in gathered), losses=losses, stage_unit_ms={g[0]: g[3] for g in gathered},
+            simulated=all(g[2] for g in gathered),
+            losses=losses,
+            stage_unit_ms={g[0]: g[3] for g in gathered},
             span_iteration_ms=statistics.median(span_ms) if span_ms else None,
         )
 
@@ -162,24 +190,40 @@ class PhaseRunner:
         """Every candidate clock on every stage for a few iterations: the energy valley per stage."""
         from envpipe.train.planning import build_profile, candidate_clocks
 
-        candidates = candidate_clocks(self.ctx.clocks_mhz, self.config.profile_clocks, self.config.profile_min_ratio)
+        candidates = candidate_clocks(
+            self.ctx.clocks_mhz, self.config.profile_clocks, self.config.profile_min_ratio
+        )
         n = self.window_iterations(self.config.profile_steps)
         idle_power_w = self.idle_power()
         self._start("profiling", f"profiling ({len(candidates)} clocks)", n * len(candidates))
         points = []
         for k, clock_mhz in enumerate(candidates):
             self._set(self.schedule, top_clock_plan(self.schedule, clock_mhz))
-            window = self.measure("profiling", n, info=f"{clock_mhz} MHz · ", offset=k * n, total=n * len(candidates))
+            window = self.measure(
+                "profiling", n, info=f"{clock_mhz} MHz · ", offset=k * n, total=n * len(candidates)
+            )
             points.append((clock_mhz, window))
         profile = None
         if self.ctx.is_rank0:
-            profile = build_profile(points, gpu_name=self.ctx.gpu_name, clocks_mhz=self.ctx.clocks_mhz,
-                                    idle_power_w=idle_power_w,
-                                    micro_batches=self.config.micro_batches, simulated=self.ctx.agent_simulated, source=self._energy_source())
+            profile = build_profile(
+                points,
+                gpu_name=self.ctx.gpu_name,
+                clocks_mhz=self.ctx.clocks_mhz,
+                idle_power_w=idle_power_w,
+                micro_batches=self.config.micro_batches,
+                simulated=self.ctx.agent_simulated,
+                source=self._energy_source(),
+            )
             lows = ", ".join(f"s{s['stage']}: {s['f_low_mhz']}" for s in profile["stages"])
             self._done("profiling", f"f_low {lows} MHz")
-        self.phases.append({"name": "profiling", "clocks_mhz": candidates, "iterations_per_clock": n,
-                            "points": [{"clock_mhz": c, **w.to_dict()} for c, w in points]})
+        self.phases.append(
+            {
+                "name": "profiling",
+                "clocks_mhz": candidates,
+                "iterations_per_clock": n,
+                "points": [{"clock_mhz": c, **w.to_dict()} for c, w in points],
+            }
+        )
         return profile
 
     def plan(self, profile: dict[str, Any] | None) -> Any:
@@ -192,14 +236,18 @@ class PhaseRunner:
             costs, schedule, clocks = initial_plan(profile, self.config)
             decision = (schedule.name, list(schedule.r), clocks)
         name, r, clocks = _broadcast(decision)
-        schedule = get_schedule(name, self.config.stages, self.config.micro_batches, r=r if name == "ours" else None)
+        schedule = get_schedule(
+            name, self.config.stages, self.config.micro_batches, r=r if name == "ours" else None
+        )
         # No plan (type baseline): every unit at the top clock, so the agent still sees every unit run.
         self._set(schedule, clocks or top_clock_plan(schedule, self.ctx.max_clock_mhz))
         return costs
 
     def reconfigure(self, costs: Any) -> None:
-        """Measure, let rank 0's Reconfigurer update the plan, broadcast it; until it returns None (stable,
-        or its round cap reached)."""
+        """Measure, let rank 0's Reconfigurer update the plan and broadcast it, until it returns None.
+
+        None means stable, or the policy's round cap reached.
+        """
         from envpipe.planner import DEFAULT_MAX_ROUNDS
 
         policy = self.config.reconfig
@@ -213,8 +261,9 @@ class PhaseRunner:
 
         reconfigurer = None
         if self.ctx.is_rank0:
-            reconfigurer = make_reconfigurer(self.schedule, costs, self.config, max_rounds=cap,
-                                             baseline_ms=self.baseline_span_ms)
+            reconfigurer = make_reconfigurer(
+                self.schedule, costs, self.config, max_rounds=cap, baseline_ms=self.baseline_span_ms
+            )
         self._start("reconfiguration", f"reconfiguration ({policy})", cap)
         changes, rounds = 0, 0
         # At its cap the Reconfigurer may send one last plan (the top clocks) before None: cap + 2 bounds it.
@@ -223,21 +272,32 @@ class PhaseRunner:
             timeline = self.ctx.engine.gather_timeline()
             new = _broadcast(reconfigurer.update(self.clocks, timeline) if reconfigurer is not None else None)
             if self.ctx.is_rank0:
-                emit("advance", phase="reconfiguration", completed=min(rounds, cap),
-                     info=f"loss {loss:.3f} · {changes + (new is not None)} plan changes")
+                emit(
+                    "advance",
+                    phase="reconfiguration",
+                    completed=min(rounds, cap),
+                    info=f"loss {loss:.3f} · {changes + (new is not None)} plan changes",
+                )
             if new is None:
                 break
             changes += 1
             self._set(self.schedule, new)
-        self._done("reconfiguration", f"done after {rounds} rounds, {changes} plan changes",
-                   completed=rounds, total=rounds)
+        self._done(
+            "reconfiguration",
+            f"done after {rounds} rounds, {changes} plan changes",
+            completed=rounds,
+            total=rounds,
+        )
         if reconfigurer is not None:
-            record.update(target_ms=reconfigurer.target_ms, baseline_ms=reconfigurer.baseline_ms,
-                          bound_reachable=reconfigurer.bound_reachable)
+            record.update(
+                target_ms=reconfigurer.target_ms,
+                baseline_ms=reconfigurer.baseline_ms,
+                bound_reachable=reconfigurer.bound_reachable,
+            )
         self.phases.append({**record, "rounds": rounds, "changes": changes})
 
     def steady(self) -> tuple[Window, list[Any]]:
-        """The configured schedule and clocks for ``--steps`` iterations; returns the last iteration's spans."""
+        """Run the final schedule and clocks for ``--steps`` iterations; return the last iteration's spans."""
         n = self.window_iterations(self.config.steps)
         label = f"steady ({self.config.type}, {self.schedule.name})"
         self._start("steady", label, n)
@@ -292,12 +352,18 @@ def run_phases(ctx: RankContext) -> dict[str, Any] | None:
         "simulated": ctx.agent_simulated and steady.simulated,
         "energy_source": runner._energy_source(),
         "gpu": {"name": ctx.gpu_name, "clocks_mhz": list(ctx.clocks_mhz)},
-        "world_size": ctx.world_size, "dp_size": ctx.dp_size,
-        "schedule": {"name": runner.schedule.name, "r": _r_list(runner.schedule),
-                     "text": runner.schedule.render()},
+        "world_size": ctx.world_size,
+        "dp_size": ctx.dp_size,
+        "schedule": {
+            "name": runner.schedule.name,
+            "r": _r_list(runner.schedule),
+            "text": runner.schedule.render(),
+        },
         "clocks": {str(s): units for s, units in runner.clocks.items()},
-        "phases": runner.phases, "profile": profile,
-        "baseline": baseline.to_dict(), "steady": steady.to_dict(),
+        "phases": runner.phases,
+        "profile": profile,
+        "baseline": baseline.to_dict(),
+        "steady": steady.to_dict(),
         "last_iteration": [_span_dict(span) for span in timeline],
     }
 
@@ -308,8 +374,13 @@ def _r_list(schedule: Any) -> list[int] | None:
 
 
 def _span_dict(span: Any) -> dict[str, Any]:
-    return {"stage": span.stage, "unit": str(span.unit), "start_ms": span.start_ms, "end_ms": span.end_ms,
-            "clock_mhz": span.clock_mhz}
+    return {
+        "stage": span.stage,
+        "unit": str(span.unit),
+        "start_ms": span.start_ms,
+        "end_ms": span.end_ms,
+        "clock_mhz": span.clock_mhz,
+    }
 
 
 def _kept_iterations(times_ms: list[float]) -> list[int]:
@@ -318,7 +389,7 @@ def _kept_iterations(times_ms: list[float]) -> list[int]:
         return list(range(len(times_ms)))
     order = sorted(range(len(times_ms)), key=times_ms.__getitem__)
     cut = len(times_ms) // 5
-    return sorted(order[cut:len(order) - cut])
+    return sorted(order[cut : len(order) - cut])
 
 
 def _span_iteration_ms(spans: list[Any]) -> float:

@@ -11,6 +11,7 @@ from typing import Any
 
 from envpipe.train.config import TrainConfig
 
+
 def candidate_clocks(clocks_mhz: Sequence[int], count: int, min_ratio: float) -> list[int]:
     """``count`` supported clocks spread from the top clock down to ``min_ratio`` of it, descending."""
     from envpipe.profiling import candidate_clocks as pick
@@ -19,8 +20,16 @@ def candidate_clocks(clocks_mhz: Sequence[int], count: int, min_ratio: float) ->
     return pick(clocks_mhz, count=count, min_mhz=int(top * min_ratio))
 
 
-def build_profile(points: list[tuple[int, Any]], *, gpu_name: str, clocks_mhz: Sequence[int], idle_power_w: float,
-                  micro_batches: int, simulated: bool, source: str) -> dict[str, Any]:
+def build_profile(
+    points: list[tuple[int, Any]],
+    *,
+    gpu_name: str,
+    clocks_mhz: Sequence[int],
+    idle_power_w: float,
+    micro_batches: int,
+    simulated: bool,
+    source: str,
+) -> dict[str, Any]:
     """The profile JSON (docs/architecture.md, "Profile JSON") from the profiling windows, f_low per stage.
 
     Args:
@@ -31,21 +40,38 @@ def build_profile(points: list[tuple[int, Any]], *, gpu_name: str, clocks_mhz: S
         micro_batches: micro-batches per iteration (busy time = M x (fwd + bwd)).
         simulated: True with the sim agent.
         source: where the energy came from.
+
     """
     from envpipe.profiling import ClockSample
     from envpipe.profiling import build_profile as aggregate
 
     samples = [
-        ClockSample(stage=stage, clock_mhz=int(clock_mhz), fwd_ms=[window.stage_unit_ms[stage]["F"]],
-                    bwd_ms=[window.stage_unit_ms[stage]["B"]], iteration_ms=[window.iteration_ms_median],
-                    energy_j=energy_j * window.iterations, iterations=window.iterations)
-        for clock_mhz, window in points for stage, energy_j in window.stage_energy_j.items()
+        ClockSample(
+            stage=stage,
+            clock_mhz=int(clock_mhz),
+            fwd_ms=[window.stage_unit_ms[stage]["F"]],
+            bwd_ms=[window.stage_unit_ms[stage]["B"]],
+            iteration_ms=[window.iteration_ms_median],
+            energy_j=energy_j * window.iterations,
+            iterations=window.iterations,
+        )
+        for clock_mhz, window in points
+        for stage, energy_j in window.stage_energy_j.items()
     ]
-    return aggregate(samples, gpu_name=gpu_name, supported_mhz=clocks_mhz, idle_power_w=idle_power_w,
-                     micro_batches=micro_batches, simulated=simulated, source=source)
+    return aggregate(
+        samples,
+        gpu_name=gpu_name,
+        supported_mhz=clocks_mhz,
+        idle_power_w=idle_power_w,
+        micro_batches=micro_batches,
+        simulated=simulated,
+        source=source,
+    )
 
 
-def initial_plan(profile: dict[str, Any] | None, config: TrainConfig) -> tuple[Any, Any, dict[int, dict[str, int]]]:
+def initial_plan(
+    profile: dict[str, Any] | None, config: TrainConfig
+) -> tuple[Any, Any, dict[int, dict[str, int]]]:
     """Costs from the profile, the schedule (``ours`` gets r from the costs) and the clock type's plan.
 
     With no profile (type ``baseline``) the schedule uses its default r and every unit runs at the top clock.
@@ -63,8 +89,9 @@ def initial_plan(profile: dict[str, Any] | None, config: TrainConfig) -> tuple[A
     return costs, schedule, assign_clocks(schedule, costs, config.type)
 
 
-def make_reconfigurer(schedule: Any, costs: Any, config: TrainConfig, *, max_rounds: int,
-                      baseline_ms: float | None) -> Any:
+def make_reconfigurer(
+    schedule: Any, costs: Any, config: TrainConfig, *, max_rounds: int, baseline_ms: float | None
+) -> Any:
     """The planner's online reconfigurer for the run's policy.
 
     Args:
@@ -74,11 +101,18 @@ def make_reconfigurer(schedule: Any, costs: Any, config: TrainConfig, *, max_rou
         max_rounds: cap on updates.
         baseline_ms: the baseline window's iteration time in the planner's frame (first unit start to last
             unit end, all stages); the bound is checked against it.
+
     """
     from envpipe.planner import Reconfigurer
 
-    return Reconfigurer(schedule, costs, config.reconfig, slowdown_bound=config.slowdown_bound,
-                        max_rounds=max_rounds, baseline_ms=baseline_ms)
+    return Reconfigurer(
+        schedule,
+        costs,
+        config.reconfig,
+        slowdown_bound=config.slowdown_bound,
+        max_rounds=max_rounds,
+        baseline_ms=baseline_ms,
+    )
 
 
 def plot_timeline(spans: list[dict[str, Any]], path: str, *, title: str) -> None:
@@ -92,6 +126,12 @@ def plot_timeline(spans: list[dict[str, Any]], path: str, *, title: str) -> None
     stages = 1 + max((s.stage for s in timeline), default=0)
     busy_ms = [sum(s.end_ms - s.start_ms for s in timeline if s.stage == stage) for stage in range(stages)]
     # gantt_png reads these SimResult fields; a measured iteration has no critical path of its own.
-    measured = SimpleNamespace(timeline=timeline, stage_busy_ms=busy_ms, critical_path=[], model=title,
-                               iteration_time_ms=max((s.end_ms for s in timeline), default=1.0))
+    measured = SimpleNamespace(
+        timeline=timeline,
+        stage_busy_ms=busy_ms,
+        critical_path=[],
+        model=title,
+        simulated=False,
+        iteration_time_ms=max((s.end_ms for s in timeline), default=1.0),
+    )
     gantt_png(measured, path, title=title)

@@ -29,7 +29,7 @@ def parse_marker(line: str) -> dict[str, Any] | None:
     if at < 0:
         return None
     try:
-        event = json.loads(line[at + len(MARKER):])
+        event = json.loads(line[at + len(MARKER) :])
     except json.JSONDecodeError:
         return None
     return event if isinstance(event, dict) and "event" in event else None
@@ -44,8 +44,13 @@ class ProgressDisplay:
 
         self.console = console
         self._progress = Progress(
-            TextColumn("{task.description:<30}"), BarColumn(bar_width=12), MofNCompleteColumn(),
-            TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=console, transient=False,
+            TextColumn("{task.description:<30}"),
+            BarColumn(bar_width=12),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=console,
+            transient=False,
         )
         self._tasks: dict[str, Any] = {}
 

@@ -21,12 +21,15 @@ _NOT_REPORTED = ("ds_config", "job_id")
 
 
 def build_report(config: TrainConfig, result: dict[str, Any]) -> dict[str, Any]:
-    """The report dict: config, summary (throughput, time, energy, saving), phases, plan and last iteration."""
+    """Build the report: config, summary (throughput, time, energy, saving), phases, plan, last iteration."""
     tokens = config.tokens_per_iteration * int(result.get("dp_size", 1))
     baseline = _window_summary(result["baseline"], tokens)
     steady = _window_summary(result["steady"], tokens)
-    saving = 1.0 - steady["energy_j_per_iteration"] / baseline["energy_j_per_iteration"] \
-        if baseline["energy_j_per_iteration"] > 0 else None
+    saving = (
+        1.0 - steady["energy_j_per_iteration"] / baseline["energy_j_per_iteration"]
+        if baseline["energy_j_per_iteration"] > 0
+        else None
+    )
     summary = {
         "energy_label": "simulated" if result["simulated"] else "measured",
         "tokens_per_iteration": tokens,
@@ -42,8 +45,20 @@ def build_report(config: TrainConfig, result: dict[str, Any]) -> dict[str, Any]:
         "energy_source": result["energy_source"],
         "config": config_dict,
         "summary": summary,
-        **{k: result.get(k) for k in ("agent", "gpu", "world_size", "dp_size", "schedule", "clocks", "phases",
-                                      "profile", "last_iteration")},
+        **{
+            k: result.get(k)
+            for k in (
+                "agent",
+                "gpu",
+                "world_size",
+                "dp_size",
+                "schedule",
+                "clocks",
+                "phases",
+                "profile",
+                "last_iteration",
+            )
+        },
     }
 
 
@@ -70,25 +85,47 @@ def print_summary(report: dict[str, Any], console: Any) -> None:
     base, steady = summary["baseline"], summary["steady"]
     config = report["config"]
     reconfig = f" · reconfig {config['reconfig']}" if config["type"] != "baseline" else ""
-    table = Table(title=f"envpipe train: {config['type']} · {report['schedule']['name']}{reconfig}",
-                  caption=f"energy ({label}): {report['energy_source']}\nper iteration: {steady['statistic']}")
+    table = Table(
+        title=f"envpipe train: {config['type']} · {report['schedule']['name']}{reconfig}",
+        caption=f"energy ({label}): {report['energy_source']}\nper iteration: {steady['statistic']}",
+    )
     table.add_column("")
     table.add_column("baseline", justify="right")
     table.add_column(f"{config['type']}", justify="right")
     table.add_column("change", justify="right")
-    table.add_row("tokens/s", f"{base['tokens_per_s']:,.0f}", f"{steady['tokens_per_s']:,.0f}",
-                  _pct(steady["tokens_per_s"] / base["tokens_per_s"] - 1.0))
-    table.add_row("iteration time (ms)", f"{base['iteration_ms']:.1f}", f"{steady['iteration_ms']:.1f}",
-                  _pct(summary["slowdown"]))
+    table.add_row(
+        "tokens/s",
+        f"{base['tokens_per_s']:,.0f}",
+        f"{steady['tokens_per_s']:,.0f}",
+        _pct(steady["tokens_per_s"] / base["tokens_per_s"] - 1.0),
+    )
+    table.add_row(
+        "iteration time (ms)",
+        f"{base['iteration_ms']:.1f}",
+        f"{steady['iteration_ms']:.1f}",
+        _pct(summary["slowdown"]),
+    )
     for stage in sorted(base["stage_energy_j"], key=int):
         b, s = base["stage_energy_j"][stage], steady["stage_energy_j"].get(stage, 0.0)
-        table.add_row(f"stage {stage} energy/it (J, {label})", f"{b:.3f}", f"{s:.3f}", _pct(s / b - 1.0) if b else "-")
+        table.add_row(
+            f"stage {stage} energy/it (J, {label})", f"{b:.3f}", f"{s:.3f}", _pct(s / b - 1.0) if b else "-"
+        )
     saving = summary["energy_saving"]
-    table.add_row(f"total energy/it (J, {label})", f"{base['energy_j_per_iteration']:.3f}",
-                  f"{steady['energy_j_per_iteration']:.3f}", _pct(-saving) if saving is not None else "-",
-                  style="bold", end_section=True)
-    table.add_row(f"energy saving ({label})", "", "", f"{saving * 100:.1f}%" if saving is not None else "-",
-                  style="bold")
+    table.add_row(
+        f"total energy/it (J, {label})",
+        f"{base['energy_j_per_iteration']:.3f}",
+        f"{steady['energy_j_per_iteration']:.3f}",
+        _pct(-saving) if saving is not None else "-",
+        style="bold",
+        end_section=True,
+    )
+    table.add_row(
+        f"energy saving ({label})",
+        "",
+        "",
+        f"{saving * 100:.1f}%" if saving is not None else "-",
+        style="bold",
+    )
     console.print(table)
 
 
@@ -115,7 +152,11 @@ def draw_plot(report: dict[str, Any], path: str | Path) -> None:
     from envpipe.train.planning import plot_timeline
 
     config = report["config"]
-    label = "simulated energy" if report["simulated"] else "measured"
-    title = (f"envpipe train, last iteration (measured times; {label}): {config['type']} / "
-             f"{report['schedule']['name']} / {config['reconfig']}")
+    times = (
+        "measured times, DVFS emulated (simulated stretch)" if config["emulate_dvfs"] else "measured times"
+    )
+    title = (
+        f"envpipe train, last iteration ({times}): {config['type']} / {report['schedule']['name']} / "
+        f"{config['reconfig']}"
+    )
     plot_timeline(report["last_iteration"], path, title=title)

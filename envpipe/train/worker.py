@@ -123,14 +123,23 @@ def _build(config: TrainConfig, client: Any) -> RankContext:
     agent, gpu = connect_agent(client, local_rank, claim=True)
     if agent is None:
         # The launcher found (or started) this agent a moment ago; energy figures need it.
-        raise RuntimeError(f"the agent at {client.endpoint} did not answer or refused this rank's GPU; "
-                           "check `envpipe status` and that no other job holds the GPU")
+        raise RuntimeError(
+            f"the agent at {client.endpoint} did not answer or refused this rank's GPU; "
+            "check `envpipe status` and that no other job holds the GPU"
+        )
     info = client.hello()
     schedule = get_schedule("1f1b", config.stages, config.micro_batches)
     engine = initialize(
-        module, dict(config.ds_config), schedule, top_clock_plan(schedule, gpu.max_mhz), agent=client,
-        emulate_dvfs=bool(config.emulate_dvfs), dvfs_model=config.dvfs_model,
-        max_clock_mhz=gpu.max_mhz, claim_gpu=False, local_rank=local_rank,
+        module,
+        dict(config.ds_config),
+        schedule,
+        top_clock_plan(schedule, gpu.max_mhz),
+        agent=client,
+        emulate_dvfs=bool(config.emulate_dvfs),
+        dvfs_model=config.dvfs_model,
+        max_clock_mhz=gpu.max_mhz,
+        claim_gpu=False,
+        local_rank=local_rank,
     )
     stage, dp_index, dp_size = _placement(engine)
     data_iter = None
@@ -138,13 +147,28 @@ def _build(config: TrainConfig, client: Any) -> RankContext:
         from envpipe.data import batches
 
         data_iter = batches(
-            config.data, vocab_size=llama.vocab_size, micro_batch_size=config.micro_batch_size,
-            seq_len=config.seq_len, dp_index=dp_index, dp_size=dp_size, seed=config.seed, model_dir=model_dir,
+            config.data,
+            vocab_size=llama.vocab_size,
+            micro_batch_size=config.micro_batch_size,
+            seq_len=config.seq_len,
+            dp_index=dp_index,
+            dp_size=dp_size,
+            seed=config.seed,
+            model_dir=model_dir,
         )
     return RankContext(
-        config=config, engine=engine, client=client, data_iter=data_iter, rank=dist.get_rank(),
-        world_size=dist.get_world_size(), stage=stage, dp_index=dp_index, dp_size=dp_size,
-        clocks_mhz=tuple(gpu.clocks_mhz), gpu_name=gpu.name, agent_simulated=bool(info.simulated),
+        config=config,
+        engine=engine,
+        client=client,
+        data_iter=data_iter,
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        stage=stage,
+        dp_index=dp_index,
+        dp_size=dp_size,
+        clocks_mhz=tuple(gpu.clocks_mhz),
+        gpu_name=gpu.name,
+        agent_simulated=bool(info.simulated),
     )
 
 

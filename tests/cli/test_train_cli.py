@@ -9,11 +9,11 @@ import json
 from pathlib import Path
 
 import pytest
+from envpipe_cli.main import app
 from typer.testing import CliRunner
 
 from envpipe.train import launch
 from envpipe.train.config import TrainConfig
-from envpipe_cli.main import app
 
 runner = CliRunner()
 
@@ -51,29 +51,77 @@ def test_every_flag_reaches_the_config(calls, tmp_path: Path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node1 slots=8\n")
     result = _invoke(
-        "train", "--type", "uniform", "--scheduling", "1f1b", "--reconfig", "greedy", "--stages", "4",
-        "--micro-batches", "8", "--micro-batch-size", "3", "--seq-len", "32", "--steps", "5", "--model", "llama-160m",
-        "--data", str(data), "--agent", "tcp://127.0.0.1:5555", "--no-emulate-dvfs", "--device", "cpu",
-        "--num-gpus", "4", "--hostfile", str(hostfile), "--num-nodes", "2",
-        "--report", str(tmp_path / "r.json"), "--plot", str(tmp_path / "g.png"),
+        "train",
+        "--type",
+        "uniform",
+        "--scheduling",
+        "1f1b",
+        "--reconfig",
+        "greedy",
+        "--stages",
+        "4",
+        "--micro-batches",
+        "8",
+        "--micro-batch-size",
+        "3",
+        "--seq-len",
+        "32",
+        "--steps",
+        "5",
+        "--model",
+        "llama-160m",
+        "--data",
+        str(data),
+        "--agent",
+        "tcp://127.0.0.1:5555",
+        "--no-emulate-dvfs",
+        "--device",
+        "cpu",
+        "--num-gpus",
+        "4",
+        "--hostfile",
+        str(hostfile),
+        "--num-nodes",
+        "2",
+        "--report",
+        str(tmp_path / "r.json"),
+        "--plot",
+        str(tmp_path / "g.png"),
     )
     assert result.exit_code == 0, result.output
     (c,) = calls
     assert (c.type, c.scheduling, c.reconfig, c.stages, c.micro_batches, c.micro_batch_size) == (
-        "uniform", "1f1b", "greedy", 4, 8, 3)
+        "uniform",
+        "1f1b",
+        "greedy",
+        4,
+        8,
+        3,
+    )
     assert (c.seq_len, c.steps, c.model, c.data, c.agent, c.emulate_dvfs) == (
-        32, 5, "llama-160m", str(data), "tcp://127.0.0.1:5555", False)
+        32,
+        5,
+        "llama-160m",
+        str(data),
+        "tcp://127.0.0.1:5555",
+        False,
+    )
     assert (c.device, c.num_gpus, c.hostfile, c.num_nodes) == ("cpu", 4, str(hostfile), 2)
     assert c.report.endswith("r.json") and c.plot.endswith("g.png")
 
 
 def test_flags_beat_envpipe_block_beats_deepspeed_keys(calls, tmp_path: Path):
     ds = tmp_path / "ds.json"
-    ds.write_text(json.dumps({
-        "train_micro_batch_size_per_gpu": 5, "gradient_accumulation_steps": 6,
-        "envpipe": {"micro-batches": 7, "stages": 3, "type": "uniform", "profile_clocks": 2},
-        "fp16": {"enabled": False},
-    }))
+    ds.write_text(
+        json.dumps(
+            {
+                "train_micro_batch_size_per_gpu": 5,
+                "gradient_accumulation_steps": 6,
+                "envpipe": {"micro-batches": 7, "stages": 3, "type": "uniform", "profile_clocks": 2},
+                "fp16": {"enabled": False},
+            }
+        )
+    )
     result = _invoke("train", "--deepspeed-config", str(ds), "--stages", "2")
     assert result.exit_code == 0, result.output
     (c,) = calls
@@ -124,8 +172,15 @@ def test_bad_envpipe_block(calls, tmp_path: Path):
 
 @pytest.mark.parametrize(
     "args",
-    [["--type", "fast"], ["--scheduling", "gpipe"], ["--reconfig", "magic"], ["--stages", "0"],
-     ["--seq-len", "1"], ["--bogus"], ["--device", "tpu"]],
+    [
+        ["--type", "fast"],
+        ["--scheduling", "gpipe"],
+        ["--reconfig", "magic"],
+        ["--stages", "0"],
+        ["--seq-len", "1"],
+        ["--bogus"],
+        ["--device", "tpu"],
+    ],
 )
 def test_usage_errors_exit_2(calls, args):
     result = _invoke("train", *args)
@@ -154,8 +209,25 @@ def test_profile_command(calls, tmp_path: Path):
 def test_help_lists_every_option():
     result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
-    for option in ("--type", "--scheduling", "--reconfig", "--stages", "--micro-batches", "--micro-batch-size",
-                   "--seq-len", "--steps", "--model", "--data", "--deepspeed-config", "--agent",
-                   "--emulate-dvfs", "--no-emulate-dvfs", "--num-gpus", "--hostfile", "--num-nodes", "--report",
-                   "--plot"):
+    for option in (
+        "--type",
+        "--scheduling",
+        "--reconfig",
+        "--stages",
+        "--micro-batches",
+        "--micro-batch-size",
+        "--seq-len",
+        "--steps",
+        "--model",
+        "--data",
+        "--deepspeed-config",
+        "--agent",
+        "--emulate-dvfs",
+        "--no-emulate-dvfs",
+        "--num-gpus",
+        "--hostfile",
+        "--num-nodes",
+        "--report",
+        "--plot",
+    ):
         assert option in result.output, option

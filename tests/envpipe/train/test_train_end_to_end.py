@@ -1,5 +1,8 @@
-"""One real run: `envpipe train --type envelope --scheduling ours --reconfig balanced` on llama-tiny with 2 CPU
-ranks (gloo) and the embedded sim agent, checked through its --report JSON and --plot file."""
+"""Real runs on 2 CPU ranks (gloo) with the embedded sim agent.
+
+`envpipe train --type envelope --scheduling ours --reconfig balanced` on llama-tiny, checked through its
+--report JSON and --plot file; and a run whose rank is killed.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +11,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
 from envpipe_cli.main import app
+from typer.testing import CliRunner
 
 
 @pytest.mark.slow
@@ -22,11 +24,34 @@ def test_envelope_ours_balanced_on_two_cpu_ranks(tmp_path: Path, monkeypatch: py
     report_path, plot_path = tmp_path / "report.json", tmp_path / "last.png"
     ds_config = tmp_path / "ds.json"  # the "envpipe" block keeps the phases short for CI
     ds_config.write_text(json.dumps({"envpipe": {"reconfig_max_rounds": 30, "baseline_steps": 3}}))
-    result = CliRunner().invoke(app, [
-        "train", "--type", "envelope", "--scheduling", "ours", "--reconfig", "balanced", "--model", "llama-tiny",
-        "--stages", "2", "--micro-batches", "4", "--seq-len", "32", "--steps", "4",
-        "--report", str(report_path), "--plot", str(plot_path), "--deepspeed-config", str(ds_config),
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--type",
+            "envelope",
+            "--scheduling",
+            "ours",
+            "--reconfig",
+            "balanced",
+            "--model",
+            "llama-tiny",
+            "--stages",
+            "2",
+            "--micro-batches",
+            "4",
+            "--seq-len",
+            "32",
+            "--steps",
+            "4",
+            "--report",
+            str(report_path),
+            "--plot",
+            str(plot_path),
+            "--deepspeed-config",
+            str(ds_config),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "started an embedded sim agent" in " ".join(result.output.split())
 
@@ -53,7 +78,9 @@ def test_envelope_ours_balanced_on_two_cpu_ranks(tmp_path: Path, monkeypatch: py
     # Which clocks win depends on the measured timings; they must be clocks the (simulated) GPU supports.
     assert {c for units in clocks.values() for c in units.values()} <= set(report["gpu"]["clocks_mhz"])
     spans = report["last_iteration"]
-    assert {(s["stage"], s["unit"]) for s in spans} == {(s, f"{k}{m}") for s in (0, 1) for k in "FB" for m in range(4)}
+    assert {(s["stage"], s["unit"]) for s in spans} == {
+        (s, f"{k}{m}") for s in (0, 1) for k in "FB" for m in range(4)
+    }
     assert plot_path.stat().st_size > 1000
 
 

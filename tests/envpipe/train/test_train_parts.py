@@ -1,5 +1,8 @@
-"""The run's plain parts without ranks: config round trip, progress markers, clock candidates, profile,
-report numbers, the DeepSpeed command line and the launcher's failure handling (with stand-in processes)."""
+"""The run's plain parts without training ranks.
+
+Config round trip, progress markers, clock candidates, profile, report numbers, the DeepSpeed command line,
+the embedded agent and the launcher's failure handling (with stand-in processes).
+"""
 
 from __future__ import annotations
 
@@ -70,9 +73,18 @@ def test_candidate_clocks_spread_over_the_window():
 
 
 def _window(energy: dict[int, float], iteration_ms: float, units=None) -> Window:
-    return Window(iterations=2, kept_iterations=2, statistic="window mean", iteration_ms=iteration_ms,
-                  iteration_ms_mean=iteration_ms, iteration_ms_median=iteration_ms,
-                  stage_energy_j=energy, simulated=True, losses=[5.0, 4.0], stage_unit_ms=units or {})
+    return Window(
+        iterations=2,
+        kept_iterations=2,
+        statistic="window mean",
+        iteration_ms=iteration_ms,
+        iteration_ms_mean=iteration_ms,
+        iteration_ms_median=iteration_ms,
+        stage_energy_j=energy,
+        simulated=True,
+        losses=[5.0, 4.0],
+        stage_unit_ms=units or {},
+    )
 
 
 def test_profile_finds_the_energy_valley_per_stage():
@@ -81,20 +93,44 @@ def test_profile_finds_the_energy_valley_per_stage():
         (1500, _window({0: 8.0, 1: 12.5}, 120.0, {0: {"F": 1.3, "B": 2.6}, 1: {"F": 1.3, "B": 2.6}})),
         (1000, _window({0: 9.0, 1: 13.0}, 160.0, {0: {"F": 1.9, "B": 3.8}, 1: {"F": 1.9, "B": 3.8}})),
     ]
-    profile = build_profile(points, gpu_name="sim", clocks_mhz=[1000, 1500, 1980], idle_power_w=50.0, micro_batches=4,
-                            simulated=True, source="sim agent (simulated)")
+    profile = build_profile(
+        points,
+        gpu_name="sim",
+        clocks_mhz=[1000, 1500, 1980],
+        idle_power_w=50.0,
+        micro_batches=4,
+        simulated=True,
+        source="sim agent (simulated)",
+    )
     assert profile["format"] == "envpipe-profile/1" and profile["gpu"]["clocks_mhz"] == [1980, 1500, 1000]
     assert [s["f_low_mhz"] for s in profile["stages"]] == [1500, 1980]
-    assert profile["stages"][0]["points"][1] == {"clock_mhz": 1500, "fwd_ms": 1.3, "bwd_ms": 2.6,
-                                                 "iteration_ms": 120.0, "energy_j": 8.0}
+    assert profile["stages"][0]["points"][1] == {
+        "clock_mhz": 1500,
+        "fwd_ms": 1.3,
+        "bwd_ms": 2.6,
+        "iteration_ms": 120.0,
+        "energy_j": 8.0,
+    }
 
 
 def _result() -> dict:
     base = _window({0: 10.0, 1: 10.0}, 100.0).to_dict()
     steady = _window({0: 7.0, 1: 9.0}, 101.0).to_dict()
-    return {"simulated": True, "energy_source": "sim agent (simulated)", "dp_size": 1, "world_size": 2,
-            "baseline": base, "steady": steady, "schedule": {"name": "ours", "r": [1, 0], "text": ""},
-            "clocks": {}, "phases": [], "profile": None, "last_iteration": [], "agent": {}, "gpu": {}}
+    return {
+        "simulated": True,
+        "energy_source": "sim agent (simulated)",
+        "dp_size": 1,
+        "world_size": 2,
+        "baseline": base,
+        "steady": steady,
+        "schedule": {"name": "ours", "r": [1, 0], "text": ""},
+        "clocks": {},
+        "phases": [],
+        "profile": None,
+        "last_iteration": [],
+        "agent": {},
+        "gpu": {},
+    }
 
 
 def test_statistics_drop_the_slowest_and_fastest_fifth():
@@ -133,12 +169,15 @@ def test_deepspeed_command_forwards_launcher_options():
 
 
 def _stand_in(code: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 def test_one_failing_rank_stops_the_others_with_a_clear_error(tmp_path: Path):
-    survivor = _stand_in(f"import time; print({MARKER!r} + '{{\"event\":\"message\",\"text\":\"hi\"}}', flush=True); "
-                         "time.sleep(60)")
+    survivor = _stand_in(
+        f'import time; print({MARKER!r} + \'{{"event":"message","text":"hi"}}\', flush=True); time.sleep(60)'
+    )
     log = tmp_path / "rank1.log"
     log.write_text("Traceback ...\nerror: rank 1: RuntimeError: stage 1 ran out of memory\n")
     failing = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"], start_new_session=True)
@@ -149,7 +188,9 @@ def test_one_failing_rank_stops_the_others_with_a_clear_error(tmp_path: Path):
         launch._follow(ranks, survivor.stdout, display, tmp_path)
     assert time.monotonic() - start < 10
     message = str(info.value)
-    assert "rank 1 exited with code 3" in message and "ran out of memory" in message and str(tmp_path) in message
+    assert (
+        "rank 1 exited with code 3" in message and "ran out of memory" in message and str(tmp_path) in message
+    )
     assert survivor.poll() is not None  # stopped, not left running
 
 
