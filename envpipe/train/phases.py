@@ -195,6 +195,17 @@ class PhaseRunner:
         )
         n = self.window_iterations(self.config.profile_steps)
         idle_power_w = self.idle_power()
+        if self.ctx.is_rank0 and self.iteration_s_estimate > 0:
+            from envpipe.profiling import profiling_cost
+
+            cost = profiling_cost(
+                candidates,
+                n,
+                self.iteration_s_estimate * 1e3,
+                warmup_iterations=0,
+                min_window_s=0.0 if self.ctx.agent_simulated else self.config.min_window_s,
+            )
+            emit("message", text=f"profiling {', '.join(map(str, candidates))} MHz: {cost.describe()}")
         self._start("profiling", f"profiling ({len(candidates)} clocks)", n * len(candidates))
         points = []
         for k, clock_mhz in enumerate(candidates):
