@@ -94,7 +94,7 @@ def decode_request(frame: bytes) -> Request:
         )
     try:
         message = json.loads(frame)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # "[[[[…" nests past the stack in 64 KiB
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"control frame is not JSON: {exc}") from None
     if not isinstance(message, dict):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "control frame must be a JSON object")
@@ -119,7 +119,7 @@ def request_id_of(frame: bytes) -> int:
     """Best-effort request id of an undecodable frame, so the error reply still matches its request."""
     try:
         value = json.loads(frame).get("id", 0)
-    except (UnicodeDecodeError, ValueError, AttributeError):
+    except (UnicodeDecodeError, ValueError, AttributeError, RecursionError):
         return 0
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
