@@ -20,11 +20,11 @@ import time
 from typing import Any
 
 import zmq
-
-from benchmarks.reliability.common import fake_nvml, short_dir
 from envpipe_agent.client import AgentClient
 from envpipe_agent.embedded import agent_command
 from envpipe_agent.errors import AgentError
+
+from benchmarks.reliability.common import fake_nvml, short_dir
 
 
 def _start(runtime_dir: str, env: dict[str, str], soft: int, hard: int) -> tuple[subprocess.Popen, str]:

@@ -1,9 +1,9 @@
 """Scenario 3: hostile frames on both sockets; the agent answers or counts each one and stays up.
 
-Categories (weights in ``_CONTROL`` / ``_EVENT``): random bytes, truncated JSON, wrong types, huge and
-negative numbers, unknown ops, wrong protocol versions, replayed lease ids (of a released lease), forged
-lease ids, attempts to take a held lease, oversized control frames (> 64 KiB: ``too_large``), extra or
-missing envelope frames, and on the event socket random bytes, short and long frames, bad magic/kind and
+Categories (weights in ``_CONTROL`` / ``_EVENT``): random bytes, truncated JSON, JSON nested past the
+recursion limit, wrong types, huge and negative numbers, unknown ops, wrong protocol versions, replayed
+lease ids (of a released lease), forged lease ids, attempts to take a held lease, oversized control frames
+(> 64 KiB: ``too_large``), extra or missing envelope frames, and on the event socket random bytes, short and long frames, bad magic/kind and
 forged/replayed lease ids. Frames above the transport limit (1 MiB, ZMQ_MAXMSGSIZE) make zmq drop the
 connection before the agent sees them; those are sent on their own sockets and counted here.
 
@@ -109,6 +109,11 @@ class _Gen:
             args["job_id"] = "thief"
         return self.request("claim", args)
 
+    def deep_nesting(self) -> bytes:
+        """JSON nested deeper than Python's recursion limit, yet under the 64 KiB control limit."""
+        opener = self.rng.choice([b"[", b'{"a":', b'{"v":1,"op":"hello","args":{"x":['])
+        return (opener * self.rng.randrange(1_200, 20_000))[:MAX_CONTROL_BYTES]
+
     def oversize(self) -> bytes:
         return self.request("hello", {"pad": "x" * (MAX_CONTROL_BYTES + self.rng.randrange(1, 200_000))})
 
@@ -131,7 +136,7 @@ _CONTROL: dict[str, tuple[float, Callable[[_Gen], bytes]]] = {
     "random_bytes": (10, _Gen.random_bytes), "truncated": (10, _Gen.truncated), "wrong_types": (15, _Gen.wrong_types),
     "huge_numbers": (15, _Gen.huge_numbers), "unknown_op": (5, _Gen.unknown_op), "bad_version": (5, _Gen.bad_version),
     "replayed_lease": (10, _Gen.replayed_lease), "forged_lease": (10, _Gen.forged_lease), "steal": (5, _Gen.steal),
-    "oversize": (0.5, _Gen.oversize),
+    "oversize": (0.5, _Gen.oversize), "deep_nesting": (1, _Gen.deep_nesting),
 }
 _EVENT: dict[str, tuple[float, Callable[[_Gen], bytes]]] = {
     "event_random": (5, _Gen.event_random), "event_bad_header": (5, _Gen.event_bad_header),

@@ -18,5 +18,6 @@ def test_fuzzed_frames_are_answered_or_counted_and_change_nothing() -> None:
     assert result["events_counted"] == result["event_frames"]
     assert result["events_malformed"] + result["events_no_lease"] == result["event_frames"]
     assert result["transport_oversize_unanswered"] == result["transport_oversize_sent"]
+    assert result["agent_counters"].get("loop_errors", 0) == 0  # no frame escaped the decoder
     assert result["holder_lease_intact"] and result["clock_changes"] == 0 and result["locked_gpus"] == 0
     assert result["rss_kib_after"] - result["rss_kib_before"] < 16 * 1024

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 
-from benchmarks.reliability.common import agent_test_helpers, short_dir
 from envpipe_agent.client import AgentClient
+
+from benchmarks.reliability.common import agent_test_helpers, short_dir
 
 
 def test_foreign_pid_lease_is_kept_by_heartbeats_and_ended_by_their_loss() -> None:
