@@ -233,3 +233,10 @@ def test_release_and_windows_see_every_event_sent_before_them(sim_agent, client)
     assert sim_agent.agent.stats[0].events == 1501
     assert sim_agent.agent.counters["events_no_lease"] == 0
     assert sim_agent.backend.read_power_w(0) == 127.0  # released: idle, though its last unit never ended
+
+
+def test_a_client_claiming_unsent_events_stalls_the_agent_at_most_briefly(sim_agent, client) -> None:
+    client.claim(client.hello().gpus[0].uuid)
+    started_s = time.monotonic()
+    client.call("window_begin", {"lease_id": client.lease_id, "events_sent": 10**9})
+    assert time.monotonic() - started_s < 0.5  # CATCH_UP_S = 0.1 bounds the wait
