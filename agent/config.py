@@ -45,9 +45,9 @@ class AgentConfig:
     socket_group: str = ""  # "" = "envpipe" if that group exists, else the agent's own group
     sample_interval_ms: float = 100.0
     log_level: str = "info"
-    exit_with_pid: int = (
-        0  # stop (resetting clocks) once this pid is gone; embedded agents follow their parent
-    )
+    manage: str = ""  # nvml: comma-separated NVML indices or UUID prefixes to manage ("" = every GPU)
+    # Stop (resetting clocks) once this pid is gone; embedded agents follow their parent. 0 = never.
+    exit_with_pid: int = 0
 
     def control_endpoint(self) -> str:
         return self.endpoint or f"ipc://{Path(self.resolved_runtime_dir()) / 'control.sock'}"

@@ -26,6 +26,8 @@ log = logging.getLogger("envpipe_agent")
 
 def make_backend(config: AgentConfig) -> GpuBackend:
     """The backend named by the config (NVML is imported only when asked for)."""
+    if config.backend == "sim" and config.manage:
+        raise AgentConfigError("manage applies to the nvml backend; the sim backend has --gpus N")
     if config.backend == "sim":
         if config.read_only:
             raise AgentConfigError(
@@ -36,7 +38,7 @@ def make_backend(config: AgentConfig) -> GpuBackend:
         return SimBackend(gpus=config.gpus, card=config.card, model=config.model)
     from envpipe_agent.nvml import NvmlBackend
 
-    return NvmlBackend(read_only=config.read_only)
+    return NvmlBackend(read_only=config.read_only, manage=config.manage)
 
 
 def _start_prometheus(agent: Any, config: AgentConfig) -> None:
@@ -137,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--socket-group", help="group owning the sockets (default envpipe, else the agent's group)")
     add("--log-level", choices=("debug", "info", "warning", "error"))
     add("--exit-with-pid", type=int, help="stop (resetting clocks) once this process is gone")
+    add("--manage", help="nvml: only these GPUs (comma-separated indices or UUIDs; default all)")
     add("--version", action="version", version=f"envpipe-agent {__version__}")
     return parser
 

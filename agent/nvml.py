@@ -14,10 +14,30 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from envpipe_agent.backend import GpuDesc
-from envpipe_agent.errors import AgentError
+from envpipe_agent.errors import AgentConfigError, AgentError
 
 log = logging.getLogger("envpipe_agent.nvml")
 T = TypeVar("T")
+
+
+def select_gpus(descs: list[GpuDesc], manage: str) -> list[GpuDesc]:
+    """The GPUs named by ``manage`` ("" = all); an entry that names no GPU is a config error."""
+    wanted = [entry.strip() for entry in manage.split(",") if entry.strip()]
+    if not wanted:
+        return descs
+    chosen: list[GpuDesc] = []
+    for entry in wanted:
+        matches = [
+            d for d in descs if (entry.isdigit() and d.index == int(entry)) or d.uuid.startswith(entry)
+        ]
+        if len(matches) != 1 or entry in ("GPU", "GPU-"):
+            known = ", ".join(f"{d.index} ({d.uuid})" for d in descs)
+            raise AgentConfigError(
+                f"manage entry {entry!r} names {len(matches)} GPUs; give an index or UUID: {known}"
+            )
+        if matches[0] not in chosen:
+            chosen.append(matches[0])
+    return sorted(chosen, key=lambda d: d.index)
 
 
 class NvmlBackend:
@@ -27,7 +47,11 @@ class NvmlBackend:
     simulated = False
     energy_read_cheap = False
 
-    def __init__(self, read_only: bool = False) -> None:
+    def __init__(self, read_only: bool = False, manage: str = "") -> None:
+        """Open every GPU, or only those named in ``manage`` (comma-separated NVML indices or UUID prefixes).
+
+        GPUs left out are never touched: not reset at start, not listed, not claimable.
+        """
         import pynvml
 
         self._nvml: Any = pynvml
@@ -43,7 +67,8 @@ class NvmlBackend:
         self._handles = [
             self._call(f"open GPU {i}", pynvml.nvmlDeviceGetHandleByIndex, i) for i in range(count)
         ]
-        self._descs = [self._describe(i, handle) for i, handle in enumerate(self._handles)]
+        descs = [self._describe(i, handle) for i, handle in enumerate(self._handles)]
+        self._descs = select_gpus(descs, manage)
 
     def _call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
         try:

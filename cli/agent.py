@@ -64,6 +64,9 @@ def agent(
         Optional[str], typer.Option(help="Group owning the sockets (default envpipe).")
     ] = None,
     log_level: Annotated[Optional[str], typer.Option(help="debug, info, warning or error.")] = None,
+    manage: Annotated[
+        Optional[str], typer.Option(help="nvml: only these GPUs (comma-separated indices or UUIDs).")
+    ] = None,
     exit_with_pid: Annotated[
         Optional[int], typer.Option(help="Stop (resetting clocks) once this process is gone.")
     ] = None,
@@ -90,6 +93,7 @@ def agent(
         "socket_group": socket_group,
         "log_level": log_level,
         "exit_with_pid": exit_with_pid,
+        "manage": manage,
     }
     raise typer.Exit(start(config, overrides))
 

@@ -60,3 +60,8 @@ def test_allow_list_outside_the_supported_clocks_exits_2(tmp_path: Path, capsys)
         main(["--config", "", "--backend", "sim", "--min-mhz", "5000", "--runtime-dir", str(tmp_path)]) == 2
     )
     assert "min_mhz=5000" in capsys.readouterr().err
+
+
+def test_manage_needs_nvml(tmp_path: Path, capsys) -> None:
+    assert main(["--config", "", "--backend", "sim", "--manage", "0", "--runtime-dir", str(tmp_path)]) == 2
+    assert "manage applies to the nvml backend" in capsys.readouterr().err

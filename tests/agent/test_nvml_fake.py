@@ -154,3 +154,28 @@ def test_energy_window_reads_the_counter(fake_nvml, short_dir) -> None:
     assert not result.simulated
     assert 0.3 < result.duration_s < 0.8
     assert result.energy_j == pytest.approx(694 * result.duration_s, rel=0.05)
+
+
+def test_manage_leaves_other_gpus_untouched(fake_nvml, short_dir) -> None:
+    state, _env = fake_nvml
+    state.seed_locked(ngpus=2, clock_mhz=900)
+    with _start(fake_nvml, short_dir, "--manage", "GPU-fa4e0000-0000-4000-8000-000000000001") as agent:
+        with AgentClient(agent.endpoint, job_id="j", rank=0) as client:
+            info = client.hello()
+    assert [g.index for g in info.gpus] == [1]
+    assert (state.gpu(0)["locked"], state.gpu(0)["reset_calls"]) == (1, 0)  # not ours: left as found
+    assert state.gpu(1)["locked"] == 0
+
+
+def test_manage_entry_that_names_no_gpu_exits_2(fake_nvml, short_dir) -> None:
+    _state, env = fake_nvml
+    from envpipe_agent.embedded import agent_command
+
+    result = subprocess.run(
+        [*agent_command("nvml", 1, short_dir, []), "--manage", "7"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert result.returncode == 2 and "manage entry '7'" in result.stderr
