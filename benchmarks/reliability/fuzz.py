@@ -154,8 +154,10 @@ def _control_batch(sock: zmq.Socket, frames: list[tuple[str, bytes]], envelopes:
     for category, _ in frames:
         if not sock.poll(5000, zmq.POLLIN):
             raise RuntimeError(f"no reply to a {category} frame within 5 s: the agent is stuck or dead")
-        reply = json.loads(sock.recv_multipart()[-1])
+        raw = sock.recv_multipart()[-1]
+        reply = json.loads(raw)
         codes["ok" if reply.get("ok") else reply["error"]["code"]] += 1
+        codes["_with_traceback"] += b"Traceback" in raw
         answered[category] += 1
 
 
@@ -246,7 +248,8 @@ def _fuzz(agent: Any, gen: _Gen, frames: int, event_share: float, batch: int) ->
     control_sent = frames - events_sent
     return {
         "frames": frames + oversize_transport, "control_frames": control_sent,
-        "control_answered": sum(answered.values()), "reply_codes": dict(codes),
+        "control_answered": sum(answered.values()), "replies_with_traceback": codes.pop("_with_traceback", 0),
+        "reply_codes": dict(codes),
         "event_frames": events_sent, "events_counted": counters["events_received"] - events_before,
         "events_malformed": counters["events_malformed"], "events_no_lease": counters["events_no_lease"],
         "transport_oversize_sent": oversize_transport, "transport_oversize_unanswered": unanswered_transport,

@@ -13,6 +13,7 @@ def test_fuzzed_frames_are_answered_or_counted_and_change_nothing() -> None:
     result = fuzz.run(frames=4000, seed=1)
     assert result["agent_alive"]
     assert result["control_answered"] == result["control_frames"]
+    assert result["replies_with_traceback"] == 0
     assert set(result["reply_codes"]) <= {"ok", "bad_request", "unknown_op", "version_mismatch", "too_large",
                                           "no_such_gpu", "lease_held", "unknown_lease", "unknown_window"}
     assert result["events_counted"] == result["event_frames"]
