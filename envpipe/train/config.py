@@ -57,7 +57,9 @@ class TrainConfig:
         profile_steps: iterations per candidate clock in the profiling phase.
         profile_clocks: how many candidate clocks to profile (evenly spread over the window below).
         profile_min_ratio: lowest candidate clock as a share of the top clock.
-        min_window_s: shortest energy window with a real agent (its counter advances every ~100 ms).
+        min_window_s: shortest energy window with a real agent. Its counter moves every ~100 ms and the agent
+            samples it every 100 ms, so each window edge is uncertain by up to ~0.2 s of full power: on the
+            H100, 2.5 s windows of the same work differed by 7 %, 10 s windows by 0.4 % (docs/validation.md).
         reconfig_max_rounds: cap on reconfiguration iterations; ``None`` = the policy's own cap.
         slowdown_bound: allowed iteration-time slowdown for the planner (0.01 = 1 %).
         lr: learning rate of the default optimizer (SGD), used when the DeepSpeed config names none.
@@ -93,7 +95,7 @@ class TrainConfig:
     profile_steps: int = 2
     profile_clocks: int = 4
     profile_min_ratio: float = 0.5
-    min_window_s: float = 1.0
+    min_window_s: float = 10.0
     reconfig_max_rounds: int | None = None
     slowdown_bound: float = 0.01
     lr: float = 0.05
