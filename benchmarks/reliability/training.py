@@ -135,7 +135,8 @@ def run(mode: str = "client", phase_s: float = 4.0, micro_batches: int = 4, unit
             clocks = [gpu.clocks_mhz[k] for k in (10, 30, 50)]
             life.start()
             steps = _client_steps(client, life, micro_batches, unit_ms, clocks)
-            locked_at_end = AgentClient(life.agent.endpoint, job_id="o", rank=-1).status()["gpus"][0]["target_mhz"]
+            with AgentClient(life.agent.endpoint, job_id="observer", rank=-1) as observer:
+                locked_at_end = observer.status()["gpus"][0]["target_mhz"]
         finally:
             client.close()
             life.stop()
