@@ -35,24 +35,27 @@ def run(ranks: int = 64, events_per_s: float = 1000.0, duration_s: float = 60.0,
     """Run the load and return its figures (see the module docstring)."""
     procs = min(procs, ranks)
     split = [ranks // procs + (1 if i < ranks % procs else 0) for i in range(procs)]
-    with short_dir() as runtime_dir, start_agent("sim", gpus=ranks, runtime_dir=runtime_dir,
-                                                 extra_args=["--lease-timeout-s", str(lease_timeout_s)]) as agent:
-        with AgentClient(agent.endpoint, job_id="observer", rank=-1) as observer:
-            before = observer.status()["counters"]
-            rss_before, cpu_before_s, started_s = rss_kib(agent.pid), cpu_s(agent.pid), time.monotonic()
-            workers = []
-            first = 0
-            for count in split:
-                workers.append(subprocess.Popen(
-                    [sys.executable, RANKS, agent.endpoint, str(first), str(count), str(events_per_s),
-                     str(duration_s), str(control_period_s)], stdout=subprocess.PIPE, text=True))
-                first += count
-            outs = [json.loads(w.communicate(timeout=duration_s + 120)[0]) for w in workers]
-            wall_s = time.monotonic() - started_s
-            agent_cpu_s = cpu_s(agent.pid) - cpu_before_s
-            time.sleep(0.5)  # let the last events drain
-            status = observer.status()
-            rss_after = rss_kib(agent.pid)
+    with (
+        short_dir() as runtime_dir,
+        start_agent("sim", gpus=ranks, runtime_dir=runtime_dir,
+                    extra_args=["--lease-timeout-s", str(lease_timeout_s)]) as agent,
+        AgentClient(agent.endpoint, job_id="observer", rank=-1) as observer,
+    ):
+        before = observer.status()["counters"]
+        rss_before, cpu_before_s, started_s = rss_kib(agent.pid), cpu_s(agent.pid), time.monotonic()
+        workers = []
+        first = 0
+        for count in split:
+            workers.append(subprocess.Popen(
+                [sys.executable, RANKS, agent.endpoint, str(first), str(count), str(events_per_s),
+                 str(duration_s), str(control_period_s)], stdout=subprocess.PIPE, text=True))
+            first += count
+        outs = [json.loads(w.communicate(timeout=duration_s + 120)[0]) for w in workers]
+        wall_s = time.monotonic() - started_s
+        agent_cpu_s = cpu_s(agent.pid) - cpu_before_s
+        time.sleep(0.5)  # let the last events drain
+        status = observer.status()
+        rss_after = rss_kib(agent.pid)
     return _summarise(outs, before, status, ranks, events_per_s, duration_s, wall_s, agent_cpu_s, rss_before,
                       rss_after)
 
