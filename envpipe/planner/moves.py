@@ -44,7 +44,7 @@ def lower_into_slack(dag: ClockDag, choice: list[int], deadline_ms: float, units
     """Lower units that have slack by ``step_mhz`` where that saves energy; returns the units moved.
 
     Every mover grows by at most ``SLACK_MARGIN * slack / k`` (``k`` = movers on its busiest path), so the
-    plan still meets ``deadline_ms``. With ``single`` only the one move with the largest saving is made
+    plan still meets ``deadline_ms`` (bolder shares are taken when the model says they also do). With ``single`` only the one move with the largest saving is made
     (the greedy policy). ``min_rate`` (J per ms added) skips moves that buy too little.
     """
     succs = dag.succs()
@@ -65,9 +65,15 @@ def lower_into_slack(dag: ClockDag, choice: list[int], deadline_ms: float, units
         choice[u] = moves[u][0]
         return [u]
     counts = mover_counts(dag, [u in moves for u in range(len(dag))], succs)
-    moved = []
-    for u, (c2, grow_ms, _) in moves.items():
-        if grow_ms <= SLACK_MARGIN * slack[u] / counts[u]:
-            choice[u] = c2
-            moved.append(u)
-    return moved
+    # Bolder shares first (slack / k**b), kept only if the model predicts the deadline still holds: k counts
+    # movers on any path, also on long paths with plenty of slack, so slack / k is often far too cautious.
+    for boldness in (0.25, 0.5, 1.0):
+        moved = [u for u, (_, grow_ms, _) in moves.items()
+                 if grow_ms <= SLACK_MARGIN * slack[u] / counts[u] ** boldness]
+        trial = list(choice)
+        for u in moved:
+            trial[u] = moves[u][0]
+        if moved and (boldness == 1.0 or dag.makespan_ms(dag.durations(trial)) <= deadline_ms):
+            choice[:] = trial
+            return moved
+    return []

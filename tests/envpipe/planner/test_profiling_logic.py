@@ -86,3 +86,19 @@ def test_inconsistent_samples_are_refused() -> None:
     with pytest.raises(ConfigError, match="no measurements"):
         build_profile([ClockSample(0, 1980, [], [20.0], [1.0], 1.0, 1)], gpu_name="x", supported_mhz=[1980],
                       idle_power_w=1.0, micro_batches=1, simulated=True, source="test")
+
+
+def test_planner_runs_on_a_profile_and_uses_only_profiled_clocks() -> None:
+    from envpipe.planner import plan_clocks
+
+    costs = CostModel.build(2, fwd_ms=[10, 14], bwd_ms=[20, 28], clock_switch_ms=0.0, idle_clock_drop=0.0)
+    clocks = candidate_clocks(H100, count=10, min_mhz=1100)
+    profile = build_profile(_samples_from_sim(costs, clocks, 4), gpu_name="NVIDIA H100 80GB HBM3",
+                            supported_mhz=H100, idle_power_w=costs.idle_power_w(0, 1980), micro_batches=4,
+                            simulated=True, source="simulator, central model")
+    measured = cost_model_from_profile(profile)
+    schedule = get_schedule("ours", 2, 6, costs=measured)
+    for policy in ("optimal", "balanced"):
+        result = plan_clocks(schedule, measured, policy)
+        assert result.met_bound
+        assert {c for stage in result.clocks.values() for c in stage.values()} <= set(clocks)
