@@ -23,10 +23,8 @@ class Window:
     """One measured stretch of iterations (rank 0's view, every stage's energy included)."""
 
     iterations: int
-    kept_iterations: int  # the iterations the statistics use (see ``statistic``)
     statistic: str
     iteration_ms: float
-    iteration_ms_mean: float  # over every iteration
     iteration_ms_median: float
     stage_energy_j: dict[int, float]  # per iteration, summed over data-parallel replicas
     simulated: bool
@@ -110,32 +108,25 @@ class PhaseRunner:
         total: int = 0,
         spans: bool = False,
     ) -> Window:
-        """Run ``iterations``, measuring time and energy; every rank returns the same :class:`Window`.
+        """Run ``iterations`` in one energy window; every rank returns the same :class:`Window`.
 
-        With the sim agent every iteration gets its own energy window (exact and cheap), and the statistics
-        drop the slowest and fastest fifth of the iterations (same ones on every stage): a CPU rank stalled
-        by another process would otherwise decide the comparison. A real agent's counter needs one window of
-        >= ``min_window_s``, whose mean is used. With ``spans`` every iteration's timeline is also gathered
-        (a collective outside the timed ``train_batch``), for the first-unit-to-last-unit iteration time the
-        Reconfigurer works in.
+        One window, not one per iteration: the sim agent integrates power over the time it handles the
+        phase events, and a window mark makes it handle the queued ones at once, so short windows on a busy
+        CPU under-count busy time. A real agent's counter needs >= ``min_window_s`` anyway. With ``spans``
+        every iteration's timeline is also gathered (a collective outside the timed ``train_batch``), for
+        the first-unit-to-last-unit iteration time the Reconfigurer works in.
         """
         import torch.distributed as dist
 
         ctx = self.ctx
-        per_iteration = ctx.agent_simulated
         dist.barrier()
-        window_id = None if per_iteration else ctx.client.window_begin()
-        times_ms, energies_j, losses, units, span_ms, simulated = [], [], [], {"F": [], "B": []}, [], True
+        window_id = ctx.client.window_begin()
+        times_ms, losses, units, span_ms = [], [], {"F": [], "B": []}, []
         for i in range(iterations):
-            iteration_window = ctx.client.window_begin() if per_iteration else None
             start = time.perf_counter()
-            loss = ctx.engine.train_batch(ctx.data_iter)
+            # float() waits for the loss on GPU: the iteration's time includes all its work.
+            losses.append(float(ctx.engine.train_batch(ctx.data_iter)))
             times_ms.append((time.perf_counter() - start) * 1000.0)
-            if iteration_window is not None:
-                energy = ctx.client.window_end(iteration_window)
-                energies_j.append(energy.energy_j)
-                simulated = simulated and bool(energy.simulated)
-            losses.append(float(loss))
             _collect_unit_ms(ctx.engine.last_timeline(), units)
             if spans:
                 span_ms.append(_span_iteration_ms(ctx.engine.gather_timeline()))
@@ -147,27 +138,15 @@ class PhaseRunner:
                     info=f"{info}loss {losses[-1]:.3f} · {times_ms[-1]:.0f} ms/it",
                 )
         dist.barrier()
-        if window_id is not None:
-            energy = ctx.client.window_end(window_id)
-            energies_j, simulated = [energy.energy_j / iterations] * iterations, bool(energy.simulated)
-        gathered = _all_gather(
-            (
-                ctx.stage,
-                energies_j,
-                simulated,
-                {k: statistics.median(v) for k, v in units.items() if v},
-                times_ms,
-            )
-        )
-        kept = _kept_iterations(gathered[0][4]) if per_iteration else list(range(iterations))
+        energy = ctx.client.window_end(window_id)
+        local_units = {k: statistics.median(v) for k, v in units.items() if v}
+        gathered = _all_gather((ctx.stage, energy.energy_j / iterations, bool(energy.simulated), local_units))
         return Window(
             iterations=iterations,
-            kept_iterations=len(kept),
-            statistic="trimmed mean (middle 60% of iterations by time)" if per_iteration else "window mean",
-            iteration_ms=statistics.fmean(gathered[0][4][i] for i in kept),
-            iteration_ms_mean=statistics.fmean(gathered[0][4]),
-            iteration_ms_median=statistics.median(gathered[0][4]),
-            stage_energy_j=_sum_by_stage([(g[0], statistics.fmean(g[1][i] for i in kept)) for g in gathered]),
+            statistic="mean over one energy window",
+            iteration_ms=statistics.fmean(times_ms),
+            iteration_ms_median=statistics.median(times_ms),
+            stage_energy_j=_sum_by_stage(gathered),
             simulated=all(g[2] for g in gathered),
             losses=losses,
             stage_unit_ms={g[0]: g[3] for g in gathered},
@@ -392,15 +371,6 @@ def _span_dict(span: Any) -> dict[str, Any]:
         "end_ms": span.end_ms,
         "clock_mhz": span.clock_mhz,
     }
-
-
-def _kept_iterations(times_ms: list[float]) -> list[int]:
-    """Indices of the middle 60% of iterations by time (all of them when there are fewer than 5)."""
-    if len(times_ms) < 5:
-        return list(range(len(times_ms)))
-    order = sorted(range(len(times_ms)), key=times_ms.__getitem__)
-    cut = len(times_ms) // 5
-    return sorted(order[cut : len(order) - cut])
 
 
 def _span_iteration_ms(spans: list[Any]) -> float:

@@ -71,7 +71,7 @@ def _window_summary(window: dict[str, Any], tokens_per_iteration: int) -> dict[s
         "energy_j_per_iteration": float(window["energy_j"]),
         "stage_energy_j": {str(k): float(v) for k, v in window["stage_energy_j"].items()},
         "iterations": int(window["iterations"]),
-        "statistic": window.get("statistic", "window mean"),
+        "statistic": window.get("statistic", "mean over one energy window"),
         "loss_last": window["losses"][-1] if window.get("losses") else None,
     }
 

@@ -75,10 +75,8 @@ def test_candidate_clocks_spread_over_the_window():
 def _window(energy: dict[int, float], iteration_ms: float, units=None) -> Window:
     return Window(
         iterations=2,
-        kept_iterations=2,
-        statistic="window mean",
+        statistic="mean over one energy window",
         iteration_ms=iteration_ms,
-        iteration_ms_mean=iteration_ms,
         iteration_ms_median=iteration_ms,
         stage_energy_j=energy,
         simulated=True,
@@ -131,15 +129,6 @@ def _result() -> dict:
         "agent": {},
         "gpu": {},
     }
-
-
-def test_statistics_drop_the_slowest_and_fastest_fifth():
-    from envpipe.train.phases import _kept_iterations
-
-    assert _kept_iterations([10.0, 11.0, 90.0, 12.0]) == [0, 1, 2, 3]  # too few to trim
-    times = [10.0, 11.0, 95.0, 12.0, 1.0, 10.5, 11.5, 10.2, 9.9, 10.8]
-    kept = _kept_iterations(times)
-    assert len(kept) == 6 and 2 not in kept and 4 not in kept
 
 
 def test_report_summary_numbers(tmp_path: Path):
