@@ -172,7 +172,8 @@ def run_energy_part(endpoint: str, gpu_uuid: str, on_gpu: bool, loads_s: list[fl
         pynvml.nvmlShutdown()
     errors = [w.get("error_vs_power_instant", w.get("error_vs_power_avg")) for w in windows]
     worst = max((abs(e) for e in errors if e is not None), default=None)
-    return {"windows": windows, "counter_under_load": counter, "goal": goal("agent window energy vs integral of power samples", worst, 0.05)}
+    return {"windows": windows, "counter_under_load": counter,
+            "goal": goal("agent window energy vs integral of power samples", worst, 0.05)}
 
 
 def _handle_for(nvml: Any, gpu_uuid: str) -> Any:

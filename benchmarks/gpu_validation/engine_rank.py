@@ -214,7 +214,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     env = build(args)
     torch = env["torch"]
     result: dict[str, Any] = {"on_gpu": env["on_gpu"], "top_mhz": env["top_mhz"],
-                              "agent_backend": env["agent_backend"], "agent_simulated": env["agent_simulated"],
+                              "agent_backend": env["agent_backend"],
+                              "agent_simulated": env["agent_simulated"],
                               "torch": torch.__version__,
                               "tf32_override_env": os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", ""),
                               "model": args.model, "micro_batches": args.micro_batches,

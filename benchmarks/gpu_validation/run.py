@@ -302,7 +302,8 @@ def part_profile(d: Driver, agent: AgentProcess, train: dict[str, Any]) -> dict[
         return out
     time_err = relative_error(predicted["iteration_time_s"] * 1e3, steady["iteration_ms"])
     energy_err = relative_error(predicted["energy_j"], steady["energy_j_per_iteration"])
-    out.update(measured={"iteration_ms": steady["iteration_ms"], "energy_j": steady["energy_j_per_iteration"]},
+    out.update(measured={"iteration_ms": steady["iteration_ms"],
+                         "energy_j": steady["energy_j_per_iteration"]},
                predicted={"iteration_ms": predicted["iteration_time_s"] * 1e3,
                           "energy_j": predicted["energy_j"]},
                relative_error={"iteration_time": time_err, "energy": energy_err},
@@ -322,8 +323,9 @@ def part_engine(d: Driver, backend: str) -> dict[str, Any]:
     a = d.args
     try:
         d.run([sys.executable, str(HERE / "engine_rank.py"), "--agent", agent.endpoint,
-               "--out", str(engine_path), "--model", a.model, "--micro-batches", str(a.micro_batches), "--micro-batch-size",
-               str(a.micro_batch_size), "--seq-len", str(a.seq_len), "--steps", str(a.overhead_steps),
+               "--out", str(engine_path), "--model", a.model, "--micro-batches", str(a.micro_batches),
+               "--micro-batch-size", str(a.micro_batch_size), "--seq-len", str(a.seq_len),
+               "--steps", str(a.overhead_steps),
                "--lag-iterations", str(a.lag_iterations)], a.part_timeout_s, "engine_rank.py")
     finally:
         agent.stop()
