@@ -121,6 +121,7 @@ def equivalence(
     engine, ours_losses = _train(model_dir, ours, steps, clocks=clocks, agent=agent, emulate=True)
     timeline = engine.gather_timeline()
     result = {
+        "bad_input_errors": _bad_input_errors(engine, stage_count),
         "stage": stage,
         "base_losses": base_losses,
         "ours_losses": ours_losses,
@@ -139,6 +140,23 @@ def equivalence(
     agent.client.close()
     result.update(_tied_with_checkpointing(tied_model_dir, ours))
     return result
+
+
+def _bad_input_errors(engine: Any, stage_count: int) -> list[str]:
+    """The messages of a clock plan naming a unit the stage does not run, and of a mismatched schedule."""
+    from envpipe.errors import ConfigError
+    from envpipe.schedules import get_schedule
+
+    messages = []
+    for attempt in (
+        lambda: engine.set_clocks({engine.stage_id: {"F99": 1200}}),
+        lambda: engine.set_schedule(get_schedule("1f1b", stage_count, engine.micro_batches + 1)),
+    ):
+        try:
+            attempt()
+        except ConfigError as exc:
+            messages.append(str(exc))
+    return messages
 
 
 def _tied_with_checkpointing(model_dir: str, schedule: Any) -> dict[str, Any]:

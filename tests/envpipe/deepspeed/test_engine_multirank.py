@@ -79,6 +79,10 @@ def test_two_stages_ours_matches_1f1b_and_unsplit_model_and_reaches_agent(
             assert abs(ours - base) <= 1e-6 * abs(base)
         assert v["param_rel_diff"] <= 1e-6
         assert v["base_losses"] == values[0]["base_losses"]  # every stage reports the same loss
+    for v in values:
+        plan_error, schedule_error = v["bad_input_errors"]
+        assert "names units ['F99']" in plan_error and "its units are" in plan_error
+        assert "gradient_accumulation_steps" in schedule_error
     last = values[-1]
     assert abs(last["base_losses"][0] - last["reference_loss"]) <= 1e-5 * last["reference_loss"]
     # tied embedding/head on two stages, checkpointed layers: same loss as unsplit, tied copies stay equal

@@ -321,3 +321,11 @@ def test_gpu_stretch_learns_compute_time_and_the_achieved_spin_rate():
     stretcher.observe_gpu([("F0", 10.0, 0.5), ("F1", 12.0, 1.0), ("F2", 11.0, 1.0), ("B0", 20.0, 0.0)])
     assert stretcher._last_ms == {"F0": 10.0, "F1": 12.0, "F2": 11.0, "B0": 20.0}  # compute only, no spin
     assert stretcher._cycles_per_ms == 2_000_000.0  # median of the rates the spins really ran at
+
+
+def test_initialize_refuses_a_schedule_that_does_not_match_the_config():
+    from envpipe.deepspeed import initialize
+
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 8}
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps=8 but the schedule has 4"):
+        initialize(object(), config, get_schedule("1f1b", 2, 4))
