@@ -446,7 +446,7 @@ class Agent:
         energy_mj, _ = self.sampler.read(index)
         p99_ms = worker.apply_latency_p99_ms()
         info = self.gpu_info(gpu)
-        del info["clocks_mhz"]
+        info["supported_clocks"] = len(info.pop("clocks_mhz"))  # the list is in hello; 110 on an H100
         return {
             **info,
             "clock_mhz": _read_or_none(self.backend.read_clock_mhz, index),
