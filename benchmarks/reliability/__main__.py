@@ -19,7 +19,7 @@ from rich.console import Console
 
 from benchmarks.reliability.common import machine
 
-SCENARIOS = ("holders", "restart", "fuzz", "flood", "authz", "load", "training", "systemd")
+SCENARIOS = ("holders", "restart", "fuzz", "flood", "authz", "load", "latency", "training", "systemd")
 
 
 def _holders(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -32,7 +32,7 @@ def _holders(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _run(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
-    from benchmarks.reliability import authz, flood, fuzz, load, restart, systemd_unit, training
+    from benchmarks.reliability import authz, flood, fuzz, latency, load, restart, systemd_unit, training
 
     if name == "holders":
         return _holders(args)
@@ -47,6 +47,8 @@ def _run(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     if name == "load":
         return [load.run(ranks=args.ranks, events_per_s=args.events_per_s, duration_s=args.duration_s,
                          procs=args.procs)]
+    if name == "latency":
+        return [latency.run(events_per_s=args.events_per_s, duration_s=args.duration_s)]
     if name == "training":
         modes = ("client", "engine") if args.mode == "both" else (args.mode,)
         return [training.run(mode=m, phase_s=args.phase_s) for m in modes]
@@ -71,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--connections", type=int, default=2000, help="flood: idle connections opened to the agent")
     add("--attempts", type=int, default=1000, help="authz: forged lease ids")
     add("--ranks", type=int, default=64, help="load: simulated ranks")
-    add("--events-per-s", type=float, default=1000.0, help="load: events per second per rank")
-    add("--duration-s", type=float, default=60.0, help="load: seconds")
+    add("--events-per-s", type=float, default=1000.0, help="load/latency: events per second per rank")
+    add("--duration-s", type=float, default=60.0, help="load/latency: seconds")
     add("--procs", type=int, default=8, help="load: processes the ranks are spread over")
     add("--phase-s", type=float, default=6.0, help="training: seconds per agent phase")
     add("--mode", choices=("client", "engine", "both"), default="both", help="training: loop kind")
