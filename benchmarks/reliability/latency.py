@@ -55,19 +55,22 @@ def _probe(client: AgentClient, nvml: Any, index: int, clocks: list[int], marker
 def run(events_per_s: float = 1000.0, duration_s: float = 30.0, probe_period_s: float = 0.1) -> dict[str, Any]:
     """8 GPUs, 7 loading ranks + 1 probing rank; the probe's latency distribution."""
     gpus = 8
-    with fake_nvml(gpus) as nvml, short_dir() as runtime_dir:
-        with start_agent("nvml", runtime_dir=runtime_dir, env=nvml.env) as agent:
-            workers = [subprocess.Popen([sys.executable, RANKS, agent.endpoint, str(first), "1", str(events_per_s),
-                                         str(duration_s), "1.0"], stdout=subprocess.PIPE, text=True, env=nvml.env)
-                       for first in range(gpus - 1)]
-            with AgentClient(agent.endpoint, job_id="probe", rank=gpus - 1) as client:
-                gpu = client.hello().gpus[gpus - 1]
-                client.claim(gpu.uuid)
-                clocks = [gpu.clocks_mhz[k] for k in (0, 20, 40, 60)]
-                markers = [gpu.clocks_mhz[80], gpu.clocks_mhz[90]]
-                latencies_ms, missed = _probe(client, nvml, gpus - 1, clocks, markers, events_per_s, duration_s,
-                                              probe_period_s)
-            outs = [json.loads(w.communicate(timeout=duration_s + 60)[0]) for w in workers]
+    with (
+        fake_nvml(gpus) as nvml,
+        short_dir() as runtime_dir,
+        start_agent("nvml", runtime_dir=runtime_dir, env=nvml.env) as agent,
+    ):
+        workers = [subprocess.Popen([sys.executable, RANKS, agent.endpoint, str(first), "1", str(events_per_s),
+                                     str(duration_s), "1.0"], stdout=subprocess.PIPE, text=True, env=nvml.env)
+                   for first in range(gpus - 1)]
+        with AgentClient(agent.endpoint, job_id="probe", rank=gpus - 1) as client:
+            gpu = client.hello().gpus[gpus - 1]
+            client.claim(gpu.uuid)
+            clocks = [gpu.clocks_mhz[k] for k in (0, 20, 40, 60)]
+            markers = [gpu.clocks_mhz[80], gpu.clocks_mhz[90]]
+            latencies_ms, missed = _probe(client, nvml, gpus - 1, clocks, markers, events_per_s, duration_s,
+                                          probe_period_s)
+        outs = [json.loads(w.communicate(timeout=duration_s + 60)[0]) for w in workers]
     return {"scenario": "latency", "backend": "nvml (fake libnvidia-ml)", "ranks": gpus,
             "events_per_s_per_rank": events_per_s, "duration_s": duration_s, "probes": len(latencies_ms),
             "probes_missed": missed, "send_to_set_ms": percentiles(latencies_ms),
