@@ -61,6 +61,8 @@ class TrainConfig:
             samples it every 100 ms, so each window edge is uncertain by up to ~0.2 s of full power: on the
             H100, 2.5 s windows of the same work differed by 7 %, 10 s windows by 0.4 % (docs/validation.md).
         reconfig_max_rounds: cap on reconfiguration iterations; ``None`` = the policy's own cap.
+        compare_rounds: rounds of the steady phase, each a baseline window then a window of the final plan
+            (0 = compare with the start's baseline window only).
         slowdown_bound: allowed iteration-time slowdown for the planner (0.01 = 1 %).
         lr: learning rate of the default optimizer (SGD), used when the DeepSpeed config names none.
         seed: seed of the model initialisation and the synthetic data.
@@ -97,6 +99,7 @@ class TrainConfig:
     profile_min_ratio: float = 0.5
     min_window_s: float = 10.0
     reconfig_max_rounds: int | None = None
+    compare_rounds: int = 3
     slowdown_bound: float = 0.01
     lr: float = 0.05
     seed: int = 1234
@@ -137,6 +140,7 @@ _INT_MIN = {
     "profile_steps": 1,
     "profile_clocks": 1,
     "reconfig_max_rounds": 0,
+    "compare_rounds": 0,
     "num_gpus": 1,
     "num_nodes": 1,
 }

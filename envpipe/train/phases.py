@@ -56,6 +56,7 @@ class PhaseRunner:
         self.ctx = ctx
         self.config = ctx.config
         self.schedule = get_schedule("1f1b", self.config.stages, self.config.micro_batches)
+        self._one_f_one_b = self.schedule  # the baseline's schedule, for the interleaved comparison
         self.clocks = top_clock_plan(self.schedule, ctx.max_clock_mhz)
         self.iteration_s_estimate = 0.0
         self.idle_power_w = 0.0
@@ -286,16 +287,54 @@ class PhaseRunner:
             )
         self.phases.append({**record, "rounds": rounds, "changes": changes})
 
-    def steady(self) -> tuple[Window, list[Any]]:
-        """Run the final schedule and clocks for ``--steps`` iterations; return the last iteration's spans."""
-        n = self.window_iterations(self.config.steps)
-        label = f"steady ({self.config.type}, {self.schedule.name})"
-        self._start("steady", label, n)
-        window = self.measure("steady", n, total=n, spans=True)
+    def steady(self, baseline: Window) -> tuple[Window, Window, list[Any]]:
+        """Run the final schedule and clocks for ``--steps`` iterations, interleaved with baseline windows.
+
+        ``compare_rounds`` rounds each run a baseline window (1F1B, top clock) and then a window of the final
+        plan, so that drift (a busy neighbour, temperature) hits both sides alike; each side is represented
+        by its median window by energy, the start's baseline window included.
+
+        Returns:
+            The baseline's and the final plan's representative windows, and the last iteration's spans.
+        """
+        import math
+
+        rounds = self.config.compare_rounds if self._differs_from_baseline() else 0
+        final = (self.schedule, self.clocks)
+        reference = (self._one_f_one_b, top_clock_plan(self._one_f_one_b, self.ctx.max_clock_mhz))
+        n_final = self.window_iterations(math.ceil(self.config.steps / max(rounds, 1)))
+        n_base = self.window_iterations(self.config.baseline_steps) if rounds else 0
+        total = max(rounds, 1) * (n_final + n_base)
+        self._start("steady", f"steady ({self.config.type}, {self.schedule.name})", total)
+        base_windows, final_windows, done = [baseline], [], 0
+        for _ in range(max(rounds, 1)):
+            if rounds:
+                self._set(*reference)
+                base_windows.append(
+                    self.measure("steady", n_base, info="baseline · ", offset=done, total=total)
+                )
+                done += n_base
+                self._set(*final)
+            final_windows.append(self.measure("steady", n_final, offset=done, total=total, spans=True))
+            done += n_final
         timeline = self.ctx.engine.gather_timeline()
-        self._done("steady", f"{window.iteration_ms:.0f} ms/it · {window.energy_j:.2f} J/it")
-        self.phases.append({"name": "steady", "schedule": self.schedule.name, **window.to_dict()})
-        return window, timeline
+        base, steady = _median_window(base_windows), _median_window(final_windows)
+        self._done("steady", f"{steady.iteration_ms:.0f} ms/it · {steady.energy_j:.2f} J/it")
+        self.phases.append(
+            {
+                "name": "steady",
+                "schedule": self.schedule.name,
+                "compare_rounds": rounds,
+                **steady.to_dict(),
+                "windows": [_window_brief(w) for w in final_windows],
+                "baseline_windows": [_window_brief(w) for w in base_windows],
+            }
+        )
+        return base, steady, timeline
+
+    def _differs_from_baseline(self) -> bool:
+        top = top_clock_plan(self.schedule, self.ctx.max_clock_mhz)
+        return self.schedule.name != "1f1b" or any(self.schedule.r) or self.clocks != top
 
     # -- helpers --------------------------------------------------------------------------------------
 
@@ -335,7 +374,7 @@ def run_phases(ctx: RankContext) -> dict[str, Any] | None:
         runner.reconfigure(costs)
     elif ctx.config.scheduling != "1f1b":
         runner.plan(None)
-    steady, timeline = runner.steady()
+    baseline, steady, timeline = runner.steady(baseline)
     if not ctx.is_rank0:
         return None
     return {
@@ -356,6 +395,16 @@ def run_phases(ctx: RankContext) -> dict[str, Any] | None:
         "steady": steady.to_dict(),
         "last_iteration": [_span_dict(span) for span in timeline],
     }
+
+
+def _median_window(windows: list[Window]) -> Window:
+    """The window with the median energy per iteration (the lower middle one of an even count)."""
+    ordered = sorted(windows, key=lambda w: w.energy_j)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def _window_brief(window: Window) -> dict[str, float]:
+    return {"iterations": window.iterations, "iteration_ms": window.iteration_ms, "energy_j": window.energy_j}
 
 
 def _r_list(schedule: Any) -> list[int] | None:
