@@ -219,7 +219,8 @@ def part_status(d: Driver, agent: AgentProcess) -> dict[str, Any]:
         "backend nvml, read-only": status["backend"] == "nvml" and bool(status["read_only"]),
         "real card (not simulated)": not status["simulated"],
         "UUID": str(gpu["uuid"]).startswith("GPU-"), "name": bool(gpu["name"]),
-        "110 supported SM clocks": len(info.clocks_mhz) == 110,
+        # status counts them (agents since issue 7); hello lists them
+        "110 supported SM clocks": gpu.get("supported_clocks", 110) == 110 == len(info.clocks_mhz),
         "power > 0 W": (gpu["power_w"] or 0) > 0, "energy counter > 0 J": (gpu["energy_j"] or 0) > 0,
     }
     return {"status": status, "status_table": table, "supported_clocks_mhz": list(info.clocks_mhz),
