@@ -32,6 +32,8 @@ from envpipe.train.progress import MARKER, ProgressDisplay, parse_marker
 
 # How long ranks get to exit after SIGTERM before SIGKILL (they release their agent lease on the way out).
 _TERM_GRACE_S = 5.0
+# How long ranks get to shut down (release the lease, leave the process group) after rank 0's result.
+_SHUTDOWN_GRACE_S = 60.0
 _LOG_TAIL_LINES = 15
 
 
@@ -259,7 +261,7 @@ def run_ranks(config: TrainConfig, *, console: Any) -> dict[str, Any]:
         ranks, progress_stream = _start(config, run_dir)
         with ProgressDisplay(console) as display:
             result = _follow(ranks, progress_stream, display, run_dir)
-        ok = True
+        ok = "shutdown_warning" not in result  # keep the logs that the warning points to
         return result
     finally:
         if ok:
@@ -349,18 +351,32 @@ def _spawn_deepspeed(config: TrainConfig, encoded: str, run_dir: Path) -> tuple[
 
 
 def _follow(ranks: list[_Rank], stream: IO[str], display: ProgressDisplay, run_dir: Path) -> dict[str, Any]:
-    """Feed markers to the display until every rank exits; the first failure stops the others."""
+    """Feed markers to the display until every rank exits; the first failure stops the others.
+
+    Once rank 0 has sent the result, a rank that fails or hangs while shutting down no longer costs the
+    run: it is stopped, the result is kept and a warning names its log (the run folder is then kept).
+    """
     events: queue.Queue = queue.Queue()
     reader = threading.Thread(target=_read_markers, args=(stream, ranks[0].log_path, events), daemon=True)
     reader.start()
     result: dict[str, Any] | None = None
+    result_at = 0.0
     try:
         while True:
+            had_result = result is not None
             result = _drain(events, display, result)
+            if result is not None and not had_result:
+                result_at = time.monotonic()
             failed = [r for r in ranks if r.process.poll() not in (None, 0)]
-            if failed:
+            late = result is not None and time.monotonic() - result_at > _SHUTDOWN_GRACE_S
+            if failed or late:
                 _stop_all(ranks)
-                raise RunError(_failure_message(failed[0], run_dir))
+                if result is None:
+                    raise RunError(_failure_message(failed[0], run_dir))
+                what = _failure_message(failed[0], run_dir) if failed else "a rank did not exit after the run"
+                display.console.print(f"[yellow]warning: the run finished, but {what}[/]", highlight=False)
+                result["shutdown_warning"] = what
+                return result
             if all(r.process.poll() == 0 for r in ranks):
                 reader.join(timeout=5.0)
                 result = _drain(events, display, result)

@@ -57,6 +57,7 @@ def build_report(config: TrainConfig, result: dict[str, Any]) -> dict[str, Any]:
                 "phases",
                 "profile",
                 "last_iteration",
+                "shutdown_warning",
             )
         },
     }
@@ -127,6 +128,19 @@ def print_summary(report: dict[str, Any], console: Any) -> None:
         style="bold",
     )
     console.print(table)
+    console.print(_plan_line(report), highlight=False)
+
+
+def _plan_line(report: dict[str, Any]) -> str:
+    """One line: the schedule's r and, per stage, how many units run at which clock."""
+    stages = []
+    for stage, units in sorted(report.get("clocks", {}).items(), key=lambda kv: int(kv[0])):
+        counts: dict[int, int] = {}
+        for clock_mhz in units.values():
+            counts[clock_mhz] = counts.get(clock_mhz, 0) + 1
+        stages.append(f"s{stage} " + " ".join(f"{n}x{c}" for c, n in sorted(counts.items(), reverse=True)))
+    r = report["schedule"].get("r")
+    return f"schedule {report['schedule']['name']} r={r}; clocks (units x MHz): " + " | ".join(stages)
 
 
 def _pct(fraction: float) -> str:

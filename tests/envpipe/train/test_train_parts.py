@@ -202,3 +202,19 @@ def test_embedded_sim_agent_when_none_answers(tmp_path: Path):
     with pytest.raises(launch.RunError, match="needs envpipe-agent running on every node"):
         with launch.agent_for_run(nowhere, gpus=2, console=console, multi_node=True):
             pass
+
+
+def test_a_rank_failing_after_the_result_keeps_the_result(tmp_path: Path):
+    marker = MARKER + json.dumps({"event": "result", "data": {"ok": 1}})
+    rank0 = _stand_in(f"print({marker!r}, flush=True)")
+    log = tmp_path / "rank1.log"
+    log.write_text("error: rank 1: RuntimeError: teardown failed\n")
+    rank1 = subprocess.Popen(
+        [sys.executable, "-c", "import time, sys; time.sleep(1.0); sys.exit(2)"], start_new_session=True
+    )
+    ranks = [launch._Rank("rank 0", rank0, tmp_path / "rank0.log"), launch._Rank("rank 1", rank1, log)]
+    console = Console(record=True, width=200)
+    with ProgressDisplay(console) as display:
+        result = launch._follow(ranks, rank0.stdout, display, tmp_path)
+    assert result["ok"] == 1 and "rank 1 exited with code 2" in result["shutdown_warning"]
+    assert "warning: the run finished" in console.export_text()
