@@ -76,4 +76,22 @@ def lower_into_slack(dag: ClockDag, choice: list[int], deadline_ms: float, units
         if moved and (boldness == 1.0 or dag.makespan_ms(dag.durations(trial)) <= deadline_ms):
             choice[:] = trial
             return moved
-    return []
+    return _one_by_one(dag, choice, deadline_ms, moves)
+
+
+_CHECKS_PER_ROUND = 48
+
+
+def _one_by_one(dag: ClockDag, choice: list[int], deadline_ms: float,
+                moves: dict[int, tuple[int, float, float]]) -> list[int]:
+    """When slack is spread too thin to share, take single moves by saving rate, each checked on the model."""
+    moved: list[int] = []
+    ranked = sorted(moves, key=lambda u: -moves[u][2] / max(moves[u][1], 1e-12))
+    for u in ranked[:_CHECKS_PER_ROUND]:
+        trial = list(choice)
+        trial[u] = moves[u][0]
+        # Keep the same noise margin as the shared moves: (1 - SLACK_MARGIN) of the growth stays unused.
+        if dag.makespan_ms(dag.durations(trial)) <= deadline_ms - (1 - SLACK_MARGIN) * moves[u][1]:
+            choice[:] = trial
+            moved.append(u)
+    return moved
