@@ -116,6 +116,7 @@ def profile(config: TrainConfig, output: str | Path, *, console: Any) -> dict[st
 
 def _run_with_agent(config: TrainConfig, console: Any) -> dict[str, Any]:
     """Find or start the agent, run the ranks, and return rank 0's result (with the agent described)."""
+    _require_training_stack()
     device = resolve_device(config)
     world_size = _local_world_size(config, device)
     multi_node = config.hostfile is not None and (config.num_nodes or 2) > 1
@@ -160,9 +161,24 @@ def resolve_device(config: TrainConfig) -> str:
 
 
 def _cuda_available() -> bool:
+    _require_training_stack()
     import torch
 
     return torch.cuda.is_available()
+
+
+def _require_training_stack() -> None:
+    """Fail with the install command when the [train] extra (torch, deepspeed, transformers) is missing."""
+    import importlib.util
+
+    missing = [
+        name for name in ("torch", "deepspeed", "transformers") if importlib.util.find_spec(name) is None
+    ]
+    if missing:
+        raise RunError(
+            f"envpipe train needs {', '.join(missing)}: install the training extra, e.g. "
+            "DS_BUILD_OPS=0 pip install torch 'envpipe[train]'"
+        )
 
 
 def _local_world_size(config: TrainConfig, device: str) -> int:

@@ -218,3 +218,14 @@ def test_a_rank_failing_after_the_result_keeps_the_result(tmp_path: Path):
         result = launch._follow(ranks, rank0.stdout, display, tmp_path)
     assert result["ok"] == 1 and "rank 1 exited with code 2" in result["shutdown_warning"]
     assert "warning: the run finished" in console.export_text()
+
+
+def test_missing_training_stack_is_one_clear_error(monkeypatch: pytest.MonkeyPatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a)
+    )
+    with pytest.raises(launch.RunError, match=r"needs deepspeed: install the training extra"):
+        launch.resolve_device(resolve({"device": "auto"}))
