@@ -5,6 +5,7 @@ Each returns plain JSON so the test process can assert on every rank's view.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,18 @@ def _ds_config(micro_batches: int) -> dict[str, Any]:
     }
 
 
-def _data(vocab_size: int) -> Any:
+def _data(vocab_size: int, dp_index: int = 0, dp_size: int = 1) -> Any:
     from envpipe.data import batches
 
-    return batches(None, vocab_size=vocab_size, micro_batch_size=MICRO_BATCH_SIZE, seq_len=SEQ_LEN, seed=7)
+    return batches(
+        None,
+        vocab_size=vocab_size,
+        micro_batch_size=MICRO_BATCH_SIZE,
+        seq_len=SEQ_LEN,
+        seed=7,
+        dp_index=dp_index,
+        dp_size=dp_size,
+    )
 
 
 def _agent(endpoint: str | None) -> Any:
@@ -70,7 +79,7 @@ def _train(
     )
     ds_config = _ds_config(schedule.micro_batches) | {"pipeline": {"use_reentrant": False}}
     engine = initialize(module, ds_config, schedule, clocks, agent, emulate)
-    data = _data(config.vocab_size)
+    data = _data(config.vocab_size, engine.grid.data_parallel_id, engine.grid.data_parallel_size)
     losses = [float(engine.train_batch(data)) for _ in range(steps)]
     return engine, losses
 
@@ -177,16 +186,26 @@ def killed_rank(
     micro_batches: int = 8,
     steps_before: int = 2,
 ) -> dict[str, Any]:
-    """4 stages of ours with a non-monotone r; after ``steps_before`` steps rank ``victim`` dies."""
+    """2 stages x 2 data-parallel pipelines; then 4 stages of ours with a non-monotone r, after
+    ``steps_before`` steps of which rank ``victim`` dies."""
     from envpipe.deepspeed import setup_distributed
     from envpipe.schedules import get_schedule
 
     setup_distributed(timeout_s=20)
     rank = int(os.environ["RANK"])
+    dp_engine, dp_losses = _train(model_dir, get_schedule("ours", 2, 4, [2, 0]), 2)
+    grid = dp_engine.grid
+    placement = {
+        "stage": dp_engine.stage_id,
+        "dp_index": grid.data_parallel_id,
+        "dp_size": grid.data_parallel_size,
+        "own_pipeline_loss": float(dp_engine.dp_group_loss),  # this pipeline's loss before the DP average
+    }
     schedule = get_schedule("ours", int(os.environ["WORLD_SIZE"]), micro_batches, [1, 2, 0, 0])
     agent = _agent(agent_endpoint)
     engine, losses = _train(model_dir, schedule, steps_before, agent=agent)
-    Path(progress_dir, f"rank{rank}.txt").write_text(f"{engine.gpu.uuid} {losses}")
+    progress = {"uuid": engine.gpu.uuid, "losses": losses, "dp_losses": dp_losses, **placement}
+    Path(progress_dir, f"rank{rank}.json").write_text(json.dumps(progress))
     if rank == victim:
         os._exit(3)  # no cleanup at all: as if the process were killed
     engine.train_batch(_data(256))  # must fail with a clear error: a neighbour is gone

@@ -9,6 +9,7 @@ Assertions are grouped into two jobs to keep CI time low (each rank imports torc
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -119,9 +120,17 @@ def test_four_stages_non_monotone_r_then_killed_rank(model_dir, sim_agent, tmp_p
         timeout_s=150,
         grace_s=60,
     )
-    progress = {r.rank: (tmp_path / f"rank{r.rank}.txt").read_text().split(" ", 1) for r in results}
+    files = {r.rank: tmp_path / f"rank{r.rank}.json" for r in results}
+    progress = {rank: json.loads(f.read_text()) for rank, f in files.items() if f.is_file()}
     assert len(progress) == 4, _failures(results)  # every rank finished the ours steps with r=[1,2,0,0]
-    assert len({losses for _, losses in progress.values()}) == 1
+    assert len({tuple(p["losses"]) for p in progress.values()}) == 1
+    # 2 stages x 2 data-parallel pipelines: each pipeline its own data, one averaged loss everywhere
+    placements = sorted((p["stage"], p["dp_index"], p["dp_size"]) for p in progress.values())
+    assert placements == [(0, 0, 2), (0, 1, 2), (1, 0, 2), (1, 1, 2)]
+    assert len({tuple(p["dp_losses"]) for p in progress.values()}) == 1
+    own = {p["dp_index"]: p["own_pipeline_loss"] for p in progress.values()}
+    assert own[0] != own[1]  # different data per data-parallel index
+    assert (own[0] + own[1]) / 2 == pytest.approx(progress[0]["dp_losses"][-1], rel=1e-6)
     assert results[victim].returncode == 3
     for r in results:
         if r.rank != victim:
@@ -131,7 +140,7 @@ def test_four_stages_non_monotone_r_then_killed_rank(model_dir, sim_agent, tmp_p
             "PeerLostError" in results[neighbour].stderr_tail
             and f"lost stage {victim}" in results[neighbour].stderr_tail
         )
-    victim_uuid = progress[victim][0]
+    victim_uuid = progress[victim]["uuid"]
     deadline = time.monotonic() + 10
     while True:  # the agent notices the dead pid / missed heartbeats and resets that GPU
         gpu = next(g for g in observer.status()["gpus"] if g["uuid"] == victim_uuid)
