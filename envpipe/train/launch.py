@@ -49,6 +49,7 @@ class AgentForRun:
     simulated: bool
     embedded: bool
     description: str
+    read_only: bool = False
 
 
 @dataclass
@@ -216,6 +217,11 @@ def agent_for_run(
     found = probe_agent(endpoint)
     if found is not None:
         console.print(f"agent: {found.description} at {found.endpoint}")
+        if found.read_only:
+            console.print(
+                "[yellow]the agent is read-only: it measures energy but never sets clocks, so every unit "
+                "runs at the card's default clock whatever the plan says[/]"
+            )
         yield found
         return
     if multi_node:
@@ -258,11 +264,14 @@ def probe_agent(endpoint: str | None, timeout_s: float = 1.0) -> AgentForRun | N
         client.close()
     names = sorted({gpu.name for gpu in info.gpus}) or ["no GPUs"]
     kind = "sim agent (simulated)" if info.simulated else f"{info.backend} agent"
+    read_only = bool(getattr(info, "read_only", False))
     return AgentForRun(
         client.endpoint,
         simulated=bool(info.simulated),
         embedded=False,
-        description=f"{kind} {info.version}, {len(info.gpus)} x {', '.join(names)}",
+        description=f"{kind}{' (read-only)' if read_only else ''} {info.version}, {len(info.gpus)} x "
+        f"{', '.join(names)}",
+        read_only=read_only,
     )
 
 
