@@ -479,7 +479,11 @@ def _last_error_line(log_path: Path) -> str:
         if text.startswith("error:") or (
             ":" in text and text.split(":", 1)[0].endswith(("Error", "Exception"))
         ):
-            return text.removeprefix("error:").strip()
+            text = text.removeprefix("error:").strip()
+            # The worker writes "error: rank N: ..."; the caller names the rank already.
+            if text.startswith("rank ") and ": " in text:
+                text = text.split(": ", 1)[1]
+            return text
     return ""
 
 
