@@ -148,6 +148,7 @@ def main() -> None:
         "## Where a goal is missed, and why",
         "",
     ]
+    out += [_summary(runs), ""]
     out += [f"- {m}" for m in misses] or ["- Every goal is met in every case."]
     out += ["", _why(), ""]
     for case in CASES:
@@ -171,14 +172,50 @@ def _case_line(case: str) -> str:
             f"{spec['bwd_ms']} ms per unit at the top clock.")
 
 
+def _summary(runs: dict) -> str:
+    """Counts of the goals over every case x model x schedule, computed from the runs."""
+    rows = [(c, m, sch) for (c, m, _, _, p) in runs if p == "bounds" for sch in SCHEDULINGS]
+    lp_ok = bal_ok = beats = 0
+    for case, model, sch in rows:
+        b = runs[(case, model, "-", "-", "bounds")]
+        base = b["dag_baseline_energy_j"]
+        lp = 1 - b[sch]["lp_energy_j"] / base
+        lp_ok += (1 - b[sch]["optimal_dag_energy_j"] / base) >= 0.99 * lp
+        opt = runs.get((case, model, sch, "any", "optimal"))
+        bal = runs.get((case, model, sch, "envelope", "balanced"))
+        pap = runs.get((case, model, sch, "envelope", "paper"))
+        bal_ok += bool(opt and bal and saving(bal) >= 0.9 * saving(opt))
+        beats += bool(opt and pap and saving(opt) > saving(pap))
+    plans = [r for r in runs.values() if "energy_j" in r]
+    guarded = [r for r in plans if r["policy"] in GUARDED]
+    worst = max(slowdown(r) for r in guarded)
+    most = max(r["rounds"] for r in plans)
+    n = len(rows)
+    return (f"Summary over {n} case x model x schedule rows and {len(plans)} simulated runs: the optimal planner "
+            f"reaches >= 99% of the LP bound's saving in {lp_ok}/{n}; balanced reaches >= 90% of the optimal "
+            f"planner's saving in {bal_ok}/{n}; the optimal planner saves more than the paper's algorithm in "
+            f"{beats}/{n} (and the paper often exceeds the bound, see its slowdown column); the worst slowdown "
+            f"of any guarded policy (greedy, balanced, optimal) is {100 * worst:+.2f}% (bound "
+            f"{100 * BOUND:.0f}%); every run terminated (most rounds: {most}, the caps included); no run is "
+            f"below the sanity floor unless marked BUG above.")
+
+
 def _why() -> str:
-    return ("Notes. The optimal planner is a pure-Python heuristic (priced starts + marginal-rate descent); on "
-            "balanced pipelines its gap to the LP bound comes from the cool-down backward chains, where the LP "
-            "staggers clocks stage by stage more finely than the slack-sharing rule does. On the simulator it "
-            "also spends a little of the bound on the 1 ms clock-switch latency that the DAG model leaves out, "
-            "which is why round-based `balanced` (measuring every round) can match or beat it there. "
-            "The paper's algorithm has no iteration-time guard: its slowdowns above the bound are its own "
-            "(reference only).")
+    return (
+        "Why. (1) The optimal planner is a pure-Python heuristic (priced starts + marginal-rate descent + "
+        "sweeps), not an LP/MILP solver, so that it runs online without scipy. Where it misses the 99% goal "
+        "(balanced-stage pipelines, most of all 1F1B with S=8), the LP's optimum slows the whole steady "
+        "state a little and staggers the cool-down backwards stage by stage -- a coordinated move along a "
+        "cut of the DAG that slack-sharing descent approximates but does not find exactly; a min-cost-flow "
+        "(Phillips-Dessouky-style) solver would close it and is the next step. On imbalanced stages it is "
+        "within 0.5% of the bound. On small cases it is within 2% of the exact MILP optimum (tests). "
+        "(2) On the simulator the optimal planner pays the 1 ms clock-switch latency that its DAG model leaves "
+        "out and steers its deadline over a few measured rounds; round-based balanced measures every round, "
+        "so it can match or beat it there (ratios above 100%). (3) Greedy raises one unit per round: from "
+        "far-too-slow starts (uniform) it can hit its round cap, and the cap then falls back to the top clocks "
+        "(0% saving, within the bound) -- the guard doing its job. (4) The paper's algorithm (reference) has no "
+        "iteration-time guard; its slowdowns above the bound are its own, and it stops immediately when its "
+        "threshold path equals the envelope (e.g. ours + envelope).")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ _EPS_MS = 1e-9
 _PRICE_STEPS = 16  # geometric price levels from the best rate down to ~0.5% of it
 _PRICE_FACTOR = 0.72
 _ROUNDS_PER_PRICE = 4
-_REPRICINGS = 3
+_REPRICINGS = 2
+_WEIGHT_POWERS = (1.0, 0.5, 1.5)
 _BOLDNESS = (0.25, 0.5)  # first try shares of slack / k**b, checked against the deadline
 _INF = float("inf")
 
@@ -62,7 +63,9 @@ def solve(dag: ClockDag, deadline_ms: float, start: Sequence[int] | None = None)
     succs = dag.succs()
     best, best_j = first, dag.evaluate(first)[1]
     starts: list[list[int] | None] = [list(first)]
-    starts.append(_scaled(dag, deadline_ms, hulls, _parallel_weights(dag, first, deadline_ms, succs), first))
+    weights = _parallel_weights(dag, first, deadline_ms, succs)
+    for power in _WEIGHT_POWERS:  # the flow's true split is unknown: try it flatter and steeper too
+        starts.append(_scaled(dag, deadline_ms, hulls, [w if w == _INF else w**power for w in weights], first))
     starts.append(_raised_from_valley(dag, deadline_ms, hulls, succs, first))
     fixed = len(starts)
     for attempt in range(fixed + _REPRICINGS):
