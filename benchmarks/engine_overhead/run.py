@@ -37,8 +37,9 @@ def rank_main(
     steps: int,
     warmup: int,
     agent_endpoint: str | None,
+    compare_no_agent: bool = False,
 ) -> dict[str, Any]:
-    """One rank: build both engines, alternate their steps, return rank 0's per-step times."""
+    """One rank: build the engines, rotate their steps, return the per-step times."""
     import deepspeed
     import torch.distributed as dist
 
@@ -69,10 +70,16 @@ def rank_main(
         return batches(None, vocab_size=config.vocab_size, micro_batch_size=micro_batch_size, seq_len=seq_len)
 
     engines = {"stock": (stock, data()), "envpipe": (ours, data())}
+    if compare_no_agent:  # the same engine without events: separates engine cost from event cost
+        bare = initialize(
+            build_pipeline(config, stages, seed=1), ds_config, get_schedule("1f1b", stages, micro_batches)
+        )
+        engines["envpipe_no_agent"] = (bare, data())
     times: dict[str, list[float]] = {name: [] for name in engines}
     cpu: dict[str, list[float]] = {name: [] for name in engines}
+    names = list(engines)
     for step in range(warmup + steps):
-        order = list(engines) if step % 2 == 0 else list(reversed(engines))  # neither always goes first
+        order = names[step % len(names) :] + names[: step % len(names)]  # none always goes first
         for name in order:
             engine, iterator = engines[name]
             dist.barrier()
@@ -104,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--no-agent", action="store_true", help="run without the sim agent")
+    parser.add_argument(
+        "--compare-no-agent", action="store_true", help="also rotate in EnvpipeEngine without an agent"
+    )
     parser.add_argument("--out", type=Path, help="write the result JSON here")
     args = parser.parse_args(argv)
 
@@ -121,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             "steps": args.steps,
             "warmup": args.warmup,
             "agent_endpoint": agent.endpoint if agent else None,
+            "compare_no_agent": args.compare_no_agent,
         }
         results = run_ranks(args.ranks, f"{Path(__file__).resolve()}:rank_main", kwargs, timeout_s=1800)
     finally:
@@ -163,8 +174,18 @@ def summarise(values: list[dict[str, Any]], args: argparse.Namespace) -> dict[st
         "median_ms": {k: round(v, 3) for k, v in med.items()},
         "iqr_ms": {k: [round(q[0], 3), round(q[2], 3)] for k, q in quartiles.items()},
         "ratio_envpipe_over_stock": round(med["envpipe"] / med["stock"], 4),
+        **(
+            {"ratio_envpipe_no_agent_over_stock": round(med["envpipe_no_agent"] / med["stock"], 4)}
+            if "envpipe_no_agent" in med
+            else {}
+        ),
         "cpu_ms_per_step_all_ranks": {k: round(v, 3) for k, v in cpu.items()},
         "cpu_ratio_envpipe_over_stock": round(cpu["envpipe"] / cpu["stock"], 4),
+        **(
+            {"cpu_ratio_envpipe_no_agent_over_stock": round(cpu["envpipe_no_agent"] / cpu["stock"], 4)}
+            if "envpipe_no_agent" in cpu
+            else {}
+        ),
         "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine()},
     }
 
