@@ -20,7 +20,8 @@ def setup_distributed(timeout_s: float = 1800.0, backend: str | None = None) -> 
     """Initialise torch.distributed for pipeline training, avoiding the known CPU traps.
 
     Sets up gloo on CPU (nccl on GPU), skips DeepSpeed's shm-comm JIT build (25–55 s, unused by pipelines),
-    and requires ``LOCAL_RANK`` (DeepSpeed's PipelineModule reads it).
+    requires ``LOCAL_RANK`` (DeepSpeed's PipelineModule reads it), and on CPU without ``OMP_NUM_THREADS``
+    shares the cores among the node's ranks.
 
     Args:
         timeout_s: process-group timeout; a dead peer surfaces as an error after at most this long.
@@ -44,6 +45,10 @@ def setup_distributed(timeout_s: float = 1800.0, backend: str | None = None) -> 
     on_gpu = torch.cuda.is_available()
     if on_gpu:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    elif "OMP_NUM_THREADS" not in os.environ:
+        # Several CPU ranks each using every core thrash; the launchers set OMP_NUM_THREADS, others may not.
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_ranks)))
     deepspeed.init_distributed(
         dist_backend=backend or ("nccl" if on_gpu else "gloo"),
         verbose=False,
