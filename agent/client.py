@@ -35,6 +35,7 @@ from envpipe_agent.protocol import (
     PROTOCOL_VERSION,
     ErrorCode,
     encode_request,
+    lease_token,
 )
 
 log = logging.getLogger("envpipe_agent.client")
@@ -115,6 +116,7 @@ class AgentClient:
         self._events: zmq.Socket | None = None
         self._event_endpoint = ""
         self._next_id = 0
+        self._lease_token = b""  # the lease id's 16 bytes, packed once per lease (phase() only copies them)
         self._lease_id = 0
         self._lost_lease_id = 0  # the lease held when the agent stopped answering: proof for the re-claim
         self._gpu_uuid = ""
@@ -275,6 +277,17 @@ class AgentClient:
         """The current lease id (0 when none is held)."""
         return self._lease_id
 
+    @property
+    def _lease_id(self) -> int:
+        return self._lease_id_value
+
+    @_lease_id.setter
+    def _lease_id(self, value: int) -> None:
+        # The token is set first on release (phase() then drops) and with the id on a claim; phase() reads
+        # only the token, so it never packs a half-updated lease.
+        self._lease_token = lease_token(value) if value else b""
+        self._lease_id_value = value
+
     def _heartbeat_loop(self, interval_s: float) -> None:
         while not self._stop.wait(interval_s):
             if not self._gpu_uuid:
@@ -358,16 +371,16 @@ class AgentClient:
 
         Never blocks and never raises for a missing agent: the event is dropped and counted.
         """
-        lease_id = self._lease_id
+        token = self._lease_token
         sock = self._events
-        if not lease_id or sock is None:
+        if not token or sock is None:
             self._drop()
             return
         unit_bytes = self._units.get(unit)
         if unit_bytes is None:
             unit_bytes = self._units[unit] = unit.encode("ascii", "replace")[:MAX_UNIT_BYTES]
         try:
-            frame = _PACK(EVENT_MAGIC, PROTOCOL_VERSION, EVENT_KINDS[event], lease_id, clock_mhz) + unit_bytes
+            frame = _PACK(EVENT_MAGIC, PROTOCOL_VERSION, EVENT_KINDS[event], token, clock_mhz) + unit_bytes
         except (KeyError, struct.error):
             raise ValueError(
                 f"phase({unit!r}, {event!r}, {clock_mhz!r}): event must be 'begin' or 'end' and "

@@ -12,12 +12,14 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
+from envpipe_agent.protocol import LEASE_TOKEN_BYTES, lease_token
+
 
 @dataclass(slots=True)
 class Lease:
     """One GPU held by one rank of one job."""
 
-    lease_id: int
+    lease_id: int  # 128 random bits (secrets), never 0
     gpu_index: int
     gpu_uuid: str
     job_id: str
@@ -64,6 +66,14 @@ def pid_alive(pid: int) -> bool:
     return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] != b"Z"
 
 
+def new_lease_id() -> int:
+    """A lease id nobody can guess: 128 bits from ``secrets`` (a 32-bit id fell to a flood within hours).
+
+    Never 0, which marks "no lease" on the client.
+    """
+    return secrets.randbits(8 * LEASE_TOKEN_BYTES) or 1
+
+
 class LeaseManager:
     """Leases by id and by GPU index. Used only from the agent's event-loop thread (no locking)."""
 
@@ -73,6 +83,7 @@ class LeaseManager:
         self.timeout_s = timeout_s
         self.check_pids = check_pids
         self.by_id: dict[int, Lease] = {}
+        self.by_token: dict[bytes, Lease] = {}  # the event path's key: no int is built per event
         self.by_gpu: dict[int, Lease] = {}
 
     def claim(
@@ -97,12 +108,13 @@ class LeaseManager:
             raise LookupError(
                 f"GPU {gpu_uuid} is held by {held.describe()}; wait for it to end or stop that job"
             )
-        lease_id = secrets.randbelow(0xFFFFFFFE) + 1  # never 0: 0 marks "no lease" in event frames
+        lease_id = new_lease_id()
         while lease_id in self.by_id:
-            lease_id = secrets.randbelow(0xFFFFFFFE) + 1
+            lease_id = new_lease_id()
         lease = Lease(lease_id, gpu_index, gpu_uuid, job_id, rank, pid)
         lease.pid_checked = self.check_pids and pid_alive(pid)  # else heartbeats alone end it
         self.by_id[lease_id] = lease
+        self.by_token[lease_token(lease_id)] = lease
         self.by_gpu[gpu_index] = lease
         return lease, True
 
@@ -116,6 +128,7 @@ class LeaseManager:
         lease = self.by_id.pop(lease_id, None)
         if lease is not None:
             del self.by_gpu[lease.gpu_index]
+            del self.by_token[lease_token(lease_id)]
         return lease
 
     def expire(self) -> list[tuple[Lease, str]]:

@@ -1,11 +1,11 @@
-"""The envpipe-agent wire protocol, version 1 (documented in docs/protocol.md).
+"""The envpipe-agent wire protocol, version 2 (documented in docs/protocol.md).
 
 Two sockets, two encodings:
 
 * control (client DEALER/REQ -> agent ROUTER): one JSON object per frame,
-  request ``{"v": 1, "id": 7, "op": "claim", "args": {...}}``,
-  reply ``{"v": 1, "id": 7, "ok": true, "result": {...}}`` or
-  ``{"v": 1, "id": 7, "ok": false, "error": {"code": "lease_held", "message": "..."}}``.
+  request ``{"v": 2, "id": 7, "op": "claim", "args": {...}}``,
+  reply ``{"v": 2, "id": 7, "ok": true, "result": {...}}`` or
+  ``{"v": 2, "id": 7, "ok": false, "error": {"code": "lease_held", "message": "..."}}``.
 * events (client PUSH -> agent PULL): a fixed little-endian struct plus the unit name, no JSON, because a
   training rank sends one per compute unit and must spend only microseconds on it.
 
@@ -19,15 +19,18 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-PROTOCOL_VERSION = 1
+# 2: lease ids are 128-bit random numbers (16 bytes in event frames); 1 had 32-bit ids, guessable by a
+# flooder in the socket group within hours.
+PROTOCOL_VERSION = 2
 
 # Control frames above this size are answered with ``too_large`` (zmq drops frames above MAX_FRAME_BYTES).
 MAX_CONTROL_BYTES = 64 * 1024
 MAX_FRAME_BYTES = 1024 * 1024
 
-# Event frame: magic, version, kind, lease id, target clock (0 = keep), then the unit name (ASCII).
+# Event frame: magic, version, kind, lease token, target clock (0 = keep), then the unit name (ASCII).
 EVENT_MAGIC = 0xE7
-EVENT_STRUCT = struct.Struct("<BBBIH")
+LEASE_TOKEN_BYTES = 16  # the lease id, little-endian: 128 random bits, never guessed by a flood
+EVENT_STRUCT = struct.Struct(f"<BBB{LEASE_TOKEN_BYTES}sH")
 MAX_UNIT_BYTES = 32
 EVENT_BEGIN = 0
 EVENT_END = 1
@@ -135,9 +138,21 @@ def encode_error(request_id: int, code: str, message: str) -> bytes:
     return json.dumps({"v": PROTOCOL_VERSION, "id": request_id, "ok": False, "error": error}).encode()
 
 
+def lease_token(lease_id: int) -> bytes:
+    """The 16 bytes that stand for ``lease_id`` in event frames (the agent looks leases up by them).
+
+    Raises:
+        ValueError: the id is negative or wider than 128 bits.
+    """
+    if not 0 <= lease_id < 1 << (8 * LEASE_TOKEN_BYTES):
+        raise ValueError(f"lease id {lease_id} is not a 128-bit unsigned integer; use the id claim returned")
+    return lease_id.to_bytes(LEASE_TOKEN_BYTES, "little")
+
+
 def encode_event(kind: int, lease_id: int, clock_mhz: int, unit: bytes) -> bytes:
     """Serialise a phase event; ``unit`` is the ASCII unit name, at most MAX_UNIT_BYTES."""
-    return EVENT_STRUCT.pack(EVENT_MAGIC, PROTOCOL_VERSION, kind, lease_id, clock_mhz) + unit[:MAX_UNIT_BYTES]
+    token = lease_token(lease_id)
+    return EVENT_STRUCT.pack(EVENT_MAGIC, PROTOCOL_VERSION, kind, token, clock_mhz) + unit[:MAX_UNIT_BYTES]
 
 
 _EVENT_MIN_BYTES = EVENT_STRUCT.size
@@ -145,8 +160,10 @@ _EVENT_MAX_BYTES = EVENT_STRUCT.size + MAX_UNIT_BYTES
 _UNPACK_EVENT = EVENT_STRUCT.unpack_from
 
 
-def parse_event(frame: bytes) -> tuple[int, int, int]:
-    """The agent's hot path: validate an event frame and return ``(kind, lease_id, clock_mhz)``.
+def parse_event(frame: bytes) -> tuple[int, bytes, int]:
+    """The agent's hot path: validate an event frame and return ``(kind, lease_token, clock_mhz)``.
+
+    The lease stays in its 16-byte form: the agent looks leases up by token, so no integer is built.
 
     The unit name is checked (ASCII) but not decoded: the agent does not need it.
 
@@ -155,15 +172,15 @@ def parse_event(frame: bytes) -> tuple[int, int, int]:
     """
     if not _EVENT_MIN_BYTES <= len(frame) <= _EVENT_MAX_BYTES:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"event frame of {len(frame)} bytes")
-    magic, version, kind, lease_id, clock_mhz = _UNPACK_EVENT(frame)
+    magic, version, kind, token, clock_mhz = _UNPACK_EVENT(frame)
     if magic != EVENT_MAGIC or kind > EVENT_END or not frame[_EVENT_MIN_BYTES:].isascii():
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"not an event frame (magic {magic:#x}, kind {kind})")
     if version != PROTOCOL_VERSION:
         raise ProtocolError(ErrorCode.VERSION_MISMATCH, f"event protocol {version}, agent {PROTOCOL_VERSION}")
-    return kind, lease_id, clock_mhz
+    return kind, token, clock_mhz
 
 
 def decode_event(frame: bytes) -> PhaseEvent:
     """Parse a phase event, unit name included (tools and tests; the agent uses :func:`parse_event`)."""
-    kind, lease_id, clock_mhz = parse_event(frame)
-    return PhaseEvent(kind, lease_id, clock_mhz, frame[_EVENT_MIN_BYTES:].decode("ascii"))
+    kind, token, clock_mhz = parse_event(frame)
+    return PhaseEvent(kind, int.from_bytes(token, "little"), clock_mhz, frame[_EVENT_MIN_BYTES:].decode("ascii"))

@@ -212,11 +212,11 @@ class Agent:
         """Apply one phase event: count it, drop it unless its lease holds a GPU, queue its clock."""
         self.counters["events_received"] += 1
         try:
-            kind, lease_id, clock_mhz = parse_event(frame)
+            kind, token, clock_mhz = parse_event(frame)
         except ProtocolError:
             self.counters["events_malformed"] += 1
             return
-        lease = self.leases.by_id.get(lease_id)
+        lease = self.leases.by_token.get(token)
         if lease is None:
             self.counters["events_no_lease"] += 1
             return

@@ -31,7 +31,9 @@ from envpipe_agent.protocol import (
     MAX_CONTROL_BYTES,
     MAX_FRAME_BYTES,
     OPS,
+    PROTOCOL_VERSION,
     encode_event,
+    lease_token,
 )
 
 from benchmarks.reliability.common import cpu_s, rss_kib, short_dir
@@ -53,7 +55,7 @@ class _Gen:
             if value != self.lease:
                 return value
 
-    def request(self, op: str, args: Any, version: Any = 1, request_id: Any = None) -> bytes:
+    def request(self, op: str, args: Any, version: Any = PROTOCOL_VERSION, request_id: Any = None) -> bytes:
         rid = self.rng.randrange(1 << 31) if request_id is None else request_id
         return json.dumps({"v": version, "id": rid, "op": op, "args": args}).encode()
 
@@ -91,7 +93,7 @@ class _Gen:
         return self.request(op, {"lease_id": self.forged_id()})
 
     def bad_version(self) -> bytes:
-        return self.request("hello", {}, version=self.rng.choice([0, 2, "1", None, 1.0001, -1, 2**70]))
+        return self.request("hello", {}, version=self.rng.choice([0, 1, 3, "2", None, 2.0001, -1, 2**70]))
 
     def replayed_lease(self) -> bytes:
         return self.request(self.rng.choice(_LEASE_OPS), {"lease_id": self.replayed, "clock_mhz": 345, "window_id": 1})
@@ -124,7 +126,7 @@ class _Gen:
         magic = self.rng.choice([EVENT_MAGIC, 0, 0xFF])
         version = self.rng.choice([1, 0, 2, 255])
         kind = self.rng.choice([0, 1, 2, 255])
-        head = EVENT_STRUCT.pack(magic, version, kind, self.forged_id(), self.rng.randrange(65536))
+        head = EVENT_STRUCT.pack(magic, version, kind, lease_token(self.forged_id()), self.rng.randrange(65536))
         return head + os.urandom(self.rng.choice([0, 5, 32, 33, 200]))
 
     def event_forged(self) -> bytes:

@@ -9,7 +9,10 @@ import pytest
 from envpipe_agent.protocol import (
     EVENT_BEGIN,
     EVENT_END,
+    EVENT_MAGIC,
+    EVENT_STRUCT,
     MAX_CONTROL_BYTES,
+    PROTOCOL_VERSION,
     ErrorCode,
     ProtocolError,
     decode_event,
@@ -26,11 +29,28 @@ def test_request_round_trip() -> None:
 
 
 def test_event_round_trip_and_size() -> None:
-    frame = encode_event(EVENT_BEGIN, 123456, 1410, b"F3")
-    assert len(frame) == 11  # 9-byte header + unit: cheap enough for one event per unit
+    lease_id = (1 << 127) + 123456  # 128-bit lease ids travel whole
+    frame = encode_event(EVENT_BEGIN, lease_id, 1410, b"F3")
+    assert len(frame) == 23  # 21-byte header + unit: cheap enough for one event per unit
     event = decode_event(frame)
-    assert (event.kind, event.lease_id, event.clock_mhz, event.unit) == (EVENT_BEGIN, 123456, 1410, "F3")
+    assert (event.kind, event.lease_id, event.clock_mhz, event.unit) == (EVENT_BEGIN, lease_id, 1410, "F3")
     assert decode_event(encode_event(EVENT_END, 1, 0, b"")).unit == ""
+
+
+def test_lease_ids_wider_than_128_bits_are_refused() -> None:
+    with pytest.raises(ValueError, match="128-bit"):
+        encode_event(EVENT_BEGIN, 1 << 128, 0, b"")
+
+
+def test_protocol_1_event_frame_is_refused() -> None:
+    # A client of protocol 1 (9-byte header, 32-bit lease id) must not be read as a protocol-2 event.
+    old = bytes([EVENT_MAGIC, 1, EVENT_BEGIN]) + (5).to_bytes(4, "little") + (900).to_bytes(2, "little")
+    with pytest.raises(ProtocolError):
+        decode_event(old + b"F0" * 6)
+    padded = EVENT_STRUCT.pack(EVENT_MAGIC, 1, EVENT_BEGIN, bytes(16), 900)
+    with pytest.raises(ProtocolError) as caught:
+        decode_event(padded)
+    assert caught.value.code == ErrorCode.VERSION_MISMATCH
 
 
 @pytest.mark.parametrize(
@@ -38,10 +58,10 @@ def test_event_round_trip_and_size() -> None:
     [
         (b"not json", ErrorCode.BAD_REQUEST),
         (b"[1, 2]", ErrorCode.BAD_REQUEST),
-        (json.dumps({"v": 2, "id": 1, "op": "hello"}).encode(), ErrorCode.VERSION_MISMATCH),
-        (json.dumps({"v": 1, "id": 1, "op": "format_disk"}).encode(), ErrorCode.UNKNOWN_OP),
-        (json.dumps({"v": 1, "id": "x", "op": "hello"}).encode(), ErrorCode.BAD_REQUEST),
-        (json.dumps({"v": 1, "id": 1, "op": "hello", "args": []}).encode(), ErrorCode.BAD_REQUEST),
+        (json.dumps({"v": 1, "id": 1, "op": "hello"}).encode(), ErrorCode.VERSION_MISMATCH),
+        (json.dumps({"v": PROTOCOL_VERSION, "id": 1, "op": "format_disk"}).encode(), ErrorCode.UNKNOWN_OP),
+        (json.dumps({"v": PROTOCOL_VERSION, "id": "x", "op": "hello"}).encode(), ErrorCode.BAD_REQUEST),
+        (json.dumps({"v": PROTOCOL_VERSION, "id": 1, "op": "hello", "args": []}).encode(), ErrorCode.BAD_REQUEST),
         (b"{" + b" " * MAX_CONTROL_BYTES + b"}", ErrorCode.TOO_LARGE),
     ],
 )
@@ -52,8 +72,8 @@ def test_bad_requests_name_their_error(frame: bytes, code: str) -> None:
 
 
 def test_version_mismatch_message_says_what_to_do() -> None:
-    with pytest.raises(ProtocolError, match="install the same envpipe version"):
-        decode_request(json.dumps({"v": 99, "id": 1, "op": "hello"}).encode())
+    with pytest.raises(ProtocolError, match="agent speaks protocol 2, request says 1; install the same envpipe"):
+        decode_request(json.dumps({"v": 1, "id": 1, "op": "hello"}).encode())
 
 
 @pytest.mark.parametrize(

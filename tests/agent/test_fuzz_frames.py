@@ -9,7 +9,14 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from envpipe_agent.protocol import MAX_CONTROL_BYTES, OPS, ErrorCode, encode_event, encode_request
+from envpipe_agent.protocol import (
+    MAX_CONTROL_BYTES,
+    OPS,
+    PROTOCOL_VERSION,
+    ErrorCode,
+    encode_event,
+    encode_request,
+)
 
 _CODES = {v for k, v in vars(ErrorCode).items() if k.isupper()}
 _FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -21,7 +28,7 @@ json_values = st.recursive(
 )
 requests = st.fixed_dictionaries(
     {
-        "v": st.sampled_from([1, 1, 1, 0, 2, "1", None]),
+        "v": st.sampled_from([2, 2, 2, 0, 1, 3, "2", None]),
         "id": st.integers(0, 2**31) | st.text(max_size=4),
         "op": st.sampled_from(OPS) | st.text(max_size=12),
         "args": st.dictionaries(st.text(max_size=10), json_values),
@@ -52,7 +59,7 @@ def test_control_frames_get_a_reply(module_sim_agent, frame: bytes) -> None:
     sock.connect(module_sim_agent.endpoint)
     try:
         reply = _roundtrip(sock, [b"", frame])
-        assert reply["v"] == 1
+        assert reply["v"] == PROTOCOL_VERSION
         assert reply["ok"] or reply["error"]["code"] in _CODES
         assert "Traceback" not in json.dumps(reply)
         assert _roundtrip(sock, [b"", encode_request(1, "hello")])["ok"]  # still up

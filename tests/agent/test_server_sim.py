@@ -240,3 +240,21 @@ def test_a_client_claiming_unsent_events_stalls_the_agent_at_most_briefly(sim_ag
     started_s = time.monotonic()
     client.call("window_begin", {"lease_id": client.lease_id, "events_sent": 10**9})
     assert time.monotonic() - started_s < 0.5  # CATCH_UP_S = 0.1 bounds the wait
+
+
+def test_lease_ids_are_128_random_bits(sim_agent) -> None:
+    # 32-bit ids fell to a flooder in the socket group within hours; 128 random bits never do.
+    ids = []
+    for _ in range(8):
+        with AgentClient(sim_agent.endpoint, job_id="ids", rank=0) as c:
+            ids.append(c.claim(c.hello().gpus[0].uuid))
+    assert len(set(ids)) == len(ids)
+    assert max(ids).bit_length() > 120  # P(all 8 below 2**120) = 2**-64
+    assert sum(bin(i).count("1") for i in ids) / len(ids) == pytest.approx(64, abs=12)
+
+
+def test_event_with_a_128_bit_lease_sets_the_clock(sim_agent, client) -> None:
+    client.claim(client.hello().gpus[1].uuid)
+    assert client.lease_id >= 1 << 32  # would not fit the old u32 field (P(not) = 2**-96)
+    client.phase("F0", "begin", 990)
+    _wait_for(lambda: sim_agent.backend.read_clock_mhz(1) == 990)
