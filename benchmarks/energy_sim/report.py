@@ -16,7 +16,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
-from run import BOUND, CASES, MODELS, RESULTS, ROUND_POLICIES, SCHEDULINGS, TYPES, costs_for  # noqa: E402
+from run import BOUND, CASES, MODELS, RESULTS, ROUND_POLICIES, SCHEDULINGS, TYPES, costs_for
 
 DOC = ROOT / "docs" / "results.md"
 IMG = ROOT / "docs" / "img"
@@ -41,7 +41,7 @@ def pct(x: float) -> str:
 
 
 def grid_table(runs: dict, case: str, model: str) -> list[str]:
-    lines = [f"| schedule | type | reconfig | saving | slowdown | rounds |", "|---|---|---|---:|---:|---:|"]
+    lines = ["| schedule | type | reconfig | saving | slowdown | rounds |", "|---|---|---|---:|---:|---:|"]
     for scheduling in SCHEDULINGS:
         rows = [(t, p) for t in TYPES for p in ROUND_POLICIES] + [("any", "optimal")]
         for clock_type, policy in rows:
@@ -56,9 +56,9 @@ def grid_table(runs: dict, case: str, model: str) -> list[str]:
 
 def goals(runs: dict) -> tuple[list[str], list[str]]:
     """The goal table (one row per case x model) and the list of misses, for the 'ours' schedule."""
-    lines = ["| case | model | schedule | LP bound saving | optimal (DAG) | optimal / LP | optimal (sim) "
+    lines = [("| case | model | schedule | LP bound saving | optimal (DAG) | optimal / LP | optimal (sim) "
              "| balanced (sim) | balanced / optimal | paper (sim): saving, slowdown | max guarded slowdown "
-             "| optimal CPU s | sanity: unconstrained max saving |",
+             "| optimal CPU s | sanity: unconstrained max saving |"),
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     misses: list[str] = []
     for model in MODELS:
@@ -128,21 +128,21 @@ def main() -> None:
     out = [
         "# Simulated energy results (benchmarks/energy_sim)",
         "",
-        "**Every number on this page is simulated** by `envpipe.sim.simulate` with a named DVFS model from "
+        ("**Every number on this page is simulated** by `envpipe.sim.simulate` with a named DVFS model from "
         "shared DVFS-MODELS.md (central, conservative, optimistic) on the H100 card model (110 clocks, "
         "700 W busy, idle 18% of busy at the top clock, 25% lower idle power at the bottom clock, 1 ms "
-        "clock-switch latency, 0.05 ms transfers). None is a measurement.",
+        "clock-switch latency, 0.05 ms transfers). None is a measurement."),
         "",
-        f"Saving and slowdown are against the baseline of the same case and model: 1F1B with every unit at "
+        (f"Saving and slowdown are against the baseline of the same case and model: 1F1B with every unit at "
         f"the top clock. Bound: {100 * BOUND:.0f}% slowdown. Reproduce: `python benchmarks/energy_sim/run.py` "
-        "then `python benchmarks/energy_sim/report.py`.",
+        "then `python benchmarks/energy_sim/report.py`."),
         "",
-        "Columns of the goal table: *LP bound* = continuous-clock lower bound (LP relaxation "
+        ("Columns of the goal table: *LP bound* = continuous-clock lower bound (LP relaxation "
         "of the same clock assignment, scipy HiGHS) on the DAG model (the simulator without clock-switch "
         "latency, idle power at the top clock); *optimal (DAG)* = the optimal planner on that same model; "
         "*(sim)* = the policy run on the full simulator (balanced and paper start from the envelope clock "
         "type); *optimal CPU s* = the optimal planner's CPU time on the DAG model (this machine, shared); *sanity* = no simulated run may use less energy than the unconstrained optimum (no deadline, "
-        "least idle power; its saving is shown) -- a run below it would be a bug.",
+        "least idle power; its saving is shown) -- a run below it would be a bug."),
         "",
         *goal_lines,
         "",

@@ -110,8 +110,7 @@ class ClockDag:
         for j, ps in enumerate(self.preds):
             h = 0.0
             for i in ps:  # explicit loop: this is the planners' inner loop
-                if finish[i] > h:
-                    h = finish[i]
+                h = max(h, finish[i])
             head[j] = h
             finish[j] = h + durations[j]
         return head
@@ -124,8 +123,7 @@ class ClockDag:
             t = 0.0
             for j in succs[i]:
                 v = tail[j] + durations[j]
-                if v > t:
-                    t = v
+                t = max(t, v)
             tail[i] = t
         return tail
 
@@ -171,14 +169,12 @@ def mover_counts(dag: ClockDag, movers: Sequence[bool], succs: list[list[int]]) 
     for j, ps in enumerate(dag.preds):
         best = 0
         for i in ps:
-            if before[i] > best:
-                best = before[i]
+            best = max(best, before[i])
         before[j] = best + movers[j]
     after = [0] * n
     for i in range(n - 1, -1, -1):
         best = 0
         for j in succs[i]:
-            if after[j] > best:
-                best = after[j]
+            best = max(best, after[j])
         after[i] = best + movers[i]
     return [b + a - m for b, a, m in zip(before, after, movers)]

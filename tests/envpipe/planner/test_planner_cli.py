@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
+from envpipe_cli.main import app
+from envpipe_cli.simulate import RECONFIG_CHOICES
 from typer.testing import CliRunner
 
 from envpipe.planner import POLICIES
-from envpipe_cli.main import app
-from envpipe_cli.simulate import RECONFIG_CHOICES
 
 
 def test_simulate_accepts_every_policy_and_meets_the_bound() -> None:

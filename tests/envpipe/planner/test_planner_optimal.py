@@ -12,7 +12,7 @@ from envpipe.schedules import get_schedule
 from envpipe.sim import CostModel, simulate
 
 pytest.importorskip("scipy")
-from envpipe.planner.lp_bound import solve_bound  # noqa: E402
+from envpipe.planner.lp_bound import solve_bound
 
 
 def _problem(name, stages, micro_batches, fwd, bwd, model="central", gpu="v100"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from envpipe_agent.dvfs import get_card
 
 from envpipe.errors import ConfigError
 from envpipe.profiling import (
@@ -16,7 +17,6 @@ from envpipe.profiling import (
 )
 from envpipe.schedules import get_schedule
 from envpipe.sim import CostModel, simulate
-from envpipe_agent.dvfs import get_card
 
 H100 = get_card("h100").clocks_mhz
 
