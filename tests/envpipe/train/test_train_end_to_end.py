@@ -155,3 +155,26 @@ def test_a_killed_rank_stops_the_job_with_a_clear_error(tmp_path: Path, monkeypa
     shutil.rmtree(kept)
     assert _children_with(os.getpid(), b"envpipe.train.worker") == []  # every rank is gone
     assert _children_with(os.getpid(), b"envpipe_agent") == []  # and the embedded agent too
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_profile_command_writes_a_profile_the_simulator_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from envpipe.sim import load_profile
+
+    monkeypatch.setenv("ENVPIPE_AGENT", f"ipc://{tmp_path}/no-agent.sock")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    out = tmp_path / "profile.json"
+    result = CliRunner().invoke(
+        app, ["profile", "--stages", "2", "--micro-batches", "4", "--seq-len", "32", "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["format"] == "envpipe-profile/1" and data["simulated"] is True and data["micro_batches"] == 4
+    assert [s["stage"] for s in data["stages"]] == [0, 1]
+    clocks = [p["clock_mhz"] for p in data["stages"][0]["points"]]
+    assert len(clocks) >= 2 and all(s["f_low_mhz"] in clocks for s in data["stages"])
+    profile = load_profile(out)
+    assert profile.simulated and profile.f_low_mhz(0) == data["stages"][0]["f_low_mhz"]

@@ -178,7 +178,9 @@ def test_one_failing_rank_stops_the_others_with_a_clear_error(tmp_path: Path):
     assert time.monotonic() - start < 10
     message = str(info.value)
     assert (
-        "rank 1 exited with code 3: RuntimeError: stage 1 ran out" in message and "ran out of memory" in message and str(tmp_path) in message
+        "rank 1 exited with code 3: RuntimeError: stage 1 ran out" in message
+        and "ran out of memory" in message
+        and str(tmp_path) in message
     )
     assert survivor.poll() is not None  # stopped, not left running
 
