@@ -1,0 +1,170 @@
+"""The phases in one process: a one-rank gloo group, a fake engine (unit times follow the DVFS model) and a
+fake agent client (energy = modelled busy power over the units plus idle power), the real planner."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+
+from envpipe.train import phases
+from envpipe.train.config import resolve
+from envpipe.train.progress import MARKER
+from envpipe.train.worker import RankContext
+from envpipe_agent.dvfs import get_card, get_model
+
+CARD = get_card("h100")
+MODEL = get_model("central")
+
+
+@dataclass
+class _Energy:
+    energy_j: float
+    duration_s: float
+    simulated: bool = True
+
+
+class FakeEngine:
+    """Runs "units" instantly but reports the times the DVFS model gives them at their planned clock."""
+
+    def __init__(self) -> None:
+        self.schedule = None
+        self.clocks = None
+        self.iterations = 0
+        self.energy_j = 0.0
+        self.schedules: list[str] = []
+
+    def set_schedule(self, schedule) -> None:
+        self.schedule = schedule
+        self.schedules.append(schedule.name)
+
+    def set_clocks(self, clocks) -> None:
+        self.clocks = clocks
+
+    def train_batch(self, data_iter=None) -> float:
+        self.iterations += 1
+        for span in self.last_timeline():
+            x = span.clock_mhz / CARD.max_clock_mhz
+            self.energy_j += (span.end_ms - span.start_ms) / 1e3 * CARD.busy_power_w * MODEL.power_ratio(x)
+        return 5.0 - 0.01 * self.iterations
+
+    def last_timeline(self):
+        from envpipe.sim import UnitSpan
+
+        spans, now_ms = [], 0.0
+        for action in self.schedule.units(0):
+            clock_mhz = self.clocks[0][action.unit]
+            duration_ms = (1.0 if action.kind == "F" else 2.0) * MODEL.time_ratio(
+                clock_mhz / CARD.max_clock_mhz
+            )
+            spans.append(UnitSpan(0, action.unit, now_ms, now_ms + duration_ms, clock_mhz))
+            now_ms += duration_ms
+        return spans
+
+    def gather_timeline(self):
+        return self.last_timeline()
+
+
+class FakeClient:
+    def __init__(self, engine: FakeEngine) -> None:
+        self.engine = engine
+        self.windows: dict[int, float] = {}
+
+    def window_begin(self) -> int:
+        self.windows[len(self.windows)] = self.engine.energy_j
+        return len(self.windows) - 1
+
+    def window_end(self, window_id: int) -> _Energy:
+        return _Energy(self.engine.energy_j - self.windows[window_id] + 0.001, 0.01)
+
+
+@pytest.fixture
+def one_rank_group():
+    import torch.distributed as dist
+
+    from envpipe.train.launch import free_port
+
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}")
+    yield
+    dist.destroy_process_group()
+
+
+def _context(**flags) -> RankContext:
+    config = resolve({"stages": 1, "micro_batches": 4, **flags})
+    engine = FakeEngine()
+    from envpipe.schedules import get_schedule
+    from envpipe.train.worker import top_clock_plan
+
+    engine.set_schedule(get_schedule("1f1b", 1, 4))
+    engine.set_clocks(top_clock_plan(engine.schedule, CARD.max_clock_mhz))
+    return RankContext(
+        config=config,
+        engine=engine,
+        client=FakeClient(engine),
+        data_iter=None,
+        rank=0,
+        world_size=1,
+        stage=0,
+        dp_index=0,
+        dp_size=1,
+        clocks_mhz=CARD.clocks_mhz,
+        gpu_name="fake H100",
+        agent_simulated=True,
+    )
+
+
+def _markers(capsys) -> list[dict]:
+    lines = capsys.readouterr().out.splitlines()
+    return [json.loads(line[len(MARKER) :]) for line in lines if line.startswith(MARKER)]
+
+
+def test_uniform_run_counts_every_phase(one_rank_group, capsys):
+    ctx = _context(
+        type="uniform",
+        scheduling="ours",
+        reconfig="balanced",
+        steps=6,
+        baseline_steps=2,
+        warmup_steps=1,
+        profile_steps=2,
+        profile_clocks=3,
+        compare_rounds=2,
+        reconfig_max_rounds=5,
+    )
+    result = phases.run_phases(ctx)
+    names = [p["name"] for p in result["phases"]]
+    assert names == ["baseline", "profiling", "reconfiguration", "steady"]
+    profiling = result["phases"][1]
+    assert len(profiling["clocks_mhz"]) == 3 and profiling["iterations_per_clock"] == 2
+    # f_low is the modelled energy valley of the profiled clocks (idle power is not charged by this fake).
+    energy = {c: MODEL.energy_ratio(c / CARD.max_clock_mhz) for c in profiling["clocks_mhz"]}
+    assert result["profile"]["stages"][0]["f_low_mhz"] == min(energy, key=energy.get)
+    steady = result["phases"][3]
+    assert steady["compare_rounds"] == 2 and len(steady["windows"]) == 2
+    assert len(steady["baseline_windows"]) == 3  # the start's window and one per round
+    reconfiguration = result["phases"][2]
+    assert 1 <= reconfiguration["rounds"] <= 5 + 1
+    # warm-up 1 + baseline 2 + profiling 3x2 + reconfiguration + steady 2 x (2 + 3)
+    expected = 1 + 2 + 6 + reconfiguration["rounds"] + 2 * (2 + 3)
+    assert ctx.engine.iterations == expected
+    events = _markers(capsys)
+    assert [e["phase"] for e in events if e["event"] == "phase"] == names
+    assert any(e["event"] == "message" and "profiling" in e["text"] for e in events)
+    # The steady phase switched between the baseline's 1F1B and the final plan, ending on the final plan.
+    assert ctx.engine.schedules[-1] == result["schedule"]["name"] == "ours"
+
+
+def test_baseline_type_skips_profiling_and_interleaving(one_rank_group):
+    ctx = _context(type="baseline", scheduling="1f1b", steps=3, baseline_steps=2, warmup_steps=1)
+    result = phases.run_phases(ctx)
+    assert [p["name"] for p in result["phases"]] == ["baseline", "steady"]
+    assert result["phases"][1]["compare_rounds"] == 0 and result["profile"] is None
+    assert ctx.engine.iterations == 1 + 2 + 3
+    assert set(result["clocks"]["0"].values()) == {CARD.max_clock_mhz}
+
+
+def test_profile_mode_returns_only_the_profile(one_rank_group):
+    ctx = _context(mode="profile", profile_clocks=2, profile_steps=1, warmup_steps=1)
+    result = phases.run_phases(ctx)
+    assert set(result) == {"profile"} and len(result["profile"]["stages"][0]["points"]) == 2
