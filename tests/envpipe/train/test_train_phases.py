@@ -7,12 +7,12 @@ import json
 from dataclasses import dataclass
 
 import pytest
+from envpipe_agent.dvfs import get_card, get_model
 
 from envpipe.train import phases
 from envpipe.train.config import resolve
 from envpipe.train.progress import MARKER
 from envpipe.train.worker import RankContext
-from envpipe_agent.dvfs import get_card, get_model
 
 CARD = get_card("h100")
 MODEL = get_model("central")
