@@ -185,6 +185,16 @@ def _require_training_stack() -> None:
 def _local_world_size(config: TrainConfig, device: str) -> int:
     """Ranks (and so GPUs) on this node: the stages on CPU, --num-gpus or all visible GPUs on CUDA."""
     if device == "cpu":
+        if config.hostfile is not None or (config.num_nodes or 1) > 1:
+            raise RunError(
+                "--hostfile/--num-nodes start ranks on other nodes through the DeepSpeed launcher, "
+                "which needs GPUs; on CPU every rank runs on this machine (drop those options)"
+            )
+        if config.num_gpus is not None:
+            raise RunError(
+                f"--num-gpus {config.num_gpus} with CPU ranks: on CPU there is one rank per stage; "
+                "drop --num-gpus or run on GPUs"
+            )
         return config.stages
     import torch
 

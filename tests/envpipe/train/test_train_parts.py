@@ -231,3 +231,12 @@ def test_missing_training_stack_is_one_clear_error(monkeypatch: pytest.MonkeyPat
     )
     with pytest.raises(launch.RunError, match=r"needs deepspeed: install the training extra"):
         launch.resolve_device(resolve({"device": "auto"}))
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [({"num_gpus": 2}, "one rank per stage"), ({"num_nodes": 2, "hostfile": __file__}, "needs GPUs")],
+)
+def test_launcher_options_are_refused_for_cpu_ranks(flags, needle):
+    with pytest.raises(launch.RunError, match=needle):
+        launch._local_world_size(resolve({"device": "cpu", **flags}), "cpu")
