@@ -7,24 +7,27 @@ small cases, the exact MILP optimum (``envpipe.planner.lp_bound``).
 How it works:
 
 * Prices. In the relaxation's optimum every unit pays a *time price* (J/ms) and runs at the clock that
-  minimises ``reduced energy + price * duration``; the prices form a flow through the critical units, so
-  every instant of the iteration carries the same total price, shared by the critical units running then.
-  A unit alone on the critical path (first forward, last backward) is worth far more time than one of S
-  units side by side in the steady state. The *priced start* gives critical units the weight
-  ``1 / (critical units running alongside)`` and scales all prices together (bisection) until the plan
-  just meets the deadline; units with slack keep the top clock.
+  minimises ``reduced energy + price * duration``; the prices are the dual's flow through the critical
+  units. Starts are built from estimated prices, scaled together (bisection) until the plan just meets the
+  deadline; units without a price keep the top clock. Estimates: (1) the dual by Frank-Wolfe (the flow is an
+  average of the longest paths under the durations the prices pick; the common scale follows the
+  makespan); (2) ``1 / (critical units running alongside)`` -- every instant carries the same total price,
+  so a unit alone on the critical path (first forward, last backward) is worth more time than one of S
+  units side by side -- as it is and flattened; (3) from the slow side: every unit at its cheapest clock,
+  the slowest critical units raised until the deadline holds.
 * Descent (a batched marginal-rate greedy, exact for one shared slack budget). A price ``theta`` falls in
   steps; every unit whose next slower clock saves at least ``theta`` J per ms it adds is a *mover*. A mover
   may grow by ``float_u / k_u`` (its slack against the deadline over the largest number of movers on any
   path through it): on every path the growth sums to at most that path's slack, so the deadline holds
-  without re-checking. Units sharing slack so end with equal marginal rates, as in the optimum.
+  without re-checking; bolder shares are taken when the makespan check passes.
 * Sweeps hand out what remains: backward (each unit may end when its successors must start) and forward.
 
-Both the all-top-clock start and the priced start are descended; the cheaper plan wins.
+Every start is descended; the cheapest plan wins.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from envpipe.planner.dag import ClockDag, mover_counts, slack_ms
@@ -33,8 +36,9 @@ _EPS_MS = 1e-9
 _PRICE_STEPS = 16  # geometric price levels from the best rate down to ~0.5% of it
 _PRICE_FACTOR = 0.72
 _ROUNDS_PER_PRICE = 4
-_REPRICINGS = 2
-_WEIGHT_POWERS = (1.0, 0.5, 1.5)
+_WEIGHT_POWERS = (1.0, 0.5)
+_DUAL_ITERATIONS = 400
+_DUAL_SCALE_GAIN = 20.0
 _BOLDNESS = (0.25, 0.5)  # first try shares of slack / k**b, checked against the deadline
 _INF = float("inf")
 
@@ -62,16 +66,13 @@ def solve(dag: ClockDag, deadline_ms: float, start: Sequence[int] | None = None)
     hulls = [_Hull(dag, u) for u in range(len(dag))]
     succs = dag.succs()
     best, best_j = first, dag.evaluate(first)[1]
-    starts: list[list[int] | None] = [list(first)]
+    # Starts, best first: the dual's prices; the 1/parallelism prices as they are and flatter; the slow side.
+    starts = [_scaled(dag, deadline_ms, hulls, _dual_flow(dag, hulls, deadline_ms), first)]
     weights = _parallel_weights(dag, first, deadline_ms, succs)
-    for power in _WEIGHT_POWERS:  # the flow's true split is unknown: try it flatter and steeper too
+    for power in _WEIGHT_POWERS:  # the flow's true split is unknown: try it flatter too
         starts.append(_scaled(dag, deadline_ms, hulls, [w if w == _INF else w**power for w in weights], first))
     starts.append(_raised_from_valley(dag, deadline_ms, hulls, succs, first))
-    fixed = len(starts)
-    for attempt in range(fixed + _REPRICINGS):
-        if attempt >= fixed:  # re-price around the best plan so far: its critical set is the real one
-            starts.append(_scaled(dag, deadline_ms, hulls, _parallel_weights(dag, best, deadline_ms, succs), best))
-        choice = starts[attempt]
+    for choice in starts:
         if choice is None:
             continue
         _price_descent(dag, choice, deadline_ms, rates, succs)
@@ -80,8 +81,6 @@ def solve(dag: ClockDag, deadline_ms: float, start: Sequence[int] | None = None)
         energy = dag.evaluate(choice)[1]
         if energy < best_j - 1e-9:
             best, best_j = list(choice), energy
-        elif attempt >= fixed:
-            break  # re-pricing stopped paying
     return best
 
 
@@ -265,6 +264,40 @@ def _raised_from_valley(dag: ClockDag, deadline_ms: float, hulls: list[_Hull], s
             if dag.options[u][choice[u]].clock_mhz == lowest:
                 choice[u] -= 1
     return None
+
+
+def _dual_flow(dag: ClockDag, hulls: list[_Hull], deadline_ms: float) -> list[float]:
+    """Time prices from the relaxation's dual, by Frank-Wolfe: the dual's variables are a flow through the
+    DAG, its best direction is the longest path under the durations the current prices pick, so the flow
+    is an average of longest paths. The common scale follows the makespan (too long: prices up)."""
+    n = len(dag)
+    flow = [0.0] * n
+    scale = max((h.prices[0] for h in hulls if h.prices), default=1.0)
+    for k in range(_DUAL_ITERATIONS):
+        durations = dag.durations([h.pick(scale * f) for h, f in zip(hulls, flow)])
+        path, length = _longest_path(dag, durations)
+        step = 2.0 / (k + 2)
+        flow = [(1 - step) * f for f in flow]
+        for u in path:
+            flow[u] += step
+        scale *= math.exp(_DUAL_SCALE_GAIN * (length / deadline_ms - 1))
+    return [f if f > 0 else _INF for f in flow]
+
+
+def _longest_path(dag: ClockDag, durations: list[float]) -> tuple[list[int], float]:
+    n = len(durations)
+    head = [0.0] * n
+    via = [-1] * n
+    for j, ps in enumerate(dag.preds):
+        for i in ps:
+            if head[i] + durations[i] > head[j]:
+                head[j], via[j] = head[i] + durations[i], i
+    end = max(range(n), key=lambda u: head[u] + durations[u])
+    path, u = [], end
+    while u != -1:
+        path.append(u)
+        u = via[u]
+    return path, head[end] + durations[end]
 
 
 def _parallel_weights(dag: ClockDag, choice: list[int], deadline_ms: float, succs) -> list[float]:
