@@ -1,8 +1,12 @@
-"""Energy sampler: reads every GPU's energy counter on a thread so window queries never wait on NVML.
+"""Energy counters: a sampler thread for status, and the estimate of the energy at a window mark.
 
-NVML's counter advances about every 100 ms and one read costs ~3 ms (p99 16 ms), so the agent samples it
-every ``interval_ms`` and answers a window mark with the latest sample. Backends whose reads are cheap
-(``energy_read_cheap``, the sim) are read directly at the mark instead, which is exact.
+NVML's counter advances in steps about every 100 ms and one read costs ~3 ms (p99 16 ms). Status and the
+Prometheus endpoint show the latest sample of a thread that reads every ``interval_ms``. A window mark
+instead gets its own estimate (:meth:`EnergySampler.estimate_at`), computed on one executor thread per
+GPU so the event loop keeps serving: the counter is read back to back until it has stepped twice after the
+mark, which times both steps to within one read, and the energy at the mark is interpolated on the power
+between them (method in docs/protocol.md, "Energy windows"). Backends whose reads are cheap and exact
+(``energy_read_cheap``, the sim) are read directly at the mark instead.
 """
 
 from __future__ import annotations
@@ -10,10 +14,28 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from envpipe_agent.backend import GpuBackend
 
 log = logging.getLogger("envpipe_agent.energy")
+
+COUNTER_PERIOD_S = 0.1  # NVML's energy counter steps about this often (H100: median 99.8 ms, p90 116 ms)
+MARK_POLL_S = 0.001  # pause between back-to-back reads at a mark (a real read itself takes ~3 ms)
+MARK_WAIT_S = 4 * COUNTER_PERIOD_S  # longest a mark waits for two steps (an idle card's counter may stall)
+
+
+def interpolate_mark(mark_s: float, steps: list[tuple[float, float]]) -> float:
+    """Counter value (mJ) at ``mark_s`` from two timed steps ``(when_s, value_mj)`` after it.
+
+    The power between the two steps is taken for the stretch from the mark to the first step as well: the
+    stretch is shorter than one counter period, so the error is the change of power within one period
+    times that stretch, not the counter's whole step.
+    """
+    (first_s, first_mj), (second_s, second_mj) = steps
+    power_mj_per_s = (second_mj - first_mj) / (second_s - first_s)
+    return first_mj - power_mj_per_s * (first_s - mark_s)
 
 
 class EnergySampler:
@@ -24,6 +46,13 @@ class EnergySampler:
         self.interval_s = interval_ms / 1000.0
         self._latest: dict[int, tuple[int, float]] = {}
         self.read_errors = 0
+        self.marks_interpolated = 0
+        self.marks_fresh_read = 0  # the counter did not step twice in MARK_WAIT_S: the plain fresh read
+        # One thread per GPU: a mark's reads take up to ~0.3 s and must not delay another GPU's marks; a
+        # window's end is queued behind its begin, so it always finds the begin's estimate done.
+        self._marks = {
+            index: ThreadPoolExecutor(1, thread_name_prefix=f"envpipe-mark{index}") for index in indices
+        }
         self._stop = threading.Event()
         self._indices = indices
         for index in indices:
@@ -38,6 +67,8 @@ class EnergySampler:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(2.0)
+        for executor in self._marks.values():
+            executor.shutdown(wait=False, cancel_futures=True)
 
     def _sample(self, index: int) -> None:
         try:
@@ -56,3 +87,43 @@ class EnergySampler:
         if self.backend.energy_read_cheap:
             self._sample(index)
         return self._latest.get(index, (0, time.monotonic()))
+
+    def mark(self, index: int, mark_s: float) -> Future[float]:
+        """The GPU's energy (mJ) at monotonic time ``mark_s``: exact now for a cheap backend, else estimated
+        on the GPU's mark thread (see :meth:`estimate_at`)."""
+        if self.backend.energy_read_cheap:
+            done: Future[float] = Future()
+            done.set_result(float(self.backend.read_energy_mj(index)))
+            return done
+        return self._marks[index].submit(self.estimate_at, index, mark_s)
+
+    def after(self, index: int, work: Callable[[], dict]) -> Future[dict]:
+        """Run ``work`` on the GPU's mark thread, after every mark queued before it."""
+        return self._marks[index].submit(work)
+
+    def _timed_read(self, index: int) -> tuple[float, int]:
+        start_s = time.monotonic()
+        value_mj = self.backend.read_energy_mj(index)
+        return (start_s + time.monotonic()) / 2, value_mj  # the read's midpoint: a ~3 ms call on NVML
+
+    def estimate_at(self, index: int, mark_s: float) -> float:
+        """Energy (mJ) at ``mark_s``, interpolated between the counter's next two steps.
+
+        Reads back to back until the value has changed twice; each change is timed at the midpoint between
+        the reads around it (within one read, ~3 ms on NVML, of the true step). Falls back to the first
+        fresh read when the counter does not step twice within ``MARK_WAIT_S``.
+        """
+        previous_s, previous_mj = self._timed_read(index)
+        fresh_mj, deadline_s = previous_mj, previous_s + MARK_WAIT_S
+        steps: list[tuple[float, float]] = []
+        while len(steps) < 2 and time.monotonic() < deadline_s:
+            time.sleep(MARK_POLL_S)
+            now_s, value_mj = self._timed_read(index)
+            if value_mj != previous_mj:
+                steps.append(((previous_s + now_s) / 2, float(value_mj)))
+            previous_s, previous_mj = now_s, value_mj
+        if len(steps) < 2:
+            self.marks_fresh_read += 1
+            return float(fresh_mj)
+        self.marks_interpolated += 1
+        return interpolate_mark(mark_s, steps)

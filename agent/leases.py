@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from envpipe_agent.protocol import LEASE_TOKEN_BYTES, lease_token
@@ -27,7 +28,8 @@ class Lease:
     pid: int
     created_s: float = field(default_factory=time.monotonic)
     heartbeat_s: float = field(default_factory=time.monotonic)
-    windows: dict[int, tuple[int, float]] = field(default_factory=dict)  # window id -> (energy_mj, t_s)
+    # window id -> (energy in mJ at the mark, being estimated off the loop; the mark's monotonic time)
+    windows: dict[int, tuple[Future[float], float]] = field(default_factory=dict)
     events: int = 0  # phase events accepted for this lease
     # False when the pid named no live process at claim time: a rank in a container (its own pid namespace)
     # reports a pid the agent cannot see, and checking it would end its lease at every tick.

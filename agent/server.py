@@ -1,17 +1,21 @@
 """The agent's event loop: a ROUTER control socket, a PULL event socket, leases, workers and the sampler.
 
 One thread runs :meth:`Agent.serve`; it never calls a GPU setter (the per-GPU workers do) and never reads
-an energy counter of a slow backend (the sampler does), so a slow NVML call cannot stall phase events.
-Handlers live in one dict, ``Agent.handlers``; any exception in one becomes an error reply, never a
-traceback on the wire.
+an energy counter of a slow backend (the sampler and its mark threads do), so a slow NVML call cannot
+stall phase events. Handlers live in one dict, ``Agent.handlers``; any exception in one becomes an error
+reply, never a traceback on the wire. A handler may return a ``Future`` instead of a result (a window end
+whose energy is still being estimated): its reply is sent when the future is done, and the loop serves
+everything else meanwhile.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,9 +113,13 @@ class Agent:
         self.started_s = time.monotonic()
         self.stopping = False  # set when the process named by exit_with_pid is gone
         self._events_sock: zmq.Socket | None = None
+        # Replies still being computed off the loop: (envelope, request id, future). A done future writes a
+        # byte into the pipe, which the loop polls next to its sockets.
+        self._pending: list[tuple[list[bytes], int, Future[dict[str, Any]]]] = []
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._next_window_id = 1
         self._last_rate_s = self.started_s
-        self.handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+        self.handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any] | Future[dict[str, Any]]]] = {
             "hello": self.op_hello,
             "claim": self.op_claim,
             "heartbeat": self.op_heartbeat,
@@ -175,6 +183,7 @@ class Agent:
         poller = zmq.Poller()
         poller.register(control, zmq.POLLIN)
         poller.register(events, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
         self.start_threads()
         if on_ready:
             on_ready()
@@ -187,6 +196,8 @@ class Agent:
                         self._drain_events(events)
                     if control in ready:
                         self._drain_control(control)
+                    if self._wake_r in ready:
+                        self._send_done(control)
                     if time.monotonic() - last_tick_s >= TICK_S:
                         last_tick_s = time.monotonic()
                         self.tick()
@@ -198,6 +209,8 @@ class Agent:
             self.reset_all("shutdown")
             control.close(0)
             events.close(0)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
     # -- event path ------------------------------------------------------------------------------------
     def _drain_events(self, sock: zmq.Socket) -> None:
@@ -274,8 +287,48 @@ class Agent:
                 except zmq.ZMQError as exc:  # the peer went away between request and reply
                     log.debug("reply not sent: %s", exc)
 
+    def _wake(self, _future: Future[dict[str, Any]]) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:  # pipe full (the loop wakes anyway) or closed at shutdown
+            pass
+
+    def _send_done(self, sock: zmq.Socket) -> None:
+        """Send the replies whose futures are done (the wake pipe said some are)."""
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        waiting = []
+        for envelope, request_id, future in self._pending:
+            if not future.done():
+                waiting.append((envelope, request_id, future))
+                continue
+            reply = envelope + [self._encode_result(request_id, future)]
+            try:
+                sock.send_multipart(reply, zmq.NOBLOCK)
+            except zmq.ZMQError as exc:  # the peer went away meanwhile
+                log.debug("reply not sent: %s", exc)
+        self._pending = waiting
+
+    def _encode_result(self, request_id: int, future: Future[dict[str, Any]]) -> bytes:
+        try:
+            return encode_reply(request_id, future.result())
+        except ProtocolError as exc:
+            self.counters["control_errors"] += 1
+            return encode_error(request_id, exc.code, str(exc))
+        except Exception as exc:  # noqa: BLE001 - as in dispatch: "internal", the agent stays up
+            self.counters["control_errors"] += 1
+            log.error("deferred reply to request %d failed: %s", request_id, exc)
+            return encode_error(request_id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
     def handle_control(self, frames: list[bytes]) -> list[bytes] | None:
-        """Answer one ROUTER message; the envelope (identity and REQ delimiter) is echoed back."""
+        """Answer one ROUTER message; the envelope (identity and REQ delimiter) is echoed back.
+
+        Returns None when there is nothing to send now: no payload to answer, or a reply still being
+        computed (sent by the loop when done).
+        """
         self.counters["control_requests"] += 1
         if len(frames) < 2:
             self.counters["control_errors"] += 1
@@ -290,17 +343,27 @@ class Agent:
             return envelope + [
                 encode_error(0, ErrorCode.BAD_REQUEST, f"expected 1 payload frame, got {len(payload)}")
             ]
-        return envelope + [self.dispatch(payload[0])]
+        reply = self.dispatch(payload[0])
+        if isinstance(reply, tuple):
+            request_id, future = reply
+            self._pending.append((envelope, request_id, future))
+            future.add_done_callback(self._wake)
+            return None
+        return envelope + [reply]
 
-    def dispatch(self, frame: bytes) -> bytes:
-        """Decode, run the handler, encode the reply (errors included)."""
+    def dispatch(self, frame: bytes) -> bytes | tuple[int, Future[dict[str, Any]]]:
+        """Decode, run the handler, encode the reply (errors included); a deferred result comes back as
+        ``(request id, future)``."""
         try:
             request = decode_request(frame)
         except ProtocolError as exc:
             self.counters["control_errors"] += 1
             return encode_error(request_id_of(frame), exc.code, str(exc))
         try:
-            return encode_reply(request.id, self.handlers[request.op](request.args))
+            result = self.handlers[request.op](request.args)
+            if isinstance(result, Future):
+                return request.id, result
+            return encode_reply(request.id, result)
         except ProtocolError as exc:
             self.counters["control_errors"] += 1
             return encode_error(request.id, exc.code, str(exc))
@@ -395,10 +458,12 @@ class Agent:
                 ErrorCode.BAD_REQUEST, f"more than {MAX_WINDOWS_PER_LEASE} open windows; end some"
             )
         window_id, self._next_window_id = self._next_window_id, self._next_window_id + 1
-        lease.windows[window_id] = self.sampler.read(lease.gpu_index)
+        # The mark is now, after the catch-up; its energy is estimated off the loop (the reply need not wait).
+        mark_s = time.monotonic()
+        lease.windows[window_id] = (self.sampler.mark(lease.gpu_index, mark_s), mark_s)
         return {"window_id": window_id}
 
-    def op_window_end(self, args: dict[str, Any]) -> dict[str, Any]:
+    def op_window_end(self, args: dict[str, Any]) -> dict[str, Any] | Future[dict[str, Any]]:
         lease = self._lease(args)
         self._catch_up(lease, args)
         window_id = _arg(args, "window_id", int)
@@ -407,12 +472,20 @@ class Agent:
             raise ProtocolError(
                 ErrorCode.UNKNOWN_WINDOW, f"window {window_id} is not open on lease {lease.lease_id}"
             )
-        energy_mj, sampled_s = self.sampler.read(lease.gpu_index)
-        return {
-            "energy_j": (energy_mj - start[0]) / 1000.0,
-            "duration_s": sampled_s - start[1],
-            "simulated": self.backend.simulated,
-        }
+        (begin_energy, begin_s), end_s = start, time.monotonic()
+        end_energy = self.sampler.mark(lease.gpu_index, end_s)
+        simulated = self.backend.simulated
+
+        def result() -> dict[str, Any]:
+            return {
+                "energy_j": (end_energy.result() - begin_energy.result()) / 1000.0,
+                "duration_s": end_s - begin_s,
+                "simulated": simulated,
+            }
+
+        if begin_energy.done() and end_energy.done():
+            return result()
+        return self.sampler.after(lease.gpu_index, result)
 
     def op_status(self, args: dict[str, Any]) -> dict[str, Any]:
         return self.status()

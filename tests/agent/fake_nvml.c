@@ -11,7 +11,9 @@
  * highest memory clock and unknown memory clocks all fail with NVML_ERROR_INVALID_ARGUMENT and are counted
  * in bad_calls. ENVPIPE_FAKE_NVML_GPUS sets the GPU count (default 2, at most 8) when the file is created;
  * ENVPIPE_FAKE_NVML_REQUIRE_ROOT=1 makes setters fail with NO_PERMISSION for non-root callers;
- * ENVPIPE_FAKE_NVML_SET_US adds a delay to every setter.
+ * ENVPIPE_FAKE_NVML_SET_US adds a delay to every setter. ENVPIPE_FAKE_NVML_ENERGY_STEP_MS makes the
+ * energy counter move in steps, as a real one does (H100: every ~100 ms): a read returns the energy at the
+ * last multiple of the step. ENVPIPE_FAKE_NVML_READ_US adds a delay to every energy read (H100: ~3 ms).
  */
 #include <fcntl.h>
 #include <stdint.h>
@@ -259,11 +261,31 @@ int nvmlDeviceGetPowerUsage(void *device, unsigned int *power) {
     return NVML_SUCCESS;
 }
 
+/* The counter as published in steps: the energy at the last multiple of step_ns (per process). */
+static uint64_t published_uj[MAX_GPUS];
+static uint64_t published_ns[MAX_GPUS];
+
+static uint64_t stepped_energy_uj(struct fake_gpu *gpu, uint32_t index, uint64_t step_ns) {
+    uint64_t boundary = gpu->energy_ns - gpu->energy_ns % step_ns;
+    if (boundary > published_ns[index]) {
+        /* constant power since the boundary (a clock set in between makes this approximate: fine here) */
+        uint64_t since_uj = (uint64_t)power_mw(gpu) * (gpu->energy_ns - boundary) / 1000000ull;
+        published_uj[index] = gpu->energy_uj > since_uj ? gpu->energy_uj - since_uj : 0; /* fresh state */
+        published_ns[index] = boundary;
+    }
+    return published_uj[index];
+}
+
 int nvmlDeviceGetTotalEnergyConsumption(void *device, unsigned long long *energy) {
     struct fake_gpu *gpu = gpu_of(device);
     if (!gpu) return bad(NULL);
     if (!energy) return bad(gpu);
+    const char *delay = getenv("ENVPIPE_FAKE_NVML_READ_US");
+    const char *step = getenv("ENVPIPE_FAKE_NVML_ENERGY_STEP_MS");
+    if (delay) usleep((useconds_t)atoi(delay));
     advance_energy(gpu);
-    *energy = gpu->energy_uj / 1000ull;
+    uint64_t step_ns = step ? (uint64_t)atoi(step) * 1000000ull : 0;
+    uint32_t index = ((struct fake_device *)device)->index;
+    *energy = (step_ns ? stepped_energy_uj(gpu, index, step_ns) : gpu->energy_uj) / 1000ull;
     return NVML_SUCCESS;
 }

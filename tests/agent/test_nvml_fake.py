@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -179,3 +180,49 @@ def test_manage_entry_that_names_no_gpu_exits_2(fake_nvml, short_dir) -> None:
         timeout=20,
     )
     assert result.returncode == 2 and "manage entry '7'" in result.stderr
+
+
+def test_window_energy_error_is_far_below_one_counter_step(fake_nvml, short_dir) -> None:
+    # A real counter steps every ~100 ms and a read takes ~3 ms; the fake does both. Marks used to take the
+    # sampler's latest (stale) value: up to ~0.2 s of full power wrong per window (7 % phantom savings on
+    # the H100 with 1 s windows).
+    _state, env = fake_nvml
+    env.update(ENVPIPE_FAKE_NVML_ENERGY_STEP_MS="100", ENVPIPE_FAKE_NVML_READ_US="3000")
+    power_w, step_j = 694.0, 694.0 * 0.1  # fake power at 1980 MHz; energy of one counter step
+    errors_j = []
+    with _start(fake_nvml, short_dir, "--lease-timeout-s", "5") as agent:
+        with AgentClient(agent.endpoint, job_id="j", rank=0) as client:
+            client.claim(client.hello().gpus[0].uuid)
+            for length_s in (0.23, 0.31, 0.17, 0.36, 0.27, 0.44):
+                window = client.window_begin()
+                time.sleep(length_s)
+                result = client.window_end(window)
+                assert result.duration_s == pytest.approx(length_s, abs=0.06)
+                errors_j.append(abs(result.energy_j - power_w * result.duration_s))
+    assert max(errors_j) < 0.15 * step_j, errors_j  # measured: p50 1.2 J, max 3.4 J of a 69 J step
+
+
+def test_event_loop_serves_while_a_mark_reads_the_counter(fake_nvml, short_dir) -> None:
+    _state, env = fake_nvml
+    env.update(ENVPIPE_FAKE_NVML_ENERGY_STEP_MS="100", ENVPIPE_FAKE_NVML_READ_US="3000")
+    done_s: dict[str, float] = {}
+    with _start(fake_nvml, short_dir, "--lease-timeout-s", "5") as agent:
+        with (
+            AgentClient(agent.endpoint, job_id="j", rank=0) as client,
+            AgentClient(agent.endpoint, job_id="observer", rank=1) as observer,
+        ):
+            client.claim(client.hello().gpus[0].uuid)
+            window = client.window_begin()
+            time.sleep(0.3)
+
+            def end() -> None:
+                client.window_end(window)
+                done_s["window_end"] = time.monotonic()
+
+            thread = threading.Thread(target=end)
+            thread.start()
+            time.sleep(0.02)
+            observer.status()  # the mark waits for two counter steps (>= 0.1 s); status must not
+            done_s["status"] = time.monotonic()
+            thread.join(5)
+    assert done_s["status"] < done_s["window_end"]
