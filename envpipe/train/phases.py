@@ -297,17 +297,17 @@ class PhaseRunner:
         Returns:
             The baseline's and the final plan's representative windows, and the last iteration's spans.
         """
-        import math
-
-        rounds = self.config.compare_rounds if self._differs_from_baseline() else 0
+        steps = self.config.steps
+        rounds = min(self.config.compare_rounds, steps) if self._differs_from_baseline() else 0
         final = (self.schedule, self.clocks)
         reference = (self._one_f_one_b, top_clock_plan(self._one_f_one_b, self.ctx.max_clock_mhz))
-        n_final = self.window_iterations(math.ceil(self.config.steps / max(rounds, 1)))
+        parts = max(rounds, 1)  # --steps split as evenly as possible over the rounds
+        n_finals = [self.window_iterations(steps // parts + (k < steps % parts)) for k in range(parts)]
         n_base = self.window_iterations(self.config.baseline_steps) if rounds else 0
-        total = max(rounds, 1) * (n_final + n_base)
+        total = sum(n_finals) + rounds * n_base
         self._start("steady", f"steady ({self.config.type}, {self.schedule.name})", total)
         base_windows, final_windows, done = [baseline], [], 0
-        for _ in range(max(rounds, 1)):
+        for n_final in n_finals:
             if rounds:
                 self._set(*reference)
                 base_windows.append(

@@ -145,8 +145,8 @@ def test_uniform_run_counts_every_phase(one_rank_group, capsys):
     assert len(steady["baseline_windows"]) == 3  # the start's window and one per round
     reconfiguration = result["phases"][2]
     assert 1 <= reconfiguration["rounds"] <= 5 + 1
-    # warm-up 1 + baseline 2 + profiling 3x2 + reconfiguration + steady 2 x (2 + 3)
-    expected = 1 + 2 + 6 + reconfiguration["rounds"] + 2 * (2 + 3)
+    # warm-up 1 + baseline 2 + profiling 3x2 + reconfiguration + steady 2 x baseline 2 + 6 steps
+    expected = 1 + 2 + 6 + reconfiguration["rounds"] + 2 * 2 + 6
     assert ctx.engine.iterations == expected
     events = _markers(capsys)
     assert [e["phase"] for e in events if e["event"] == "phase"] == names
