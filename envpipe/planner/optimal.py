@@ -37,8 +37,9 @@ _PRICE_STEPS = 16  # geometric price levels from the best rate down to ~0.5% of 
 _PRICE_FACTOR = 0.72
 _ROUNDS_PER_PRICE = 4
 _WEIGHT_POWERS = (1.0, 0.5)
-_DUAL_ITERATIONS = 400
-_DUAL_SCALE_GAIN = 20.0
+_CORE_STARTS = 4
+_EXTRA_DUALS = ((1000, 10.0), (400, 10.0), (400, 40.0), (1000, 20.0), (1000, 5.0), (1000, 40.0))
+_WORK_BUDGET = 3500  # node-starts
 _BOLDNESS = (0.25, 0.5)  # first try shares of slack / k**b, checked against the deadline
 _INF = float("inf")
 
@@ -67,12 +68,22 @@ def solve(dag: ClockDag, deadline_ms: float, start: Sequence[int] | None = None)
     succs = dag.succs()
     best, best_j = first, dag.evaluate(first)[1]
     # Starts, best first: the dual's prices; the 1/parallelism prices as they are and flatter; the slow side.
-    starts = [_scaled(dag, deadline_ms, hulls, _dual_flow(dag, hulls, deadline_ms), first)]
     weights = _parallel_weights(dag, first, deadline_ms, succs)
-    for power in _WEIGHT_POWERS:  # the flow's true split is unknown: try it flatter too
-        starts.append(_scaled(dag, deadline_ms, hulls, [w if w == _INF else w**power for w in weights], first))
-    starts.append(_raised_from_valley(dag, deadline_ms, hulls, succs, first))
-    for choice in starts:
+    starts = [
+        lambda: _scaled(dag, deadline_ms, hulls, _dual_flow(dag, hulls, deadline_ms), first),
+        *(lambda p=power: _scaled(dag, deadline_ms, hulls, [w if w == _INF else w**p for w in weights], first)
+          for power in _WEIGHT_POWERS),
+        lambda: _raised_from_valley(dag, deadline_ms, hulls, succs, first),
+    ]
+    # Smaller DAGs can afford more tries of the dual (its step rules are not robust): a fixed work budget in
+    # node-starts keeps the result deterministic and S=8, M=32 within its time.
+    for iterations, gain in _EXTRA_DUALS:
+        starts.append(lambda i=iterations, g=gain: _scaled(dag, deadline_ms, hulls,
+                                                           _dual_flow(dag, hulls, deadline_ms, i, g), first))
+    for k, make in enumerate(starts):
+        if k >= _CORE_STARTS and len(dag) * k > _WORK_BUDGET:
+            break
+        choice = make()
         if choice is None:
             continue
         _price_descent(dag, choice, deadline_ms, rates, succs)
@@ -266,21 +277,22 @@ def _raised_from_valley(dag: ClockDag, deadline_ms: float, hulls: list[_Hull], s
     return None
 
 
-def _dual_flow(dag: ClockDag, hulls: list[_Hull], deadline_ms: float) -> list[float]:
+def _dual_flow(dag: ClockDag, hulls: list[_Hull], deadline_ms: float, iterations: int = 400,
+               gain: float = 20.0) -> list[float]:
     """Time prices from the relaxation's dual, by Frank-Wolfe: the dual's variables are a flow through the
     DAG, its best direction is the longest path under the durations the current prices pick, so the flow
     is an average of longest paths. The common scale follows the makespan (too long: prices up)."""
     n = len(dag)
     flow = [0.0] * n
     scale = max((h.prices[0] for h in hulls if h.prices), default=1.0)
-    for k in range(_DUAL_ITERATIONS):
+    for k in range(iterations):
         durations = dag.durations([h.pick(scale * f) for h, f in zip(hulls, flow)])
         path, length = _longest_path(dag, durations)
         step = 2.0 / (k + 2)
         flow = [(1 - step) * f for f in flow]
         for u in path:
             flow[u] += step
-        scale *= math.exp(_DUAL_SCALE_GAIN * (length / deadline_ms - 1))
+        scale *= math.exp(gain * (length / deadline_ms - 1))
     return [f if f > 0 else _INF for f in flow]
 
 
