@@ -298,7 +298,8 @@ class PhaseRunner:
             The baseline's and the final plan's representative windows, and the last iteration's spans.
         """
         steps = self.config.steps
-        rounds = min(self.config.compare_rounds, steps) if self._differs_from_baseline() else 0
+        # Also when the plan is the baseline's (type baseline): the "saving" then shows the noise floor.
+        rounds = min(self.config.compare_rounds, steps)
         final = (self.schedule, self.clocks)
         reference = (self._one_f_one_b, top_clock_plan(self._one_f_one_b, self.ctx.max_clock_mhz))
         parts = max(rounds, 1)  # --steps split as evenly as possible over the rounds
@@ -331,10 +332,6 @@ class PhaseRunner:
             }
         )
         return base, steady, timeline
-
-    def _differs_from_baseline(self) -> bool:
-        top = top_clock_plan(self.schedule, self.ctx.max_clock_mhz)
-        return self.schedule.name != "1f1b" or any(self.schedule.r) or self.clocks != top
 
     # -- helpers --------------------------------------------------------------------------------------
 

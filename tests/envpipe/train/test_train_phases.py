@@ -155,12 +155,14 @@ def test_uniform_run_counts_every_phase(one_rank_group, capsys):
     assert ctx.engine.schedules[-1] == result["schedule"]["name"] == "ours"
 
 
-def test_baseline_type_skips_profiling_and_interleaving(one_rank_group):
-    ctx = _context(type="baseline", scheduling="1f1b", steps=3, baseline_steps=2, warmup_steps=1)
+def test_baseline_type_skips_profiling(one_rank_group):
+    ctx = _context(
+        type="baseline", scheduling="1f1b", steps=3, baseline_steps=2, warmup_steps=1, compare_rounds=2
+    )
     result = phases.run_phases(ctx)
     assert [p["name"] for p in result["phases"]] == ["baseline", "steady"]
-    assert result["phases"][1]["compare_rounds"] == 0 and result["profile"] is None
-    assert ctx.engine.iterations == 1 + 2 + 3
+    assert result["phases"][1]["compare_rounds"] == 2 and result["profile"] is None
+    assert ctx.engine.iterations == 1 + 2 + 2 * 2 + 3
     assert set(result["clocks"]["0"].values()) == {CARD.max_clock_mhz}
 
 
