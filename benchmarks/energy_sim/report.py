@@ -206,13 +206,13 @@ def _summary(runs: dict) -> str:
 
 def _why() -> str:
     return (
-        "Why. (1) The optimal planner is a pure-Python heuristic (priced starts + marginal-rate descent + "
-        "sweeps), not an LP/MILP solver, so that it runs online without scipy. Where it misses the 99% goal "
-        "(balanced-stage pipelines, most of all 1F1B with S=8), the LP's optimum slows the whole steady "
-        "state a little and staggers the cool-down backwards stage by stage -- a coordinated move along a "
-        "cut of the DAG that slack-sharing descent approximates but does not find exactly; a min-cost-flow "
-        "(Phillips-Dessouky-style) solver would close it and is the next step. On imbalanced stages it is "
-        "within 0.5% of the bound. On small cases it is within 2% of the exact MILP optimum (tests). "
+        "Why. (1) The optimal planner is a pure-Python heuristic (dual prices by Frank-Wolfe and other priced "
+        "starts, then marginal-rate descent and sweeps), not an LP/MILP solver, so that it runs online without "
+        "scipy. Where it misses the 99% goal (the balanced-stage cases listed above; never on imbalanced "
+        "stages), the LP's optimum slows the whole steady state a little and staggers the cool-down backwards "
+        "stage by stage -- a coordinated move along a cut of the DAG that the priced starts only approximate; "
+        "an exact min-cost-flow (Phillips-Dessouky-style) solver would close the last 1-4% and is the next "
+        "step. On small cases it is within 2% of the exact MILP optimum (tests). "
         "(2) On the simulator the optimal planner pays the 1 ms clock-switch latency that its DAG model leaves "
         "out and steers its deadline over a few measured rounds; round-based balanced measures every round, "
         "so it can match or beat it there (ratios above 100%). (3) Greedy raises one unit per round: from "
