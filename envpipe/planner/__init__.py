@@ -9,7 +9,7 @@ Policies (``POLICIES``): ``default`` (no change), ``greedy`` and ``balanced`` (t
 defects fixed), ``optimal`` (the whole DAG at once), and ``paper`` / ``paper-greedy`` (the ATC'23 algorithm,
 reference only). Every policy runs under the same guard: the iteration may be at most ``1 + slowdown_bound``
 times the baseline (1F1B, every unit at the top clock) measured at the start, and the round cap ends every
-run on a plan that meets it (the top clocks, if nothing better does).
+run on a plan that meets it (the latest one seen that did, or the top clocks).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class Reconfigurer:
         policy: one of ``POLICIES``.
         slowdown_bound: allowed slowdown against the baseline (0.01 = 1 %).
         max_rounds: cap on updates (default per policy); at the cap a plan that misses the bound is replaced
-            by the top clocks once, then the Reconfigurer stops.
+            once by the latest plan that met it (the top clocks if none did), then the Reconfigurer stops.
         baseline_ms: the baseline iteration time measured at the start (1F1B, top clocks). Without it the
             simulated baseline is scaled by measured / simulated time of the first update's plan.
     """
@@ -81,6 +81,7 @@ class Reconfigurer:
         self.rounds = 0
         self._rule = _policy(policy, schedule, costs)
         self._fell_back = False
+        self._last_within: ClockPlan | None = None
 
     def update(self, clocks: ClockPlan | None, timeline: list[Any]) -> ClockPlan | None:
         """The plan for the next iteration, given this iteration's clocks and spans; None = keep (stable)."""
@@ -91,6 +92,8 @@ class Reconfigurer:
             self._calibrate(obs, clocks)
         assert self.target_ms is not None
         self.rounds += 1
+        if obs.iteration_ms <= self.target_ms * (1 + 1e-9) and clocks is not None:
+            self._last_within = clocks
         if self.rounds > self.max_rounds:
             return self._at_cap(obs)
         return self._rule.step(obs, self.target_ms, self.rounds)
@@ -115,7 +118,8 @@ class Reconfigurer:
         if obs.iteration_ms <= self.target_ms * (1 + 1e-9) or self._fell_back or self.policy.startswith("paper"):
             return None
         self._fell_back = True
-        return top_plan(self.schedule, self.costs)
+        # The latest plan that met the bound (lower clocks than the top, usually), else the top clocks.
+        return self._last_within or top_plan(self.schedule, self.costs)
 
 
 @dataclass(frozen=True)

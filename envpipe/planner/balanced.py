@@ -9,7 +9,8 @@ Paper (ATC'23): raise clocks along the critical path until the iteration is fast
   does not oscillate), and a round cap in the Reconfigurer ends every run on a plan that meets the bound;
 * nothing assumes the last stage is the heaviest.
 
-``balanced`` raises every critical unit at the path's lowest clock by ``raise_mhz`` (30 MHz, as the paper)
+``balanced`` raises every critical unit at the path's lowest clock by ``raise_mhz`` (30 MHz, as the paper;
+more when the iteration is far over the bound: the excess share of the top clock)
 and, once within the bound, lowers every unit with slack by ``lower_mhz`` at a time, sharing each path's
 slack between the units on it (``envpipe.planner.greedy`` is the one-unit-per-round variant).
 """
@@ -44,9 +45,12 @@ class Balanced:
             if not crit:
                 return None  # the critical path is at the top clock: the Reconfigurer's cap handles it
             lowest = min(dag.options[u][choice[u]].clock_mhz for u in crit)
+            # Far over the bound, 30 MHz a round takes hundreds of rounds: step by the excess share instead.
+            top_mhz = dag.options[crit[0]][0].clock_mhz
+            step = max(self.raise_mhz, int((obs.iteration_ms / target_ms - 1) * top_mhz))
             for u in crit:
                 if dag.options[u][choice[u]].clock_mhz == lowest:
-                    choice[u] = faster(dag, u, choice[u], self.raise_mhz)
+                    choice[u] = faster(dag, u, choice[u], step)
                     self.raised[u] = round_no
             self.price = None
             return obs.pdag.plan(choice)
