@@ -109,3 +109,14 @@ def test_bad_arguments_say_what_to_do() -> None:
     with pytest.raises(ConfigError, match="lacks"):
         reconfigurer.update(None, partial)
     assert set(POLICIES) >= {"default", "greedy", "balanced", "optimal", "paper"}
+
+
+def test_round_cap_returns_the_latest_plan_within_the_bound() -> None:
+    costs, schedule, _ = _setup("first-heavy")
+    within = top_plan(schedule, costs)
+    within[0]["F1"] = costs.clocks_mhz[3]  # a little lower, still within the bound
+    reconfigurer = Reconfigurer(schedule, costs, "balanced", max_rounds=1)
+    assert reconfigurer.update(within, simulate(schedule, costs, within).timeline) is not None
+    too_slow = assign_clocks(schedule, costs, "uniform")
+    assert reconfigurer.update(too_slow, simulate(schedule, costs, too_slow).timeline) == within
+    assert reconfigurer.update(within, simulate(schedule, costs, within).timeline) is None
