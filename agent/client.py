@@ -30,6 +30,8 @@ from envpipe_agent.errors import AgentError, AgentUnavailable, LeaseError
 from envpipe_agent.protocol import (
     EVENT_KINDS,
     EVENT_MAGIC,
+    EVENT_SEND_HWM,
+    EVENT_SOCKET_BUFFER_BYTES,
     EVENT_STRUCT,
     MAX_UNIT_BYTES,
     PROTOCOL_VERSION,
@@ -212,7 +214,8 @@ class AgentClient:
             sock = self._context.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.IMMEDIATE, 1)  # no peer -> zmq.Again at once, never a queue that fills up
-            sock.setsockopt(zmq.SNDHWM, 10_000)
+            sock.setsockopt(zmq.SNDHWM, EVENT_SEND_HWM)  # overload = zmq.Again = counted drop, not lateness
+            sock.setsockopt(zmq.SNDBUF, EVENT_SOCKET_BUFFER_BYTES)
             sock.connect(endpoint)
             self._events, self._event_endpoint = sock, endpoint
 
@@ -398,8 +401,9 @@ class AgentClient:
     def _drop(self) -> None:
         self.events_dropped += 1
         self._warn_once(
-            "envpipe agent not reachable or no GPU leased: phase events are dropped and training "
-            "continues at the card's default clocks (said once)"
+            "envpipe agent not reachable, overloaded (event queue full) or no GPU leased: phase events "
+            "are dropped and counted, and training continues (at the card's default clocks when nothing "
+            "was applied) (said once)"
         )
 
     def _warn_once(self, message: str) -> None:

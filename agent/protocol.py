@@ -34,6 +34,15 @@ EVENT_STRUCT = struct.Struct(f"<BBB{LEASE_TOKEN_BYTES}sH")
 MAX_UNIT_BYTES = 32
 EVENT_BEGIN = 0
 EVENT_END = 1
+
+# Queue bounds on the event path, per rank connection. An overloaded agent must turn into counted drops at
+# the sender (zmq.Again on its NOBLOCK send), not into clocks applied seconds late: with 100 000 queued per
+# connection, 64 ranks past the agent's rate left events ~30 s late. Per connection at most
+# SNDHWM + RCVHWM messages queue in zmq plus what the two kernel buffers hold (~150 frames each), i.e.
+# ~0.5 s of one rank's 1 000 events/s: enough for the agent's short stalls, never a backlog.
+EVENT_SEND_HWM = 100  # client PUSH
+EVENT_RECV_HWM = 100  # agent PULL
+EVENT_SOCKET_BUFFER_BYTES = 4096  # SO_SNDBUF / SO_RCVBUF of the event connection
 EVENT_KINDS = {"begin": EVENT_BEGIN, "end": EVENT_END}
 
 OPS = ("hello", "claim", "heartbeat", "release", "set_clock", "window_begin", "window_end", "status")

@@ -28,6 +28,8 @@ from envpipe_agent.energy import EnergySampler
 from envpipe_agent.leases import Lease, LeaseManager, pid_alive
 from envpipe_agent.protocol import (
     EVENT_BEGIN,
+    EVENT_RECV_HWM,
+    EVENT_SOCKET_BUFFER_BYTES,
     MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
     ErrorCode,
@@ -57,6 +59,7 @@ class GpuStats:
     events: int = 0
     target_mhz: int | None = None
     duplicates: int = 0
+    superseded: int = 0  # clocks replaced by a newer one of the same drained batch before being queued
     snapped: int = 0
     events_per_s: float = 0.0
     _rate_events: int = 0
@@ -116,6 +119,8 @@ class Agent:
         # Replies still being computed off the loop: (envelope, request id, future). A done future writes a
         # byte into the pipe, which the loop polls next to its sockets.
         self._pending: list[tuple[list[bytes], int, Future[dict[str, Any]]]] = []
+        # While a batch of events is drained: the latest clock per GPU index, queued once at the batch's end.
+        self._batch_clocks: dict[int, tuple[int, int]] | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._next_window_id = 1
         self._last_rate_s = self.started_s
@@ -162,7 +167,8 @@ class Agent:
         for sock in (control, events):
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
-        events.setsockopt(zmq.RCVHWM, 100_000)
+        events.setsockopt(zmq.RCVHWM, EVENT_RECV_HWM)  # bounded: senders see zmq.Again, not a backlog
+        events.setsockopt(zmq.RCVBUF, EVENT_SOCKET_BUFFER_BYTES)
         control.bind(control_endpoint)
         events.bind(event_endpoint)
         secure_socket(control_endpoint, gid)
@@ -214,12 +220,20 @@ class Agent:
 
     # -- event path ------------------------------------------------------------------------------------
     def _drain_events(self, sock: zmq.Socket) -> None:
-        for _ in range(_EVENT_BATCH):
-            try:
-                frame = sock.recv(zmq.NOBLOCK, copy=True)
-            except zmq.Again:
-                return
-            self.handle_event(frame, time.monotonic_ns())
+        # Only a GPU's latest clock matters: within one batch, an older clock is dropped (counted as
+        # superseded) before it costs a snap and a mailbox hand-over.
+        self._batch_clocks = batch = {}
+        try:
+            for _ in range(_EVENT_BATCH):
+                try:
+                    frame = sock.recv(zmq.NOBLOCK, copy=True)
+                except zmq.Again:
+                    return
+                self.handle_event(frame, time.monotonic_ns())
+        finally:
+            self._batch_clocks = None
+            for index, (clock_mhz, received_ns) in batch.items():
+                self._queue_clock(index, clock_mhz, received_ns)
 
     def handle_event(self, frame: bytes, received_ns: int) -> None:
         """Apply one phase event: count it, drop it unless its lease holds a GPU, queue its clock."""
@@ -238,8 +252,15 @@ class Agent:
         index = lease.gpu_index
         self.stats[index].events += 1
         self.backend.on_phase(index, kind == EVENT_BEGIN)
-        if clock_mhz:
+        if not clock_mhz:
+            return
+        batch = self._batch_clocks
+        if batch is None:
             self._queue_clock(index, clock_mhz, received_ns)
+            return
+        if index in batch:
+            self.stats[index].superseded += 1
+        batch[index] = (clock_mhz, received_ns)
 
     def _queue_clock(self, index: int, clock_mhz: int, received_ns: int) -> int:
         stats = self.stats[index]
@@ -533,6 +554,7 @@ class Agent:
             "events": stats.events,
             "events_per_s": round(stats.events_per_s, 1),
             "duplicates": stats.duplicates + worker.duplicates,
+            "superseded": stats.superseded + worker.mailbox.overwritten,
             "snapped": stats.snapped,
             "clock_changes": worker.clock_changes,
             "resets": worker.resets,
