@@ -1,13 +1,13 @@
 """Human renderings: the step x stage grid (errors, logs), timelines as text, and a Gantt chart PNG.
 
-matplotlib is imported only inside :func:`gantt_png`.
+matplotlib is imported only inside :func:`gantt_figure` (and :func:`gantt_png`, which saves it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from envpipe.sim.engine import SimResult
@@ -56,13 +56,36 @@ def timeline_text(result: SimResult, *, resolution_ms: float | None = None, widt
 
 
 def gantt_png(result: SimResult, path: str | Path, *, title: str | None = None) -> Path:
-    """Write a Gantt chart: a row per stage, units coloured by clock, bubbles blank, critical path red."""
+    """Write a Gantt chart: a row per stage, units coloured by clock, bubbles blank, critical path red.
+
+    ``result`` is a :class:`~envpipe.sim.engine.SimResult` or a measured iteration with the same fields; its
+    ``simulated`` flag labels the time axis, and the critical-path legend entry appears only when there is
+    a path to show (a measured iteration has none of its own).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = gantt_figure(result, title=title)
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def gantt_figure(result: SimResult, *, title: str | None = None) -> Any:
+    """The matplotlib figure behind :func:`gantt_png` (the caller saves and closes it)."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib import cm, colormaps, colors
 
+    simulated = bool(getattr(result, "simulated", True))
+    kind = "simulated" if simulated else "measured"
     stages = len(result.stage_busy_ms)
     clocks = sorted({span.clock_mhz for span in result.timeline})
     norm = colors.Normalize(
@@ -73,41 +96,41 @@ def gantt_png(result: SimResult, path: str | Path, *, title: str | None = None) 
     width_in = max(9.0, 0.12 * len(result.timeline) / max(stages, 1) + 6)
     fig, ax = plt.subplots(figsize=(width_in, 1.4 + 0.6 * stages))
     for span in result.timeline:
-        on_path = (span.stage, span.unit) in critical
-        ax.barh(
-            span.stage,
-            span.end_ms - span.start_ms,
-            left=span.start_ms,
-            height=0.8,
-            color=cmap(norm(span.clock_mhz)),
-            edgecolor="red" if on_path else "black",
-            linewidth=2.0 if on_path else 0.4,
-            hatch="//" if span.unit.startswith("B") else None,
-        )
-        if span.end_ms - span.start_ms > result.iteration_time_ms / 60:
-            ax.text(
-                (span.start_ms + span.end_ms) / 2,
-                span.stage,
-                span.unit,
-                ha="center",
-                va="center",
-                fontsize=7,
-                color="white" if norm(span.clock_mhz) < 0.5 else "black",
-            )
+        _draw_span(ax, span, result.iteration_time_ms, cmap, norm, on_path=(span.stage, span.unit) in critical)
     ax.set_yticks(range(stages), [f"stage {s}" for s in range(stages)])
     ax.invert_yaxis()
     ax.set_xlim(0, result.iteration_time_ms * 1.01)
-    ax.set_xlabel("time (ms, simulated)")
-    import textwrap
-
-    text = title or f"simulated: {result.model}"
+    ax.set_xlabel(f"time (ms, {kind})")
+    text = title or f"{kind}: {result.model}"
     ax.set_title("\n".join(textwrap.fill(line, int(width_in * 13)) for line in text.splitlines()), fontsize=8)
     mappable = cm.ScalarMappable(norm=norm, cmap=cmap)
     fig.colorbar(mappable, ax=ax, label="SM clock (MHz)", pad=0.01)
-    ax.plot([], [], color="red", linewidth=2, label="critical path")
-    ax.legend(loc="upper right", bbox_to_anchor=(1.0, -0.12), fontsize=7, frameon=False)
+    if critical:  # an empty path would still get a legend entry that points at nothing
+        ax.plot([], [], color="red", linewidth=2, label="critical path")
+        ax.legend(loc="upper right", bbox_to_anchor=(1.0, -0.12), fontsize=7, frameon=False)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
+
+
+def _draw_span(ax: Any, span: Any, iteration_ms: float, cmap: Any, norm: Any, *, on_path: bool) -> None:
+    """One unit as a bar coloured by its clock (backward hatched), labelled when wide enough."""
+    ax.barh(
+        span.stage,
+        span.end_ms - span.start_ms,
+        left=span.start_ms,
+        height=0.8,
+        color=cmap(norm(span.clock_mhz)),
+        edgecolor="red" if on_path else "black",
+        linewidth=2.0 if on_path else 0.4,
+        hatch="//" if span.unit.startswith("B") else None,
+    )
+    if span.end_ms - span.start_ms > iteration_ms / 60:
+        ax.text(
+            (span.start_ms + span.end_ms) / 2,
+            span.stage,
+            span.unit,
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="white" if norm(span.clock_mhz) < 0.5 else "black",
+        )
