@@ -8,7 +8,8 @@ from collections.abc import Iterator
 import typer
 from rich.console import Console
 
-err_console = Console(stderr=True)
+# soft_wrap: off a terminal rich wraps at 80 columns, and one error must stay one line (logs, grep, CI).
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 @contextlib.contextmanager

@@ -231,3 +231,18 @@ def test_help_lists_every_option():
         "--plot",
     ):
         assert option in result.output, option
+
+
+def test_a_long_error_stays_one_line_off_a_terminal(monkeypatch):
+    # CliRunner is not a terminal: rich would wrap at 80 columns and split the one error line.
+    message = "rank 3 exited with code 1: " + "a long reason " * 12 + "; logs are kept in the run folder"
+    assert len(message) > 160
+
+    def fail(config, console):
+        raise launch.RunError(message)
+
+    monkeypatch.setattr(launch, "train", fail)
+    result = _invoke("train")
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines == [f"error: {message}"]
