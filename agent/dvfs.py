@@ -107,6 +107,13 @@ def model_from_params(text: str) -> DvfsModel:
     return DvfsModel("explicit", values["a"], values["p0"], values["g"], values["idle"], "given explicitly")
 
 
+# Idle power against the locked SM clock: only one Titan V pair is public for idle power at locked low
+# clocks (~25 % lower at the bottom clock; shared DVFS-MODELS.md), so the drop is a model parameter with
+# this default, linear in the clock between the top and the bottom of the range. The sim agent and the
+# simulator (envpipe.sim.costs) both use Card.idle_power_ratio, so both sides of a simulated run agree.
+IDLE_CLOCK_DROP = 0.25
+
+
 @dataclass(frozen=True, slots=True)
 class Card:
     """A GPU's supported SM clocks and its power at the top clock (busy) and when idle."""
@@ -124,6 +131,31 @@ class Card:
     @property
     def min_clock_mhz(self) -> int:
         return self.clocks_mhz[-1]
+
+    def idle_power_ratio(
+        self,
+        clock_mhz: float,
+        drop: float = IDLE_CLOCK_DROP,
+        min_mhz: float | None = None,
+        max_mhz: float | None = None,
+    ) -> float:
+        """Idle power with the clock locked at ``clock_mhz`` divided by idle power at the top clock.
+
+        ``1 - drop * (max - f) / (max - min)``: linear from 1 at the top clock to ``1 - drop`` at the bottom
+        one (the card's clock range unless ``min_mhz``/``max_mhz`` narrow it). Source: one Titan V pair, the
+        only public measurement (see ``IDLE_CLOCK_DROP``); a model, so its outputs are simulated.
+
+        Raises:
+            ValueError: ``drop`` outside [0, 1) or the clock outside the range.
+        """
+        low = self.min_clock_mhz if min_mhz is None else min_mhz
+        high = self.max_clock_mhz if max_mhz is None else max_mhz
+        if not 0.0 <= drop < 1.0:
+            raise ValueError(f"idle clock drop must be in [0, 1), got {drop}")
+        if not low - 1e-9 <= clock_mhz <= high + 1e-9:
+            raise ValueError(f"clock {clock_mhz} MHz is outside {low}-{high} MHz of the {self.name}")
+        span = high - low
+        return 1.0 - drop * (high - clock_mhz) / span if span else 1.0
 
 
 def _clock_range(high: int, low: int, step: int) -> tuple[int, ...]:

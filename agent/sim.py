@@ -4,10 +4,9 @@ Power model (documented in docs/protocol.md, "Simulated backend"):
 
 * busy (between a unit's ``begin`` and ``end`` event): ``card.busy_power_w * model.power_ratio(f / f_max)``
   where ``f`` is the applied SM clock (the card's top clock when unlocked);
-* idle (otherwise): ``card.idle_power_w``, independent of the clock. Idle power at a low locked clock is
-  barely measured in public (one Titan V pair, ~25% lower at the bottom clock) and a rank that waits in a
-  bubble spends most of it in p2p polling, so we keep it constant rather than invent a slope; the energy
-  saved by the simulator then comes only from busy time, which is the conservative choice.
+* idle (otherwise): ``card.idle_power_w * card.idle_power_ratio(f)``: up to 25 % lower at the bottom clock,
+  linear in between, the rule the simulator (``envpipe.sim.costs``) uses too (source and caveats in
+  ``envpipe_agent.dvfs.IDLE_CLOCK_DROP``).
 
 Energy is integrated exactly at every state change (busy/idle flip or clock change), so a window query
 returns the energy up to that instant.
@@ -69,7 +68,7 @@ class SimBackend:
 
     def _power_w(self, gpu: _SimGpu) -> float:
         if not gpu.busy:
-            return self.card.idle_power_w
+            return self.card.idle_power_w * self.card.idle_power_ratio(gpu.clock_mhz)
         return self.card.busy_power_w * self.model.power_ratio(gpu.clock_mhz / self.card.max_clock_mhz)
 
     def _advance(self, gpu: _SimGpu) -> None:

@@ -159,9 +159,9 @@ class CostModel:
             idle_top = self.curve.idle_power_w
         else:
             idle_top = self.curve.idle_fraction * self.card.busy_power_w
-        span = self.max_clock_mhz - self.min_clock_mhz
-        lowered = (self.max_clock_mhz - clock_mhz) / span if span else 0.0
-        return idle_top * (1.0 - self.idle_clock_drop * lowered)
+        # The idle-vs-clock rule is shared with the sim agent (envpipe_agent.dvfs.Card.idle_power_ratio).
+        low, high = self.min_clock_mhz, self.max_clock_mhz
+        return idle_top * self.card.idle_power_ratio(clock_mhz, self.idle_clock_drop, low, high)
 
     def transfer_ms(self, src_stage: int, dst_stage: int) -> float:
         """Time of one activation or gradient transfer between neighbouring stages."""
