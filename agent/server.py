@@ -110,6 +110,9 @@ class Agent:
                 "loop_errors",
                 "leases_expired",
                 "leases_released",
+                # libzmq drops a frame over MAXMSGSIZE by closing that connection, reported only as a plain
+                # disconnect (no reason); so oversize frames are counted here, among ordinary disconnects.
+                "peer_disconnects",
             ),
             0,
         )
@@ -190,6 +193,9 @@ class Agent:
         poller.register(control, zmq.POLLIN)
         poller.register(events, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        monitors = [sock.get_monitor_socket(zmq.EVENT_DISCONNECTED) for sock in (control, events)]
+        for monitor in monitors:
+            poller.register(monitor, zmq.POLLIN)
         self.start_threads()
         if on_ready:
             on_ready()
@@ -204,6 +210,9 @@ class Agent:
                         self._drain_control(control)
                     if self._wake_r in ready:
                         self._send_done(control)
+                    for monitor in monitors:
+                        if monitor in ready:
+                            self._count_disconnects(monitor)
                     if time.monotonic() - last_tick_s >= TICK_S:
                         last_tick_s = time.monotonic()
                         self.tick()
@@ -213,10 +222,21 @@ class Agent:
         finally:
             self.stop_threads()
             self.reset_all("shutdown")
+            for sock, monitor in zip((control, events), monitors, strict=True):
+                sock.disable_monitor()
+                monitor.close(0)
             control.close(0)
             events.close(0)
             os.close(self._wake_r)
             os.close(self._wake_w)
+
+    def _count_disconnects(self, monitor: zmq.Socket) -> None:
+        while True:
+            try:
+                monitor.recv_multipart(zmq.NOBLOCK)  # one message per event: only disconnects are asked for
+            except zmq.Again:
+                return
+            self.counters["peer_disconnects"] += 1
 
     # -- event path ------------------------------------------------------------------------------------
     def _drain_events(self, sock: zmq.Socket) -> None:

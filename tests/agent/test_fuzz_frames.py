@@ -108,3 +108,26 @@ def test_event_frames_are_counted_drops(module_sim_agent, frames: list[bytes]) -
     accepted = sum(s.events for s in module_sim_agent.agent.stats.values())
     assert accepted == 0  # nothing without a lease reaches a GPU
     assert counters["events_malformed"] + counters["events_no_lease"] == counters["events_received"]
+
+
+def test_frames_over_the_zmq_cap_show_as_peer_disconnects(sim_agent) -> None:
+    # libzmq drops a frame over MAXMSGSIZE by closing the sender's connection, with no reason given: the
+    # agent counts disconnects (docs/protocol.md says why oversize frames cannot be counted apart).
+    from envpipe_agent.protocol import MAX_FRAME_BYTES
+
+    from tests.agent.conftest import wait_for
+
+    counters = sim_agent.agent.counters
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 1000)
+    push.connect(sim_agent.config.events_endpoint())
+    try:
+        push.send(encode_event(0, 7, 0, b"F0"))
+        wait_for(lambda: counters["events_received"] == 1)
+        push.send(b"\xe7" * (MAX_FRAME_BYTES + 1))
+        wait_for(lambda: counters["peer_disconnects"] == 1)
+        push.send(encode_event(0, 7, 0, b"F0"))  # zmq reconnects: the agent goes on serving this peer
+        wait_for(lambda: counters["events_received"] == 2)
+        assert counters["events_malformed"] == 0  # the oversize frame never reached the agent
+    finally:
+        push.close()
