@@ -215,9 +215,12 @@ def _why() -> str:
         "step. On small cases it is within 2% of the exact MILP optimum (tests). "
         "(2) On the simulator the optimal planner pays the 1 ms clock-switch latency that its DAG model leaves "
         "out and steers its deadline over a few measured rounds; round-based balanced measures every round, "
-        "so it can match or beat it there (ratios above 100%). (3) Greedy raises one unit per round: from "
-        "far-too-slow starts (uniform) it can hit its round cap, and the cap then falls back to the top clocks "
-        "(0% saving, within the bound) -- the guard doing its job. (4) The paper's algorithm (reference) has no "
+        "so it can match or beat it there (ratios above 100%). (3) Greedy changes one unit per round: from the "
+        "f_low clocks (uniform, envelope) on S=8, M=32 it does not reach the bound within its 400-round cap, "
+        "and the cap then falls back to the latest plan within the bound or the top clocks (0% saving) -- the "
+        "guard doing its job; balanced (every critical unit at the lowest clock per round) does not have "
+        "this problem. "
+        "(4) The paper's algorithm (reference) has no "
         "iteration-time guard; its slowdowns above the bound are its own, and it stops immediately when its "
         "threshold path equals the envelope (e.g. ours + envelope).")
 
