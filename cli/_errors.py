@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 # soft_wrap: off a terminal rich wraps at 80 columns, and one error must stay one line (logs, grep, CI).
 err_console = Console(stderr=True, soft_wrap=True)
@@ -21,5 +22,6 @@ def user_errors(exit_code: int = 1) -> Iterator[None]:
     try:
         yield
     except (EnvpipeError, AgentError, ValueError, FileNotFoundError) as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        # escape: messages quote foreign text (gloo's "[/path/file.cc:78]") that rich would read as markup.
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(code=exit_code) from None

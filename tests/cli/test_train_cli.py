@@ -246,3 +246,16 @@ def test_a_long_error_stays_one_line_off_a_terminal(monkeypatch):
     assert result.exit_code == 1
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert lines == [f"error: {message}"]
+
+
+def test_an_error_quoting_brackets_is_printed_verbatim(monkeypatch):
+    # gloo errors quote "[/path/unbound_buffer.cc:78]", which rich markup would reject (MarkupError).
+    message = "rank 1 exited with code 1: [/src/gloo/transport/tcp/unbound_buffer.cc:78] Timed out [bold]"
+
+    def fail(config, console):
+        raise launch.RunError(message)
+
+    monkeypatch.setattr(launch, "train", fail)
+    result = _invoke("train")
+    assert result.exit_code == 1
+    assert result.output.strip() == f"error: {message}"
