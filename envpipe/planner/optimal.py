@@ -37,9 +37,9 @@ _PRICE_STEPS = 16  # geometric price levels from the best rate down to ~0.5% of 
 _PRICE_FACTOR = 0.72
 _ROUNDS_PER_PRICE = 4
 _WEIGHT_POWERS = (1.0, 0.5)
-_CORE_STARTS = 4
+_CORE_STARTS = 3
 _EXTRA_DUALS = ((1000, 10.0), (400, 10.0), (400, 40.0), (1000, 20.0), (1000, 5.0), (1000, 40.0))
-_WORK_BUDGET = 3500  # node-starts
+_WORK_BUDGET = 2800  # node-starts: S=8, M=32 (960 nodes) gets the core starts only
 _BOLDNESS = (0.25, 0.5)  # first try shares of slack / k**b, checked against the deadline
 _INF = float("inf")
 
@@ -67,19 +67,20 @@ def solve(dag: ClockDag, deadline_ms: float, start: Sequence[int] | None = None)
     hulls = [_Hull(dag, u) for u in range(len(dag))]
     succs = dag.succs()
     best, best_j = first, dag.evaluate(first)[1]
-    # Starts, best first: the dual's prices; the 1/parallelism prices as they are and flatter; the slow side.
+    # Starts, best first: the dual's prices; the 1/parallelism prices as they are and flatter; then, as the
+    # work budget allows, more tries of the dual and the slow side.
     weights = _parallel_weights(dag, first, deadline_ms, succs)
     starts = [
         lambda: _scaled(dag, deadline_ms, hulls, _dual_flow(dag, hulls, deadline_ms), first),
         *(lambda p=power: _scaled(dag, deadline_ms, hulls, [w if w == _INF else w**p for w in weights], first)
           for power in _WEIGHT_POWERS),
-        lambda: _raised_from_valley(dag, deadline_ms, hulls, succs, first),
     ]
     # Smaller DAGs can afford more tries of the dual (its step rules are not robust): a fixed work budget in
     # node-starts keeps the result deterministic and S=8, M=32 within its time.
     for iterations, gain in _EXTRA_DUALS:
         starts.append(lambda i=iterations, g=gain: _scaled(dag, deadline_ms, hulls,
                                                            _dual_flow(dag, hulls, deadline_ms, i, g), first))
+    starts.append(lambda: _raised_from_valley(dag, deadline_ms, hulls, succs, first))
     for k, make in enumerate(starts):
         if k >= _CORE_STARTS and len(dag) * k > _WORK_BUDGET:
             break
