@@ -69,3 +69,13 @@ def test_dag_matches_the_simulator(name: str, stages: int, micro_batches: int) -
         assert makespan == pytest.approx(sim.iteration_time_ms, rel=1e-12)
         assert energy == pytest.approx(sim.energy_j, rel=1e-12)
         assert pdag.plan(pdag.choice(clocks)) == clocks
+
+
+def test_planner_imports_nothing_heavy() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, envpipe.planner, envpipe.profiling; "
+            "print(sorted(m for m in ('torch', 'scipy', 'numpy', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
