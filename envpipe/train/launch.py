@@ -409,7 +409,11 @@ def _follow(ranks: list[_Rank], stream: IO[str], display: ProgressDisplay, run_d
                 if result is None:
                     raise RunError(_failure_message(failed[0], run_dir))
                 what = _failure_message(failed[0], run_dir) if failed else "a rank did not exit after the run"
-                display.console.print(f"[yellow]warning: the run finished, but {what}[/]", highlight=False)
+                from rich.markup import escape  # a rank's error line may quote "[/path.cc:78]"
+
+                display.console.print(
+                    f"[yellow]warning: the run finished, but {escape(what)}[/]", highlight=False
+                )
                 result["shutdown_warning"] = what
                 return result
             if all(r.process.poll() == 0 for r in ranks):

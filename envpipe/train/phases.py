@@ -10,6 +10,7 @@ Energy comes from the agent's windows, one per rank (= per stage), gathered on r
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -26,16 +27,17 @@ class Window:
     statistic: str
     iteration_ms: float
     iteration_ms_median: float
-    stage_energy_j: dict[int, float]  # per iteration, summed over data-parallel replicas
+    stage_energy_j: dict[int, float | None]  # per iteration, summed over replicas; None = agent unavailable
     simulated: bool
     losses: list[float]
     stage_unit_ms: dict[int, dict[str, float]] = field(default_factory=dict)  # stage → {"F": ms, "B": ms}
     span_iteration_ms: float | None = None  # median first-unit-start to last-unit-end, all stages
 
     @property
-    def energy_j(self) -> float:
-        """Energy per iteration, all stages."""
-        return sum(self.stage_energy_j.values())
+    def energy_j(self) -> float | None:
+        """Energy per iteration, all stages; None when the agent could not measure some stage's window."""
+        values = list(self.stage_energy_j.values())
+        return None if any(v is None for v in values) else sum(values)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form (stage keys as strings)."""
@@ -44,6 +46,56 @@ class Window:
         data["stage_unit_ms"] = {str(s): u for s, u in self.stage_unit_ms.items()}
         data["energy_j"] = self.energy_j
         return data
+
+
+class EnergyMeter:
+    """This rank's agent energy windows; a dead or stuck agent costs one warning, never the run.
+
+    ``window_begin``/``window_end`` raise ``AgentError`` (``AgentUnavailable`` after the client's timeout)
+    when the agent is gone or stopped; the window's energy is then ``None`` (unavailable, not zero) and
+    training goes on. The next window asks the agent again (it may have come back).
+    """
+
+    def __init__(self, client: Any, *, announce: bool) -> None:
+        """``announce``: rank 0 shows the warning on the console; other ranks write it to their log."""
+        self.client = client
+        self.announce = announce
+        self.unavailable = 0  # windows of this rank without energy
+
+    def begin(self) -> int | None:
+        """Open a window; None when the agent did not answer."""
+        from envpipe_agent.errors import AgentError
+
+        try:
+            return self.client.window_begin()
+        except AgentError as exc:
+            self._failed(exc)
+            return None
+
+    def end(self, window_id: int | None) -> Any:
+        """Close a window: an ``EnergyWindow``, or None when it was never opened or the agent did not answer."""
+        from envpipe_agent.errors import AgentError
+
+        if window_id is None:
+            return None
+        try:
+            return self.client.window_end(window_id)
+        except AgentError as exc:
+            self._failed(exc)
+            return None
+
+    def _failed(self, exc: Exception) -> None:
+        self.unavailable += 1
+        if self.unavailable > 1:
+            return  # warn once: a dead agent fails every window, the summary counts them
+        text = (
+            f"the agent did not answer an energy window ({type(exc).__name__}: {exc}); training goes on, "
+            "and windows without an answer are reported as energy unavailable"
+        )
+        if self.announce:
+            emit("message", text=f"warning: {text}")
+        else:
+            print(f"warning: {text}", file=sys.stderr, flush=True)
 
 
 class PhaseRunner:
@@ -61,7 +113,10 @@ class PhaseRunner:
         self.iteration_s_estimate = 0.0
         self.idle_power_w = 0.0
         self.baseline_span_ms: float | None = None
+        self.planned = False  # a clock plan came from a profile (set on every rank by plan())
         self.phases: list[dict[str, Any]] = []
+        self.meter = EnergyMeter(ctx.client, announce=ctx.is_rank0)
+        self.unavailable_windows = 0  # windows where some stage's energy is unavailable (same on every rank)
 
     # -- measurement ------------------------------------------------------------------------------------
 
@@ -76,17 +131,21 @@ class PhaseRunner:
             elapsed_s = time.perf_counter() - start
         self.iteration_s_estimate = _broadcast(elapsed_s)
 
-    def idle_power(self) -> float:
-        """Mean power of an idle GPU (all ranks wait together), for the profile's active-power split."""
+    def idle_power(self) -> float | None:
+        """Mean power of an idle GPU (all ranks wait together), for the profile's active-power split.
+
+        None when no rank's agent answered.
+        """
         import torch.distributed as dist
 
         seconds = 0.2 if self.ctx.agent_simulated else max(1.0, self.config.min_window_s)
         dist.barrier()
-        window_id = self.ctx.client.window_begin()
+        window_id = self.meter.begin()
         time.sleep(seconds)
-        energy = self.ctx.client.window_end(window_id)
-        powers = _all_gather(energy.energy_j / max(energy.duration_s, 1e-9))
-        self.idle_power_w = statistics.fmean(powers)
+        energy = self.meter.end(window_id)
+        power_w = None if energy is None else energy.energy_j / max(energy.duration_s, 1e-9)
+        powers = [p for p in _all_gather(power_w) if p is not None]
+        self.idle_power_w = statistics.fmean(powers) if powers else None
         return self.idle_power_w
 
     def window_iterations(self, requested: int) -> int:
@@ -121,7 +180,7 @@ class PhaseRunner:
 
         ctx = self.ctx
         dist.barrier()
-        window_id = ctx.client.window_begin()
+        window_id = self.meter.begin()
         times_ms, losses, units, span_ms = [], [], {"F": [], "B": []}, []
         for i in range(iterations):
             start = time.perf_counter()
@@ -139,10 +198,12 @@ class PhaseRunner:
                     info=f"{info}loss {losses[-1]:.3f} · {times_ms[-1]:.0f} ms/it",
                 )
         dist.barrier()
-        energy = ctx.client.window_end(window_id)
+        energy = self.meter.end(window_id)
         local_units = {k: statistics.median(v) for k, v in units.items() if v}
-        gathered = _all_gather((ctx.stage, energy.energy_j / iterations, bool(energy.simulated), local_units))
-        return Window(
+        energy_j = None if energy is None else energy.energy_j / iterations
+        simulated = ctx.agent_simulated if energy is None else bool(energy.simulated)
+        gathered = _all_gather((ctx.stage, energy_j, simulated, local_units))
+        window = Window(
             iterations=iterations,
             statistic="mean over one energy window",
             iteration_ms=statistics.fmean(times_ms),
@@ -153,6 +214,9 @@ class PhaseRunner:
             stage_unit_ms={g[0]: g[3] for g in gathered},
             span_iteration_ms=statistics.median(span_ms) if span_ms else None,
         )
+        if window.energy_j is None:
+            self.unavailable_windows += 1
+        return window
 
     # -- phases ---------------------------------------------------------------------------------------
 
@@ -162,7 +226,7 @@ class PhaseRunner:
         self._start("baseline", "baseline window (1f1b, top clock)", n)
         window = self.measure("baseline", n, total=n, spans=True)
         self.baseline_span_ms = window.span_iteration_ms
-        self._done("baseline", f"{window.iteration_ms:.0f} ms/it · {window.energy_j:.2f} J/it")
+        self._done("baseline", f"{window.iteration_ms:.0f} ms/it · {_joules(window)}")
         self.phases.append({"name": "baseline", "schedule": "1f1b", **window.to_dict()})
         return window
 
@@ -195,9 +259,13 @@ class PhaseRunner:
             )
             points.append((clock_mhz, window))
         profile = None
-        if self.ctx.is_rank0:
+        measured = [(c, w) for c, w in points if w.energy_j is not None]
+        if self.ctx.is_rank0 and (idle_power_w is None or not measured):
+            # No energy, no valley: the plan falls back to the top clocks (see plan()).
+            self._done("profiling", "energy unavailable (agent did not answer): top clocks kept")
+        elif self.ctx.is_rank0:
             profile = build_profile(
-                points,
+                measured,
                 gpu_name=self.ctx.gpu_name,
                 clocks_mhz=self.ctx.clocks_mhz,
                 idle_power_w=idle_power_w,
@@ -227,6 +295,7 @@ class PhaseRunner:
             costs, schedule, clocks = initial_plan(profile, self.config)
             decision = (schedule.name, list(schedule.r), clocks)
         name, r, clocks = _broadcast(decision)
+        self.planned = clocks is not None  # False without a profile: every rank must know (lockstep)
         schedule = get_schedule(
             name, self.config.stages, self.config.micro_batches, r=r if name == "ours" else None
         )
@@ -245,6 +314,9 @@ class PhaseRunner:
         cap = self.config.reconfig_max_rounds
         cap = DEFAULT_MAX_ROUNDS.get(policy, 0) if cap is None else cap
         record: dict[str, Any] = {"name": "reconfiguration", "policy": policy, "max_rounds": cap}
+        if not self.planned:  # no profile (the agent did not answer): nothing to plan with
+            self.phases.append({**record, "rounds": 0, "changes": 0, "skipped": "no profile"})
+            return
         if policy == "default" or cap == 0:
             self.phases.append({**record, "rounds": 0, "changes": 0})
             return
@@ -320,7 +392,7 @@ class PhaseRunner:
             done += n_final
         timeline = self.ctx.engine.gather_timeline()
         base, steady = _median_window(base_windows), _median_window(final_windows)
-        self._done("steady", f"{steady.iteration_ms:.0f} ms/it · {steady.energy_j:.2f} J/it")
+        self._done("steady", f"{steady.iteration_ms:.0f} ms/it · {_joules(steady)}")
         self.phases.append(
             {
                 "name": "steady",
@@ -387,6 +459,7 @@ def run_phases(ctx: RankContext) -> dict[str, Any] | None:
         },
         "clocks": {str(s): units for s, units in runner.clocks.items()},
         "phases": runner.phases,
+        "energy_unavailable_windows": runner.unavailable_windows,
         "profile": profile,
         "baseline": baseline.to_dict(),
         "steady": steady.to_dict(),
@@ -395,9 +468,16 @@ def run_phases(ctx: RankContext) -> dict[str, Any] | None:
 
 
 def _median_window(windows: list[Window]) -> Window:
-    """The window with the median energy per iteration (the lower middle one of an even count)."""
-    ordered = sorted(windows, key=lambda w: w.energy_j)
-    return ordered[(len(ordered) - 1) // 2]
+    """The window with the median energy per iteration (the lower middle one of an even count).
+
+    Windows without energy (agent unavailable) are left out; if none has energy, the last window.
+    """
+    ordered = sorted((w for w in windows if w.energy_j is not None), key=lambda w: w.energy_j)
+    return ordered[(len(ordered) - 1) // 2] if ordered else windows[-1]
+
+
+def _joules(window: Window) -> str:
+    return "energy unavailable" if window.energy_j is None else f"{window.energy_j:.2f} J/it"
 
 
 def _window_brief(window: Window) -> dict[str, float]:
@@ -432,10 +512,12 @@ def _collect_unit_ms(spans: list[Any], into: dict[str, list[float]]) -> None:
             into[kind].append(statistics.fmean(durations))
 
 
-def _sum_by_stage(gathered: list[tuple]) -> dict[int, float]:
-    out: dict[int, float] = {}
+def _sum_by_stage(gathered: list[tuple]) -> dict[int, float | None]:
+    """Energy per stage over its replicas; None when any replica's window had no energy."""
+    out: dict[int, float | None] = {}
     for stage, energy_j, *_ in gathered:
-        out[stage] = out.get(stage, 0.0) + energy_j
+        known = out.get(stage, 0.0)
+        out[stage] = None if energy_j is None or known is None else known + energy_j
     return dict(sorted(out.items()))
 
 

@@ -74,7 +74,7 @@ class ProgressDisplay:
         elif kind in ("advance", "phase_done"):
             self._advance(event, done=kind == "phase_done")
         elif kind == "message":
-            self._progress.console.print(str(event.get("text", "")), highlight=False)
+            self._progress.console.print(str(event.get("text", "")), highlight=False, markup=False)
 
     def _advance(self, event: dict[str, Any], *, done: bool) -> None:
         task = self._tasks.get(str(event.get("phase")))

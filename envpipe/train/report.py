@@ -25,11 +25,9 @@ def build_report(config: TrainConfig, result: dict[str, Any]) -> dict[str, Any]:
     tokens = config.tokens_per_iteration * int(result.get("dp_size", 1))
     baseline = _window_summary(result["baseline"], tokens)
     steady = _window_summary(result["steady"], tokens)
-    saving = (
-        1.0 - steady["energy_j_per_iteration"] / baseline["energy_j_per_iteration"]
-        if baseline["energy_j_per_iteration"] > 0
-        else None
-    )
+    base_j, steady_j = baseline["energy_j_per_iteration"], steady["energy_j_per_iteration"]
+    # None (agent unavailable) is not zero: no saving can be stated then.
+    saving = 1.0 - steady_j / base_j if base_j and steady_j is not None else None
     summary = {
         "energy_label": "simulated" if result["simulated"] else "measured",
         "tokens_per_iteration": tokens,
@@ -37,6 +35,7 @@ def build_report(config: TrainConfig, result: dict[str, Any]) -> dict[str, Any]:
         "steady": steady,
         "energy_saving": saving,
         "slowdown": steady["iteration_ms"] / baseline["iteration_ms"] - 1.0,
+        "energy_unavailable_windows": int(result.get("energy_unavailable_windows", 0)),
     }
     config_dict = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_REPORTED}
     return {
@@ -69,12 +68,16 @@ def _window_summary(window: dict[str, Any], tokens_per_iteration: int) -> dict[s
         "iteration_ms": iteration_ms,
         "iteration_ms_median": float(window["iteration_ms_median"]),
         "tokens_per_s": tokens_per_iteration / (iteration_ms / 1000.0) if iteration_ms > 0 else None,
-        "energy_j_per_iteration": float(window["energy_j"]),
-        "stage_energy_j": {str(k): float(v) for k, v in window["stage_energy_j"].items()},
+        "energy_j_per_iteration": _joules_or_none(window["energy_j"]),
+        "stage_energy_j": {str(k): _joules_or_none(v) for k, v in window["stage_energy_j"].items()},
         "iterations": int(window["iterations"]),
         "statistic": window.get("statistic", "mean over one energy window"),
         "loss_last": window["losses"][-1] if window.get("losses") else None,
     }
+
+
+def _joules_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def print_summary(report: dict[str, Any], console: Any) -> None:
@@ -107,15 +110,18 @@ def print_summary(report: dict[str, Any], console: Any) -> None:
         _pct(summary["slowdown"]),
     )
     for stage in sorted(base["stage_energy_j"], key=int):
-        b, s = base["stage_energy_j"][stage], steady["stage_energy_j"].get(stage, 0.0)
+        b, s = base["stage_energy_j"][stage], steady["stage_energy_j"].get(stage)
         table.add_row(
-            f"stage {stage} energy/it (J, {label})", f"{b:.3f}", f"{s:.3f}", _pct(s / b - 1.0) if b else "-"
+            f"stage {stage} energy/it (J, {label})",
+            _j(b),
+            _j(s),
+            _pct(s / b - 1.0) if b and s is not None else "-",
         )
     saving = summary["energy_saving"]
     table.add_row(
         f"total energy/it (J, {label})",
-        f"{base['energy_j_per_iteration']:.3f}",
-        f"{steady['energy_j_per_iteration']:.3f}",
+        _j(base["energy_j_per_iteration"]),
+        _j(steady["energy_j_per_iteration"]),
         _pct(-saving) if saving is not None else "-",
         style="bold",
         end_section=True,
@@ -128,6 +134,13 @@ def print_summary(report: dict[str, Any], console: Any) -> None:
         style="bold",
     )
     console.print(table)
+    missing = summary.get("energy_unavailable_windows", 0)
+    if missing:
+        console.print(
+            f"energy unavailable for {missing} measurement window(s): the agent did not answer; "
+            "those windows are left out (not counted as zero)",
+            highlight=False,
+        )
     console.print(_plan_line(report), highlight=False)
 
 
@@ -141,6 +154,10 @@ def _plan_line(report: dict[str, Any]) -> str:
         stages.append(f"s{stage} " + " ".join(f"{n}x{c}" for c, n in sorted(counts.items(), reverse=True)))
     r = report["schedule"].get("r")
     return f"schedule {report['schedule']['name']} r={r}; clocks (units x MHz): " + " | ".join(stages)
+
+
+def _j(value: float | None) -> str:
+    return "unavailable" if value is None else f"{value:.3f}"
 
 
 def _pct(fraction: float) -> str:

@@ -170,3 +170,90 @@ def test_profile_mode_returns_only_the_profile(one_rank_group):
     ctx = _context(mode="profile", profile_clocks=2, profile_steps=1, warmup_steps=1)
     result = phases.run_phases(ctx)
     assert set(result) == {"profile"} and len(result["profile"]["stages"][0]["points"]) == 2
+
+
+class _StoppingEngine(FakeEngine):
+    """A FakeEngine that sends ``sig`` to the agent once ``after`` iterations have run."""
+
+    def __init__(self, agent_pid: int, sig: int, after: int) -> None:
+        super().__init__()
+        self.agent_pid, self.sig, self.after = agent_pid, sig, after
+
+    def train_batch(self, data_iter=None) -> float:
+        loss = super().train_batch(data_iter)
+        if self.iterations == self.after:
+            import os
+
+            os.kill(self.agent_pid, self.sig)
+        return loss
+
+
+@pytest.fixture
+def real_agent():
+    from envpipe_agent.embedded import start_agent
+
+    agent = start_agent(backend="sim", gpus=1)
+    yield agent
+    import os
+    import signal
+
+    try:
+        os.kill(agent.pid, signal.SIGCONT)  # a stopped agent cannot act on SIGTERM
+    except ProcessLookupError:
+        pass
+    agent.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["SIGSTOP", "SIGKILL"])
+def test_agent_stopped_or_killed_mid_run_training_goes_on(one_rank_group, real_agent, capsys, how):
+    import signal
+
+    from envpipe_agent.client import AgentClient
+
+    from rich.console import Console
+
+    from envpipe.train.report import build_report, print_summary
+
+    client = AgentClient(real_agent.endpoint, job_id="phases-test", rank=0, timeout_s=0.3)
+    try:
+        gpu = client.hello().gpus[0]
+        client.claim(gpu.uuid)
+        ctx = _context(
+            type="envelope",
+            scheduling="ours",
+            reconfig="default",
+            steps=4,
+            baseline_steps=2,
+            warmup_steps=1,
+            profile_steps=1,
+            profile_clocks=2,
+            compare_rounds=2,
+        )
+        # Dies in the last profiling window (warm-up 1, baseline 2, then 2 clocks x 1): that point and the
+        # steady phase have no energy.
+        engine = _StoppingEngine(real_agent.pid, getattr(signal, how), after=1 + 2 + 2)
+        engine.set_schedule(ctx.engine.schedule)
+        engine.set_clocks(ctx.engine.clocks)
+        ctx.engine, ctx.client = engine, client
+        result = phases.run_phases(ctx)
+    finally:
+        client.close()
+    assert [p["name"] for p in result["phases"]] == ["baseline", "profiling", "reconfiguration", "steady"]
+    points = result["profile"]["stages"][0]["points"]
+    assert [p["clock_mhz"] for p in points] == [CARD.max_clock_mhz]  # the window measured before it died
+    assert result["phases"][0]["energy_j"] > 0
+    steady = result["phases"][-1]
+    assert steady["energy_j"] is None and all(w["energy_j"] is None for w in steady["windows"])
+    assert result["energy_unavailable_windows"] == 5  # 1 profiling + 2 rounds x (baseline + final)
+    config = resolve({"stages": 1, "micro_batches": 4})
+    report = build_report(config, {**result, "agent": None})
+    summary = report["summary"]
+    assert summary["energy_saving"] is None and summary["steady"]["energy_j_per_iteration"] is None
+    assert summary["energy_unavailable_windows"] == 5
+    console = Console(record=True, width=200)
+    print_summary(report, console)
+    text = console.export_text()
+    assert "unavailable" in text and "energy unavailable for 5 measurement window(s)" in text
+    warnings = [e for e in _markers(capsys) if e["event"] == "message" and "warning" in e["text"]]
+    assert len(warnings) == 1 and "energy unavailable" in warnings[0]["text"]
