@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -151,14 +150,12 @@ def test_simulation_errors() -> None:
         simulate(deadlocked, _costs(2))
 
 
-def test_s8_m64_simulates_in_under_200_ms() -> None:
+def test_s8_m64_simulates_every_unit() -> None:
+    # Its speed (< 0.2 s) is measured by benchmarks/sim/bench_simulate.py, not asserted here.
     costs = _costs(8)
     schedule = get_schedule("ours", 8, 64, costs=costs)
     clocks = assign_clocks(schedule, costs, "envelope")
-    simulate(schedule, costs, clocks)  # warm caches of the import
-    started = time.process_time()
     result = simulate(schedule, costs, clocks)
-    assert time.process_time() - started < 0.2
     assert len(result.timeline) == 8 * 64 * 2
 
 
