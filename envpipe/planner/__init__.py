@@ -133,6 +133,7 @@ class PlanResult:
     baseline_ms: float
     target_ms: float
     bound_reachable: bool
+    solver: str | None = None  # optimal policy: "lp-rounded" (scipy HiGHS) or "heuristic"; else None
 
     @property
     def met_bound(self) -> bool:
@@ -163,4 +164,5 @@ def plan_clocks(schedule: Schedule, costs, policy: str, *, slowdown_bound: float
     if reconfigurer.target_ms is None:  # default policy: still report the bound
         reconfigurer._calibrate(observe(schedule, costs, clocks, sim.timeline), clocks)
     return PlanResult(clocks, sim, rounds, policy, float(reconfigurer.baseline_ms or 0.0),
-                      float(reconfigurer.target_ms or 0.0), reconfigurer.bound_reachable)
+                      float(reconfigurer.target_ms or 0.0), reconfigurer.bound_reachable,
+                      getattr(reconfigurer._rule, "solver", None))

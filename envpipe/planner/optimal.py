@@ -1,10 +1,13 @@
 """The ``optimal`` policy: least iteration energy under the iteration-time bound, over the whole DAG.
 
-Pure Python, fast enough to run online. It is a heuristic for an NP-hard discrete problem, so it proves
-nothing by itself: the benchmark and the tests hold it against the LP relaxation (a lower bound) and, on
-small cases, the exact MILP optimum (``envpipe.planner.lp_bound``).
+Two solvers (``solve_named`` says which plan it returns). With scipy (the ``train`` extra): the LP
+relaxation, solved exactly by HiGHS on each unit's convex-hull clocks, then rounded to real clocks and
+descended (``envpipe.planner.lp_round``); on small DAGs the heuristic below runs as well and the cheaper
+plan wins. Without scipy: the heuristic alone, pure Python. Neither is exact for the NP-hard discrete
+problem: the benchmark and the tests hold them against the LP relaxation (a lower bound) and, on small
+cases, the exact MILP optimum (``envpipe.planner.lp_bound``).
 
-How it works:
+How the heuristic works:
 
 * Prices. In the relaxation's optimum every unit pays a *time price* (J/ms) and runs at the clock that
   minimises ``reduced energy + price * duration``; the prices are the dual's flow through the critical
@@ -27,6 +30,7 @@ Every start is descended; the cheapest plan wins.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -42,6 +46,8 @@ _EXTRA_DUALS = ((1000, 10.0), (400, 10.0), (400, 40.0), (1000, 20.0), (1000, 5.0
 _WORK_BUDGET = 2800  # node-starts: S=8, M=32 (960 nodes) gets the core starts only
 _BOLDNESS = (0.25, 0.5)  # first try shares of slack / k**b, checked against the deadline
 _INF = float("inf")
+_LOG = logging.getLogger(__name__)
+_BOTH_MAX_NODES = 500  # up to S=4, M=16 (224 nodes) with room; S=8, M=32 has 960
 
 
 def solve(dag: ClockDag, deadline_ms: float, start: Sequence[int] | None = None) -> list[int]:
@@ -58,11 +64,42 @@ def solve(dag: ClockDag, deadline_ms: float, start: Sequence[int] | None = None)
     Raises:
         ValueError: the starting plan already misses the deadline.
     """
+    return solve_named(dag, deadline_ms, start)[0]
+
+
+def solve_named(dag: ClockDag, deadline_ms: float,
+                start: Sequence[int] | None = None) -> tuple[list[int], str]:
+    """Like ``solve``, also naming the solver whose plan is returned.
+
+    With scipy: the LP relaxation (HiGHS) rounded to real clocks (``envpipe.planner.lp_round``), and on
+    small DAGs also the heuristic; the cheaper plan is returned, named ``"lp-rounded"`` or ``"heuristic"``.
+    Without scipy: the heuristic alone (``"heuristic"``).
+    """
     first = list(start) if start is not None else [0] * len(dag)
     base_ms = dag.makespan_ms(dag.durations(first))
     if base_ms > deadline_ms * (1 + 1e-12):
         raise ValueError(f"the starting plan takes {base_ms:.3f} ms, over the deadline {deadline_ms:.3f} ms; "
                          "start from the all-top-clock plan or raise the bound")
+    try:
+        from envpipe.planner.lp_round import solve_lp_rounded
+
+        choice = solve_lp_rounded(dag, deadline_ms, first)
+    except ImportError:  # no scipy (e.g. a bare agent install): the pure-Python heuristic
+        _LOG.debug("optimal planner: scipy missing, running the heuristic on %d nodes", len(dag))
+        return solve_heuristic(dag, deadline_ms, first), "heuristic"
+    solver = "lp-rounded"
+    # Rounding loses a little on some small balanced cases where the heuristic's priced starts happen to
+    # land better; on DAGs this small both fit the time goal, so the cheaper plan wins.
+    if len(dag) <= _BOTH_MAX_NODES:
+        other = solve_heuristic(dag, deadline_ms, first)
+        if dag.evaluate(other)[1] < dag.evaluate(choice)[1] - 1e-9:
+            choice, solver = other, "heuristic"
+    _LOG.debug("optimal planner: %s plan kept (LP relaxation by HiGHS, rounded; %d nodes)", solver, len(dag))
+    return choice, solver
+
+
+def solve_heuristic(dag: ClockDag, deadline_ms: float, first: list[int]) -> list[int]:
+    """The pure-Python heuristic (module docstring), from the feasible choice ``first``."""
     rates = _Rates(dag)
     hulls = [_Hull(dag, u) for u in range(len(dag))]
     succs = dag.succs()
@@ -87,13 +124,18 @@ def solve(dag: ClockDag, deadline_ms: float, start: Sequence[int] | None = None)
         choice = make()
         if choice is None:
             continue
-        _price_descent(dag, choice, deadline_ms, rates, succs)
-        _sweep_backward(dag, choice, deadline_ms, rates, succs)
-        _sweep_forward(dag, choice, deadline_ms, rates, succs)
+        finish_descent(dag, choice, deadline_ms, rates, succs)
         energy = dag.evaluate(choice)[1]
         if energy < best_j - 1e-9:
             best, best_j = list(choice), energy
     return best
+
+
+def finish_descent(dag: ClockDag, choice: list[int], deadline_ms: float, rates: _Rates, succs) -> None:
+    """Spend the slack of a feasible ``choice`` in place: price descent, then backward and forward sweeps."""
+    _price_descent(dag, choice, deadline_ms, rates, succs)
+    _sweep_backward(dag, choice, deadline_ms, rates, succs)
+    _sweep_forward(dag, choice, deadline_ms, rates, succs)
 
 
 class _Rates:
@@ -362,6 +404,7 @@ class Optimal:
         self.plans = 0
         self.best: tuple[float, dict] | None = None  # (measured ms, plan) of the best plan within the bound
         self.final = False
+        self.solver: str | None = None  # which solver made the latest plan ("lp-rounded" or "heuristic")
 
     def step(self, obs, target_ms: float, round_no: int):
         """Plan on the first round; then steer the deadline until the measured time sits just under the bound."""
@@ -384,7 +427,7 @@ class Optimal:
         self.plans += 1
         view = observe(self.schedule, self.costs, None, obs.spans.values(), prune=True)
         try:
-            choice = solve(view.pdag.dag, view.dag_deadline_ms(target_ms) * self.squeeze)
+            choice, self.solver = solve_named(view.pdag.dag, view.dag_deadline_ms(target_ms) * self.squeeze)
         except ValueError:  # even the top clocks miss the squeezed deadline
             choice = [0] * len(view.pdag.dag)
         return view.pdag.plan(choice)
