@@ -192,4 +192,5 @@ def parse_event(frame: bytes) -> tuple[int, bytes, int]:
 def decode_event(frame: bytes) -> PhaseEvent:
     """Parse a phase event, unit name included (tools and tests; the agent uses :func:`parse_event`)."""
     kind, token, clock_mhz = parse_event(frame)
-    return PhaseEvent(kind, int.from_bytes(token, "little"), clock_mhz, frame[_EVENT_MIN_BYTES:].decode("ascii"))
+    unit = frame[_EVENT_MIN_BYTES:].decode("ascii")
+    return PhaseEvent(kind, int.from_bytes(token, "little"), clock_mhz, unit)

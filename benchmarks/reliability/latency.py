@@ -23,8 +23,8 @@ from benchmarks.reliability.load import RANKS
 
 
 def _probe(client: AgentClient, nvml: Any, index: int, clocks: list[int], markers: list[int],
-           events_per_s: float, duration_s: float, probe_period_s: float) -> tuple[list[float], int]:
-    latencies_ms, missed, sent = [], 0, 0
+           events_per_s: float, duration_s: float, probe_period_s: float) -> tuple[list[float], int, int]:
+    latencies_ms, missed, sent, dropped = [], 0, 0, 0
     started_s = time.monotonic()
     next_probe_s = started_s + probe_period_s
     while (now_s := time.monotonic()) - started_s < duration_s:
@@ -36,8 +36,11 @@ def _probe(client: AgentClient, nvml: Any, index: int, clocks: list[int], marker
         if now_s >= next_probe_s:
             next_probe_s += probe_period_s
             marker = markers[len(latencies_ms) % 2]
-            sent_ns = time.monotonic_ns()
+            sent_ns, dropped_before = time.monotonic_ns(), client.events_dropped
             client.phase("P0", "begin", marker)
+            if client.events_dropped > dropped_before:  # the agent fell behind: a counted drop, not a miss
+                dropped += 1
+                continue
             deadline_s = time.monotonic() + 2.0
             while nvml.state.gpu(index)["max_mhz"] != marker:
                 if time.monotonic() > deadline_s:
@@ -49,7 +52,7 @@ def _probe(client: AgentClient, nvml: Any, index: int, clocks: list[int], marker
             else:
                 latencies_ms.append((nvml.state.gpu(index)["last_set_ns"] - sent_ns) / 1e6)
         time.sleep(0.002)
-    return latencies_ms, missed
+    return latencies_ms, missed, dropped
 
 
 def run(events_per_s: float = 1000.0, duration_s: float = 30.0, probe_period_s: float = 0.1) -> dict[str, Any]:
@@ -68,11 +71,12 @@ def run(events_per_s: float = 1000.0, duration_s: float = 30.0, probe_period_s: 
             client.claim(gpu.uuid)
             clocks = [gpu.clocks_mhz[k] for k in (0, 20, 40, 60)]
             markers = [gpu.clocks_mhz[80], gpu.clocks_mhz[90]]
-            latencies_ms, missed = _probe(client, nvml, gpus - 1, clocks, markers, events_per_s, duration_s,
-                                          probe_period_s)
+            latencies_ms, missed, dropped = _probe(client, nvml, gpus - 1, clocks, markers, events_per_s,
+                                                   duration_s, probe_period_s)
         outs = [json.loads(w.communicate(timeout=duration_s + 60)[0]) for w in workers]
     return {"scenario": "latency", "backend": "nvml (fake libnvidia-ml)", "ranks": gpus,
             "events_per_s_per_rank": events_per_s, "duration_s": duration_s, "probes": len(latencies_ms),
-            "probes_missed": missed, "send_to_set_ms": percentiles(latencies_ms),
+            "probes_missed": missed, "probes_dropped_at_sender": dropped,
+            "send_to_set_ms": percentiles(latencies_ms),
             "load_control_failed": sum(o["control_failed"] for o in outs),
             "load_events_dropped": sum(o["events_dropped"] for o in outs)}

@@ -61,7 +61,10 @@ def test_protocol_1_event_frame_is_refused() -> None:
         (json.dumps({"v": 1, "id": 1, "op": "hello"}).encode(), ErrorCode.VERSION_MISMATCH),
         (json.dumps({"v": PROTOCOL_VERSION, "id": 1, "op": "format_disk"}).encode(), ErrorCode.UNKNOWN_OP),
         (json.dumps({"v": PROTOCOL_VERSION, "id": "x", "op": "hello"}).encode(), ErrorCode.BAD_REQUEST),
-        (json.dumps({"v": PROTOCOL_VERSION, "id": 1, "op": "hello", "args": []}).encode(), ErrorCode.BAD_REQUEST),
+        (
+            json.dumps({"v": PROTOCOL_VERSION, "id": 1, "op": "hello", "args": []}).encode(),
+            ErrorCode.BAD_REQUEST,
+        ),
         (b"{" + b" " * MAX_CONTROL_BYTES + b"}", ErrorCode.TOO_LARGE),
     ],
 )
@@ -72,7 +75,8 @@ def test_bad_requests_name_their_error(frame: bytes, code: str) -> None:
 
 
 def test_version_mismatch_message_says_what_to_do() -> None:
-    with pytest.raises(ProtocolError, match="agent speaks protocol 2, request says 1; install the same envpipe"):
+    expected = "agent speaks protocol 2, request says 1; install the same envpipe"
+    with pytest.raises(ProtocolError, match=expected):
         decode_request(json.dumps({"v": 1, "id": 1, "op": "hello"}).encode())
 
 

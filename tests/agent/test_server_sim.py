@@ -58,6 +58,8 @@ def test_duplicate_clocks_are_skipped_and_others_snapped(sim_agent, client) -> N
     # The mailbox keeps only the latest target, so let 1410 land before asking for more.
     _wait_for(lambda: sim_agent.backend.read_clock_mhz(0) == 1410)
     client.phase("B2", "begin", 1412)  # not a supported clock: snapped to 1410, a duplicate
+    # Wait, or 5000 may supersede 1412 within one drained batch before 1412 is snapped.
+    _wait_for(lambda: sim_agent.agent.stats[0].events == 6)
     client.phase("B3", "begin", 5000)  # above the top clock: snapped to 1980
     _wait_for(lambda: sim_agent.agent.stats[0].events == 7)
     _wait_for(lambda: sim_agent.backend.read_clock_mhz(0) == 1980)
