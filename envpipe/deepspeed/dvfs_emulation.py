@@ -2,10 +2,11 @@
 
 With the sim agent nothing really slows down at a lower clock, so reconfiguration would see flat timings
 and learn nothing. Here a unit planned at clock f takes ``time_ratio(f / f_max)`` times its real duration:
-on CPU the extra is slept after the unit; on GPU a ``torch.cuda._sleep`` spin is queued after the unit's
-kernels, sized from the unit's own compute time in the latest timeline read with ``last_timeline()`` (a
-CUDA event separates compute from spin; the device is not waited on). The spin rate is measured at setup
-and then from every timeline, as the GPU's clock under load differs from its idle clock.
+on CPU the extra is busy-waited after the unit (a sleeping rank loses its core); on GPU a
+``torch.cuda._sleep`` spin is queued after the unit's kernels, sized from the unit's own compute time in
+the latest timeline read with ``last_timeline()`` (a CUDA event separates compute from spin; the device is
+not waited on). The spin rate is measured at setup and then from every timeline, as the GPU's clock under
+load differs from its idle clock.
 The curve is an ``envpipe_agent.dvfs`` model, the same one the sim agent integrates energy with.
 """
 
@@ -15,6 +16,18 @@ import time
 from typing import Any
 
 from envpipe.errors import ConfigError
+
+
+def wait_until(deadline_s: float) -> None:
+    """Busy-wait until ``perf_counter() >= deadline_s``, keeping the core like the compute it stands for.
+
+    Not ``time.sleep``: a sleeping rank gives its core away, and on a machine with more runnable processes
+    than cores it gets it back a scheduler time slice (ms) late. Measured on 2 shared cores, units at
+    1650 MHz then took 1.3x their top-clock time instead of the model's 1.13x, so lower clocks looked
+    slower and costlier than modelled (f_low at the top clock, targets calibrated too high).
+    """
+    while time.perf_counter() < deadline_s:
+        pass
 
 
 class DvfsStretcher:
@@ -43,11 +56,16 @@ class DvfsStretcher:
             self._ratio_cache[clock_mhz] = self.model.time_ratio(x)
         return self._ratio_cache[clock_mhz]
 
-    def stretch_cpu(self, elapsed_s: float, clock_mhz: int | None) -> None:
-        """Sleep the modelled extra of a unit that took ``elapsed_s`` at the top clock."""
+    def stretch_cpu(self, elapsed_s: float, clock_mhz: int | None) -> float:
+        """Wait out the modelled extra of a unit that took ``elapsed_s`` at the top clock; returns it (s).
+
+        The wait spins to a deadline (:func:`wait_until`): ``time.sleep`` overshot by ~0.1 ms on an idle
+        core (a third of a 2 ms unit's 1650 MHz stretch) and by a time slice on a busy one.
+        """
         extra_s = elapsed_s * (self.ratio(clock_mhz) - 1.0)
         if extra_s > 0:
-            time.sleep(extra_s)
+            wait_until(time.perf_counter() + extra_s)
+        return max(extra_s, 0.0)
 
     def stretch_gpu(self, unit: str, clock_mhz: int | None) -> None:
         """Queue a device spin of the modelled extra, sized from the unit's last measured compute time."""

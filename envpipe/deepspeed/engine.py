@@ -28,7 +28,7 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from envpipe.deepspeed import translate as tr
 from envpipe.deepspeed.events import make_notifier
 from envpipe.deepspeed.p2p import Link, PeerLostError, as_list
-from envpipe.deepspeed.timing import gather, make_timer
+from envpipe.deepspeed.timing import gather, gather_many, make_timer
 from envpipe.errors import ConfigError
 
 log = logging.getLogger("envpipe.deepspeed")
@@ -152,6 +152,16 @@ class EnvpipeEngine(PipelineEngine):
             if self._stretcher is not None and self._timer.on_device:
                 self._stretcher.observe_gpu(self._timer.splits_ms())
         return self._timeline
+
+    def timeline_record(self) -> tuple[float, list[Any]]:
+        """``(wall-clock start, last_timeline())`` of the last iteration, to gather later with
+        :meth:`gather_timelines` (outside a measured window: no collective per iteration)."""
+        return self._timer.origin_wall_s, self.last_timeline()
+
+    def gather_timelines(self, records: list[tuple[float, list[Any]]]) -> list[list[Any]]:
+        """:meth:`gather_timeline` for several iterations' records in one collective over the pipeline group."""
+        with _peer_errors(self.stage_id, "gather_timelines"):
+            return gather_many(records, self.grid.get_pipe_parallel_group())
 
     def gather_timeline(self) -> list[Any]:
         """Every stage's spans of the last iteration on one time axis (collective over the pipeline group)."""

@@ -138,6 +138,33 @@ def make_timer(on_gpu: bool) -> CpuUnitTimer | CudaUnitTimer:
     return CudaUnitTimer() if on_gpu else CpuUnitTimer()
 
 
+def gather_many(records: list[tuple[float, list[Any]]], group: Any) -> list[list[Any]]:
+    """:func:`gather` for several iterations in one collective: ``records`` are ``(origin_wall_s, spans)``.
+
+    Every rank of ``group`` must pass the same number of records; returns one common-axis timeline each.
+    """
+    import torch.distributed as dist
+
+    rows = [
+        (origin, [(s.stage, s.unit, s.start_ms, s.end_ms, s.clock_mhz) for s in spans])
+        for origin, spans in records
+    ]
+    gathered: list[Any] = [None] * dist.get_world_size(group=group)
+    dist.all_gather_object(gathered, rows, group=group)
+    return [_common_axis([stage_records[k] for stage_records in gathered]) for k in range(len(records))]
+
+
+def _common_axis(per_stage: list[tuple[float, list[tuple]]]) -> list[Any]:
+    """Span rows of every stage for one iteration, shifted so that 0 ms is the earliest stage's start."""
+    earliest = min(origin for origin, _ in per_stage)
+    span = unit_span_class()
+    out = []
+    for origin, stage_rows in per_stage:
+        shift_ms = (origin - earliest) * 1e3
+        out += [span(st, unit, t0 + shift_ms, t1 + shift_ms, clock) for st, unit, t0, t1, clock in stage_rows]
+    return sorted(out, key=lambda s: (s.stage, s.start_ms))
+
+
 def gather(spans: list[Any], origin_wall_s: float, group: Any) -> list[Any]:
     """Every stage's spans on every rank of ``group``, shifted so 0 ms is the earliest stage's start.
 
@@ -149,10 +176,4 @@ def gather(spans: list[Any], origin_wall_s: float, group: Any) -> list[Any]:
     rows = [(s.stage, s.unit, s.start_ms, s.end_ms, s.clock_mhz) for s in spans]
     gathered: list[Any] = [None] * dist.get_world_size(group=group)
     dist.all_gather_object(gathered, (origin_wall_s, rows), group=group)
-    earliest = min(origin for origin, _ in gathered)
-    span = unit_span_class()
-    out = []
-    for origin, stage_rows in gathered:
-        shift_ms = (origin - earliest) * 1e3
-        out += [span(st, unit, t0 + shift_ms, t1 + shift_ms, clock) for st, unit, t0, t1, clock in stage_rows]
-    return sorted(out, key=lambda s: (s.stage, s.start_ms))
+    return _common_axis(gathered)
