@@ -61,8 +61,10 @@ class TrainConfig:
             samples it every 100 ms, so each window edge is uncertain by up to ~0.2 s of full power: on the
             H100, 2.5 s windows of the same work differed by 7 %, 10 s windows by 0.4 % (docs/validation.md).
         reconfig_max_rounds: cap on reconfiguration iterations; ``None`` = the policy's own cap.
-        compare_rounds: rounds of the steady phase, each a baseline window then a window of the final plan
-            (0 = compare with the start's baseline window only).
+        compare_rounds: rounds of the steady phase, each a baseline window and a window of the final plan
+            side by side (same iterations, alternating order); the round with the median paired saving
+            represents the run (0 = compare with the start's baseline window only). Five, not three: on
+            shared CPU cores one burst of load can swing a window by 20 %.
         slowdown_bound: allowed iteration-time slowdown for the planner (0.01 = 1 %).
         lr: learning rate of the default optimizer (SGD), used when the DeepSpeed config names none.
         seed: seed of the model initialisation and the synthetic data.
@@ -99,7 +101,7 @@ class TrainConfig:
     profile_min_ratio: float = 0.5
     min_window_s: float = 10.0
     reconfig_max_rounds: int | None = None
-    compare_rounds: int = 3
+    compare_rounds: int = 5
     slowdown_bound: float = 0.01
     lr: float = 0.05
     seed: int = 1234

@@ -141,6 +141,8 @@ def _run_with_agent(config: TrainConfig, console: Any) -> dict[str, Any]:
             f"starting {how}: {config.model}, {config.stages} stages, {config.micro_batches} "
             f"micro-batches of {config.micro_batch_size} x {config.seq_len} tokens"
         )
+        if device == "cpu":
+            _warn_shared_cores(config.stages, console)
         result = run_ranks(run_config, console=console)
     result["agent"] = {
         "endpoint": agent.endpoint,
@@ -283,6 +285,31 @@ def probe_agent(endpoint: str | None, timeout_s: float = 1.0) -> AgentForRun | N
         f"{', '.join(names)}",
         read_only=read_only,
     )
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _warn_shared_cores(ranks: int, console: Any) -> None:
+    """Say when CPU ranks outnumber the cores: unit times then include waiting for a core.
+
+    A rank that is descheduled mid-unit stretches that unit, the sim agent counts the stretch as busy
+    (simulated) energy, and a schedule that overlaps more units (``ours``) is charged for the sharing
+    itself; the saving then measures the CPU's contention, not the plan.
+    """
+    cores = usable_cores()
+    if ranks > cores:
+        console.print(
+            f"[yellow]warning: {ranks} CPU ranks share {cores} cores: unit times include waiting for a core, "
+            f"so timings and simulated energy are noisy and biased against overlapping schedules; "
+            f"use --stages {max(cores, 1)} or fewer on this machine[/]",
+            highlight=False,
+        )
 
 
 def run_ranks(config: TrainConfig, *, console: Any) -> dict[str, Any]:

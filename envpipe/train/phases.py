@@ -12,11 +12,14 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from envpipe.train.progress import emit
 from envpipe.train.worker import RankContext, top_clock_plan
+
+# Iterations per reconfiguration round: the Reconfigurer sees their per-unit median timeline.
+RECONFIG_SAMPLES = 3
 
 
 @dataclass
@@ -32,6 +35,9 @@ class Window:
     losses: list[float]
     stage_unit_ms: dict[int, dict[str, float]] = field(default_factory=dict)  # stage → {"F": ms, "B": ms}
     span_iteration_ms: float | None = None  # median first-unit-start to last-unit-end, all stages
+    # Diagnostic (sim agent only): the same power model applied to the ranks' own unit timestamps, per
+    # iteration and stage. The sim agent stamps events when it handles them; the gap shows its error.
+    span_energy_j: dict[int, float | None] = field(default_factory=dict)
 
     @property
     def energy_j(self) -> float | None:
@@ -44,6 +50,7 @@ class Window:
         data = asdict(self)
         data["stage_energy_j"] = {str(s): e for s, e in self.stage_energy_j.items()}
         data["stage_unit_ms"] = {str(s): u for s, u in self.stage_unit_ms.items()}
+        data["span_energy_j"] = {str(s): e for s, e in self.span_energy_j.items()}
         data["energy_j"] = self.energy_j
         return data
 
@@ -114,6 +121,7 @@ class PhaseRunner:
         self.idle_power_w = 0.0
         self.baseline_span_ms: float | None = None
         self.planned = False  # a clock plan came from a profile (set on every rank by plan())
+        self.last_timeline: list[Any] = []  # every stage's spans of the last iteration measured with spans
         self.phases: list[dict[str, Any]] = []
         self.meter = EnergyMeter(ctx.client, announce=ctx.is_rank0)
         self.unavailable_windows = 0  # windows where some stage's energy is unavailable (same on every rank)
@@ -167,29 +175,37 @@ class PhaseRunner:
         offset: int = 0,
         total: int = 0,
         spans: bool = False,
+        settle: bool = False,
     ) -> Window:
         """Run ``iterations`` in one energy window; every rank returns the same :class:`Window`.
 
         One window, not one per iteration: the sim agent integrates power over the time it handles the
         phase events, and a window mark makes it handle the queued ones at once, so short windows on a busy
         CPU under-count busy time. A real agent's counter needs >= ``min_window_s`` anyway. With ``spans``
-        every iteration's timeline is also gathered (a collective outside the timed ``train_batch``), for
-        the first-unit-to-last-unit iteration time the Reconfigurer works in.
+        every iteration's timeline is also kept and gathered once the window is closed, for the
+        first-unit-to-last-unit iteration time the Reconfigurer works in: a collective per iteration
+        inside the window added its time (idle power) to the windows that gathered and not to the others,
+        a bias of ~1 % against the plan on CPU ranks. ``settle`` runs one unmeasured iteration first: the
+        first iteration after a switch of schedule or clocks (new buffers, the agent applying the clock)
+        is not typical of either side.
         """
         import torch.distributed as dist
 
         ctx = self.ctx
+        if settle:
+            ctx.engine.train_batch(ctx.data_iter)
         dist.barrier()
         window_id = self.meter.begin()
-        times_ms, losses, units, span_ms = [], [], {"F": [], "B": []}, []
+        times_ms, losses, units, records, busy = [], [], {"F": [], "B": []}, [], _BusyTally(self._sim_card())
         for i in range(iterations):
             start = time.perf_counter()
             # float() waits for the loss on GPU: the iteration's time includes all its work.
             losses.append(float(ctx.engine.train_batch(ctx.data_iter)))
             times_ms.append((time.perf_counter() - start) * 1000.0)
             _collect_unit_ms(ctx.engine.last_timeline(), units)
+            busy.add(ctx.engine.last_timeline())
             if spans:
-                span_ms.append(_span_iteration_ms(ctx.engine.gather_timeline()))
+                records.append(ctx.engine.timeline_record())
             if ctx.is_rank0 and total:
                 emit(
                     "advance",
@@ -199,10 +215,15 @@ class PhaseRunner:
                 )
         dist.barrier()
         energy = self.meter.end(window_id)
+        timelines = ctx.engine.gather_timelines(records) if spans else []
+        if timelines:
+            self.last_timeline = timelines[-1]
+        span_ms = [_span_iteration_ms(t) for t in timelines]
         local_units = {k: statistics.median(v) for k, v in units.items() if v}
         energy_j = None if energy is None else energy.energy_j / iterations
         simulated = ctx.agent_simulated if energy is None else bool(energy.simulated)
-        gathered = _all_gather((ctx.stage, energy_j, simulated, local_units))
+        span_j = busy.energy_j(energy.duration_s) / iterations if energy is not None and busy.card else None
+        gathered = _all_gather((ctx.stage, energy_j, simulated, local_units, span_j))
         window = Window(
             iterations=iterations,
             statistic="mean over one energy window",
@@ -213,6 +234,7 @@ class PhaseRunner:
             losses=losses,
             stage_unit_ms={g[0]: g[3] for g in gathered},
             span_iteration_ms=statistics.median(span_ms) if span_ms else None,
+            span_energy_j=_sum_by_stage([(g[0], g[4]) for g in gathered]),
         )
         if window.energy_j is None:
             self.unavailable_windows += 1
@@ -244,20 +266,24 @@ class PhaseRunner:
 
             cost = profiling_cost(
                 candidates,
-                n,
+                2 * n,
                 self.iteration_s_estimate * 1e3,
                 warmup_iterations=0,
                 min_window_s=0.0 if self.ctx.agent_simulated else self.config.min_window_s,
             )
             emit("message", text=f"profiling {', '.join(map(str, candidates))} MHz: {cost.describe()}")
-        self._start("profiling", f"profiling ({len(candidates)} clocks)", n * len(candidates))
-        points = []
-        for k, clock_mhz in enumerate(candidates):
+        # Down the clocks and back up: a drift (a busy neighbour, a warming cache) then hits every clock
+        # alike instead of making the last clocks look cheaper or dearer than the first.
+        order = candidates + candidates[::-1]
+        self._start("profiling", f"profiling ({len(candidates)} clocks)", n * len(order))
+        windows: dict[int, list[Window]] = {}
+        for k, clock_mhz in enumerate(order):
             self._set(self.schedule, top_clock_plan(self.schedule, clock_mhz))
             window = self.measure(
-                "profiling", n, info=f"{clock_mhz} MHz · ", offset=k * n, total=n * len(candidates)
+                "profiling", n, info=f"{clock_mhz} MHz · ", offset=k * n, total=n * len(order), settle=True
             )
-            points.append((clock_mhz, window))
+            windows.setdefault(clock_mhz, []).append(window)
+        points = [(clock_mhz, _merge_windows(windows[clock_mhz])) for clock_mhz in candidates]
         profile = None
         measured = [(c, w) for c, w in points if w.energy_j is not None]
         if self.ctx.is_rank0 and (idle_power_w is None or not measured):
@@ -279,7 +305,7 @@ class PhaseRunner:
             {
                 "name": "profiling",
                 "clocks_mhz": candidates,
-                "iterations_per_clock": n,
+                "iterations_per_clock": 2 * n,
                 "points": [{"clock_mhz": c, **w.to_dict()} for c, w in points],
             }
         )
@@ -331,8 +357,7 @@ class PhaseRunner:
         changes, rounds = 0, 0
         # At its cap the Reconfigurer may send one last plan (the top clocks) before None: cap + 2 bounds it.
         for rounds in range(1, cap + 2):
-            loss = float(self.ctx.engine.train_batch(self.ctx.data_iter))
-            timeline = self.ctx.engine.gather_timeline()
+            loss, timeline = self._sample_timeline(RECONFIG_SAMPLES)
             new = _broadcast(reconfigurer.update(self.clocks, timeline) if reconfigurer is not None else None)
             if self.ctx.is_rank0:
                 emit(
@@ -359,12 +384,28 @@ class PhaseRunner:
             )
         self.phases.append({**record, "rounds": rounds, "changes": changes})
 
+    def _sample_timeline(self, iterations: int) -> tuple[float, list[Any]]:
+        """Run ``iterations`` of the current plan; the last loss and their per-unit median timeline.
+
+        One iteration of 1-2 ms CPU units is a noisy sample (a descheduled rank stretches a unit several
+        times over), and the Reconfigurer calibrates its target from its first sample: a median of a few
+        keeps one bad iteration from setting the target or moving a clock.
+        """
+        engine, records, loss = self.ctx.engine, [], 0.0
+        for _ in range(iterations):
+            loss = float(engine.train_batch(self.ctx.data_iter))
+            records.append(engine.timeline_record())
+        return loss, _median_timeline(engine.gather_timelines(records))
+
     def steady(self, baseline: Window) -> tuple[Window, Window, list[Any]]:
         """Run the final schedule and clocks for ``--steps`` iterations, interleaved with baseline windows.
 
-        ``compare_rounds`` rounds each run a baseline window (1F1B, top clock) and then a window of the final
-        plan, so that drift (a busy neighbour, temperature) hits both sides alike; each side is represented
-        by its median window by energy, the start's baseline window included.
+        ``compare_rounds`` rounds each run a baseline window (1F1B, top clock) and a window of the final
+        plan side by side, in alternating order (base-final, final-base, ...), so that drift (a busy
+        neighbour, temperature) hits both sides alike. Each round gives one paired saving; the round with
+        the median saving represents the run (its two windows). Medians of each side taken separately let
+        a burst of load in one window decide the sign; the start's baseline window, measured before
+        profiling, is not paired. Without rounds the start's window is the baseline.
 
         Returns:
             The baseline's and the final plan's representative windows, and the last iteration's spans.
@@ -376,22 +417,31 @@ class PhaseRunner:
         reference = (self._one_f_one_b, top_clock_plan(self._one_f_one_b, self.ctx.max_clock_mhz))
         parts = max(rounds, 1)  # --steps split as evenly as possible over the rounds
         n_finals = [self.window_iterations(steps // parts + (k < steps % parts)) for k in range(parts)]
-        n_base = self.window_iterations(self.config.baseline_steps) if rounds else 0
-        total = sum(n_finals) + rounds * n_base
+        total = sum(n_finals) * (2 if rounds else 1)
         self._start("steady", f"steady ({self.config.type}, {self.schedule.name})", total)
-        base_windows, final_windows, done = [baseline], [], 0
-        for n_final in n_finals:
-            if rounds:
-                self._set(*reference)
-                base_windows.append(
-                    self.measure("steady", n_base, info="baseline · ", offset=done, total=total)
+        base_windows, final_windows, done = [], [], 0
+        for k, n in enumerate(n_finals):
+            # Both sides of a round get the same iterations: a window's fixed costs (marks, barriers) per
+            # iteration then weigh alike, where 5 baseline vs 10 plan iterations favoured the plan by ~10 %.
+            sides = ["final", "baseline"] if k % 2 else ["baseline", "final"]
+            for side in sides if rounds else ["final"]:
+                self._set(*(reference if side == "baseline" else final))
+                info = "baseline · " if side == "baseline" else ""
+                # Spans on both sides: the two sides of a pair run exactly the same code.
+                window = self.measure(
+                    "steady", n, info=info, offset=done, total=total, spans=True, settle=True
                 )
-                done += n_base
-                self._set(*final)
-            final_windows.append(self.measure("steady", n_final, offset=done, total=total, spans=True))
-            done += n_final
-        timeline = self.ctx.engine.gather_timeline()
-        base, steady = _median_window(base_windows), _median_window(final_windows)
+                if side == "final":
+                    final_windows.append(window)
+                    timeline = self.last_timeline  # the final plan's last measured iteration
+                else:
+                    base_windows.append(window)
+                done += n
+        self._set(*final)
+        pairs = (
+            list(zip(base_windows, final_windows)) if rounds else [(baseline, _median_window(final_windows))]
+        )
+        base, steady = _median_pair(pairs)
         self._done("steady", f"{steady.iteration_ms:.0f} ms/it · {_joules(steady)}")
         self.phases.append(
             {
@@ -401,6 +451,7 @@ class PhaseRunner:
                 **steady.to_dict(),
                 "windows": [_window_brief(w) for w in final_windows],
                 "baseline_windows": [_window_brief(w) for w in base_windows],
+                "paired_savings": [_pair_saving(b, f) for b, f in pairs],
             }
         )
         return base, steady, timeline
@@ -421,6 +472,16 @@ class PhaseRunner:
     def _done(self, phase: str, info: str, **fields: Any) -> None:
         if self.ctx.is_rank0:
             emit("phase_done", phase=phase, info=info, **fields)
+
+    def _sim_card(self) -> Any:
+        """The sim agent's card (busy/idle power) and DVFS model, for the span-based diagnostic; else None."""
+        if not self.ctx.agent_simulated:
+            return None
+        from envpipe_agent.dvfs import CARDS, get_model
+
+        name = self.ctx.gpu_name.lower()
+        cards = [c for c in CARDS.values() if c.name.lower() in name or name.startswith(c.name.lower())]
+        return (cards[0], get_model(self.config.dvfs_model)) if cards else None
 
     def _energy_source(self) -> str:
         if self.ctx.agent_simulated:
@@ -467,6 +528,85 @@ def run_phases(ctx: RankContext) -> dict[str, Any] | None:
     }
 
 
+def _pair_saving(base: Window, final: Window) -> float | None:
+    """1 - final / baseline energy per iteration of one round; None without energy on either side."""
+    if base.energy_j is None or final.energy_j is None or base.energy_j <= 0:
+        return None
+    return 1.0 - final.energy_j / base.energy_j
+
+
+def _median_pair(pairs: list[tuple[Window, Window]]) -> tuple[Window, Window]:
+    """The round with the median paired saving (the lower middle one of an even count: conservative).
+
+    Rounds without energy are left out; if none has energy, the last round. The chosen windows' statistic
+    says how they were picked.
+    """
+    known = sorted((p for p in pairs if _pair_saving(*p) is not None), key=lambda p: _pair_saving(*p))
+    if not known:
+        return pairs[-1]
+    base, final = known[(len(known) - 1) // 2]
+    how = f"round with the median of {len(known)} paired savings (baseline and plan windows side by side)"
+    return replace(base, statistic=how), replace(final, statistic=how)
+
+
+def _merge_windows(windows: list[Window]) -> Window:
+    """Several windows of one configuration as one: energy and times averaged by iterations."""
+    if len(windows) == 1:
+        return windows[0]
+    total = sum(w.iterations for w in windows)
+
+    def mean(values: list[float | None], weights: list[int]) -> float | None:
+        if any(v is None for v in values):
+            known = [(v, n) for v, n in zip(values, weights) if v is not None]
+            return sum(v * n for v, n in known) / sum(n for _, n in known) if known else None
+        return sum(v * n for v, n in zip(values, weights)) / sum(weights)
+
+    weights = [w.iterations for w in windows]
+    stages = windows[0].stage_energy_j
+    units = windows[0].stage_unit_ms
+    return Window(
+        iterations=total,
+        statistic=f"mean over {len(windows)} energy windows",
+        iteration_ms=mean([w.iteration_ms for w in windows], weights),
+        iteration_ms_median=mean([w.iteration_ms_median for w in windows], weights),
+        stage_energy_j={s: mean([w.stage_energy_j.get(s) for w in windows], weights) for s in stages},
+        simulated=all(w.simulated for w in windows),
+        losses=[x for w in windows for x in w.losses],
+        stage_unit_ms={
+            s: {k: mean([w.stage_unit_ms[s][k] for w in windows], weights) for k in units[s]} for s in units
+        },
+        span_iteration_ms=windows[0].span_iteration_ms,
+        span_energy_j={
+            s: mean([w.span_energy_j.get(s) for w in windows], weights) for s in windows[0].span_energy_j
+        },
+    )
+
+
+def _median_timeline(timelines: list[list[Any]]) -> list[Any]:
+    """Per (stage, unit): the median start and the median end over several iterations' timelines.
+
+    Each iteration's end follows its start, so the order statistics do too: the result is a valid timeline.
+    """
+    from envpipe.sim import UnitSpan
+
+    if len(timelines) == 1:
+        return timelines[0]
+    by_unit: dict[tuple[int, str], list[Any]] = {}
+    for timeline in timelines:
+        for span in timeline:
+            by_unit.setdefault((span.stage, str(span.unit)), []).append(span)
+    return [
+        UnitSpan(
+            stage,
+            unit,
+            statistics.median(s.start_ms for s in spans),
+            statistics.median(s.end_ms for s in spans),
+            spans[-1].clock_mhz,
+        )
+        for (stage, unit), spans in sorted(by_unit.items(), key=lambda kv: kv[1][0].start_ms)
+    ]
+
+
 def _median_window(windows: list[Window]) -> Window:
     """The window with the median energy per iteration (the lower middle one of an even count).
 
@@ -510,6 +650,30 @@ def _collect_unit_ms(spans: list[Any], into: dict[str, list[float]]) -> None:
         durations = [s.end_ms - s.start_ms for s in spans if str(s.unit).startswith(kind)]
         if durations:
             into[kind].append(statistics.fmean(durations))
+
+
+class _BusyTally:
+    """Busy time and modelled busy energy of this rank's units (the sim agent's power model, rank clock)."""
+
+    def __init__(self, card_model: Any) -> None:
+        self.card = card_model
+        self.busy_s = 0.0
+        self.busy_j = 0.0
+
+    def add(self, spans: list[Any]) -> None:
+        if self.card is None:
+            return
+        card, model = self.card
+        for span in spans:
+            seconds = (span.end_ms - span.start_ms) / 1e3
+            x = (span.clock_mhz or card.max_clock_mhz) / card.max_clock_mhz
+            self.busy_s += seconds
+            self.busy_j += seconds * card.busy_power_w * model.power_ratio(x)
+
+    def energy_j(self, window_s: float) -> float:
+        """Energy of a window of ``window_s`` seconds: the busy units plus idle power for the rest."""
+        card, _ = self.card
+        return self.busy_j + card.idle_power_w * max(window_s - self.busy_s, 0.0)
 
 
 def _sum_by_stage(gathered: list[tuple]) -> dict[int, float | None]:

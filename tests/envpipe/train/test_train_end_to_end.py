@@ -24,7 +24,9 @@ def test_envelope_ours_balanced_on_two_cpu_ranks(tmp_path: Path, monkeypatch: py
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     report_path, plot_path = tmp_path / "report.json", tmp_path / "last.png"
     ds_config = tmp_path / "ds.json"  # the "envpipe" block keeps the phases short for CI
-    ds_config.write_text(json.dumps({"envpipe": {"reconfig_max_rounds": 30, "baseline_steps": 3}}))
+    ds_config.write_text(
+        json.dumps({"envpipe": {"reconfig_max_rounds": 30, "baseline_steps": 3, "compare_rounds": 2}})
+    )
     result = CliRunner().invoke(
         app,
         [

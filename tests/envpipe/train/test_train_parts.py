@@ -240,3 +240,79 @@ def test_missing_training_stack_is_one_clear_error(monkeypatch: pytest.MonkeyPat
 def test_launcher_options_are_refused_for_cpu_ranks(flags, needle):
     with pytest.raises(launch.RunError, match=needle):
         launch._local_world_size(resolve({"device": "cpu", **flags}), "cpu")
+
+
+def _one_stage_window(energy_j, iterations=2, iteration_ms=10.0):
+    return Window(
+        iterations=iterations,
+        statistic="mean over one energy window",
+        iteration_ms=iteration_ms,
+        iteration_ms_median=iteration_ms,
+        stage_energy_j={0: energy_j},
+        simulated=True,
+        losses=[1.0] * iterations,
+        stage_unit_ms={0: {"F": 1.0, "B": 2.0}},
+    )
+
+
+def test_steady_comparison_takes_the_round_with_the_median_paired_saving():
+    from envpipe.train.phases import _median_pair
+
+    # Round 2 had a burst of load on the baseline side, round 3 on the plan side: neither decides.
+    pairs = [
+        (_one_stage_window(10.0), _one_stage_window(9.0)),
+        (_one_stage_window(20.0), _one_stage_window(9.5)),
+        (_one_stage_window(10.0), _one_stage_window(15.0)),
+    ]
+    base, final = _median_pair(pairs)
+    assert (base.energy_j, final.energy_j) == (10.0, 9.0)
+    assert "median of 3 paired savings" in final.statistic
+    # A round without energy (agent unavailable) is left out; the lower middle of an even count is taken.
+    pairs.append((_one_stage_window(None), _one_stage_window(8.0)))
+    assert _median_pair(pairs)[1].energy_j == 9.0
+    assert (
+        _median_pair([(_one_stage_window(None), _one_stage_window(8.0))])[1].energy_j == 8.0
+    )  # nothing known: the last
+
+
+def test_profiling_windows_of_one_clock_merge_by_iterations():
+    from envpipe.train.phases import _merge_windows
+
+    merged = _merge_windows(
+        [_one_stage_window(10.0, iterations=2), _one_stage_window(16.0, iterations=4, iteration_ms=13.0)]
+    )
+    assert merged.iterations == 6 and merged.energy_j == pytest.approx(14.0)
+    assert merged.iteration_ms == pytest.approx(12.0)
+    assert (
+        _merge_windows([_one_stage_window(10.0), _one_stage_window(None)]).energy_j == 10.0
+    )  # the window that has energy
+
+
+def test_median_timeline_is_per_unit_and_keeps_ends_after_starts():
+    from envpipe.sim import UnitSpan
+    from envpipe.train.phases import _median_timeline
+
+    def iteration(f_end, b_start, b_end):
+        return [UnitSpan(0, "F0", 0.0, f_end, 1980), UnitSpan(0, "B0", b_start, b_end, 1320)]
+
+    # The second iteration was descheduled in F0: one bad sample does not move the median.
+    timeline = _median_timeline(
+        [iteration(1.0, 1.1, 3.0), iteration(9.0, 9.1, 11.0), iteration(1.2, 1.3, 3.1)]
+    )
+    assert [(s.unit, s.start_ms, s.end_ms, s.clock_mhz) for s in timeline] == [
+        ("F0", 0.0, 1.2, 1980),
+        ("B0", 1.3, 3.1, 1320),
+    ]
+
+
+def test_more_cpu_ranks_than_cores_is_said(monkeypatch: pytest.MonkeyPatch):
+    from rich.console import Console
+
+    from envpipe.train import launch
+
+    monkeypatch.setattr(launch, "usable_cores", lambda: 2)
+    console = Console(record=True, width=300)
+    launch._warn_shared_cores(4, console)
+    launch._warn_shared_cores(2, console)
+    text = console.export_text()
+    assert text.count("warning") == 1 and "4 CPU ranks share 2 cores" in text and "--stages 2" in text

@@ -65,6 +65,12 @@ class FakeEngine:
     def gather_timeline(self):
         return self.last_timeline()
 
+    def timeline_record(self):
+        return 0.0, self.last_timeline()
+
+    def gather_timelines(self, records):
+        return [spans for _, spans in records]
+
 
 class FakeClient:
     def __init__(self, engine: FakeEngine) -> None:
@@ -136,17 +142,21 @@ def test_uniform_run_counts_every_phase(one_rank_group, capsys):
     names = [p["name"] for p in result["phases"]]
     assert names == ["baseline", "profiling", "reconfiguration", "steady"]
     profiling = result["phases"][1]
-    assert len(profiling["clocks_mhz"]) == 3 and profiling["iterations_per_clock"] == 2
+    # every clock twice (down the clocks, then back up), 2 iterations each time
+    assert len(profiling["clocks_mhz"]) == 3 and profiling["iterations_per_clock"] == 4
     # f_low is the modelled energy valley of the profiled clocks (idle power is not charged by this fake).
     energy = {c: MODEL.energy_ratio(c / CARD.max_clock_mhz) for c in profiling["clocks_mhz"]}
     assert result["profile"]["stages"][0]["f_low_mhz"] == min(energy, key=energy.get)
     steady = result["phases"][3]
     assert steady["compare_rounds"] == 2 and len(steady["windows"]) == 2
-    assert len(steady["baseline_windows"]) == 3  # the start's window and one per round
+    assert len(steady["baseline_windows"]) == 2  # one per round, next to that round's final window
+    # one stage has no slack: the bound brings the plan back to (about) the top clocks, saving ~0
+    assert len(steady["paired_savings"]) == 2 and all(-1e-9 <= x < 0.5 for x in steady["paired_savings"])
     reconfiguration = result["phases"][2]
     assert 1 <= reconfiguration["rounds"] <= 5 + 1
-    # warm-up 1 + baseline 2 + profiling 3x2 + reconfiguration + steady 2 x baseline 2 + 6 steps
-    expected = 1 + 2 + 6 + reconfiguration["rounds"] + 2 * 2 + 6
+    # warm-up 1 + baseline 2 + profiling 3 clocks x 2 passes x (1 settling + 2) + reconfiguration
+    # (3 iterations a round) + steady 6 steps on each side + 1 settling iteration per window (2 x 2)
+    expected = 1 + 2 + 18 + phases.RECONFIG_SAMPLES * reconfiguration["rounds"] + 2 * 6 + 4
     assert ctx.engine.iterations == expected
     events = _markers(capsys)
     assert [e["phase"] for e in events if e["event"] == "phase"] == names
@@ -162,7 +172,7 @@ def test_baseline_type_skips_profiling(one_rank_group):
     result = phases.run_phases(ctx)
     assert [p["name"] for p in result["phases"]] == ["baseline", "steady"]
     assert result["phases"][1]["compare_rounds"] == 2 and result["profile"] is None
-    assert ctx.engine.iterations == 1 + 2 + 2 * 2 + 3
+    assert ctx.engine.iterations == 1 + 2 + 2 * 3 + 4  # steady: 3 steps per side, 1 settling per window
     assert set(result["clocks"]["0"].values()) == {CARD.max_clock_mhz}
 
 
@@ -210,7 +220,6 @@ def test_agent_stopped_or_killed_mid_run_training_goes_on(one_rank_group, real_a
     import signal
 
     from envpipe_agent.client import AgentClient
-
     from rich.console import Console
 
     from envpipe.train.report import build_report, print_summary
@@ -230,9 +239,9 @@ def test_agent_stopped_or_killed_mid_run_training_goes_on(one_rank_group, real_a
             profile_clocks=2,
             compare_rounds=2,
         )
-        # Dies in the last profiling window (warm-up 1, baseline 2, then 2 clocks x 1): that point and the
-        # steady phase have no energy.
-        engine = _StoppingEngine(real_agent.pid, getattr(signal, how), after=1 + 2 + 2)
+        # Dies in the second profiling window (warm-up 1, baseline 2, then 1980, 990, 990, 1980 MHz, each
+        # 1 settling + 1 measured): 990 MHz and the steady phase have no energy, 1980 MHz has its first.
+        engine = _StoppingEngine(real_agent.pid, getattr(signal, how), after=1 + 2 + 2 + 2)
         engine.set_schedule(ctx.engine.schedule)
         engine.set_clocks(ctx.engine.clocks)
         ctx.engine, ctx.client = engine, client
@@ -245,15 +254,15 @@ def test_agent_stopped_or_killed_mid_run_training_goes_on(one_rank_group, real_a
     assert result["phases"][0]["energy_j"] > 0
     steady = result["phases"][-1]
     assert steady["energy_j"] is None and all(w["energy_j"] is None for w in steady["windows"])
-    assert result["energy_unavailable_windows"] == 5  # 1 profiling + 2 rounds x (baseline + final)
+    assert result["energy_unavailable_windows"] == 7  # 3 profiling + 2 rounds x (baseline + final)
     config = resolve({"stages": 1, "micro_batches": 4})
     report = build_report(config, {**result, "agent": None})
     summary = report["summary"]
     assert summary["energy_saving"] is None and summary["steady"]["energy_j_per_iteration"] is None
-    assert summary["energy_unavailable_windows"] == 5
+    assert summary["energy_unavailable_windows"] == 7
     console = Console(record=True, width=200)
     print_summary(report, console)
     text = console.export_text()
-    assert "unavailable" in text and "energy unavailable for 5 measurement window(s)" in text
+    assert "unavailable" in text and "energy unavailable for 7 measurement window(s)" in text
     warnings = [e for e in _markers(capsys) if e["event"] == "message" and "warning" in e["text"]]
     assert len(warnings) == 1 and "energy unavailable" in warnings[0]["text"]
