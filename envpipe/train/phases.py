@@ -348,10 +348,11 @@ class PhaseRunner:
             return
         from envpipe.train.planning import make_reconfigurer
 
+        baseline_ms = self._fresh_baseline_ms()
         reconfigurer = None
         if self.ctx.is_rank0:
             reconfigurer = make_reconfigurer(
-                self.schedule, costs, self.config, max_rounds=cap, baseline_ms=self.baseline_span_ms
+                self.schedule, costs, self.config, max_rounds=cap, baseline_ms=baseline_ms
             )
         self._start("reconfiguration", f"reconfiguration ({policy})", cap)
         changes, rounds = 0, 0
@@ -383,6 +384,22 @@ class PhaseRunner:
                 bound_reachable=reconfigurer.bound_reachable,
             )
         self.phases.append({**record, "rounds": rounds, "changes": changes})
+
+    def _fresh_baseline_ms(self) -> float:
+        """The baseline's iteration time (1F1B, top clocks, planner's frame) measured right now.
+
+        The Reconfigurer's target is this times (1 + bound), and it calibrates the plan's speed from its
+        first sample, taken next: the start's baseline window, measured before profiling, let a change of
+        the machine's load in between move the target (on 2 shared cores a 277 ms baseline met a first
+        sample at 423 ms, and the bound was declared unreachable).
+        """
+        plan = (self.schedule, self.clocks)
+        self._set(self._one_f_one_b, top_clock_plan(self._one_f_one_b, self.ctx.max_clock_mhz))
+        self.ctx.engine.train_batch(self.ctx.data_iter)  # settle after the switch
+        _, timeline = self._sample_timeline(RECONFIG_SAMPLES)
+        self._set(*plan)
+        self.ctx.engine.train_batch(self.ctx.data_iter)
+        return _span_iteration_ms(timeline)
 
     def _sample_timeline(self, iterations: int) -> tuple[float, list[Any]]:
         """Run ``iterations`` of the current plan; the last loss and their per-unit median timeline.

@@ -155,8 +155,10 @@ def test_uniform_run_counts_every_phase(one_rank_group, capsys):
     reconfiguration = result["phases"][2]
     assert 1 <= reconfiguration["rounds"] <= 5 + 1
     # warm-up 1 + baseline 2 + profiling 3 clocks x 2 passes x (1 settling + 2) + reconfiguration
-    # (3 iterations a round) + steady 6 steps on each side + 1 settling iteration per window (2 x 2)
-    expected = 1 + 2 + 18 + phases.RECONFIG_SAMPLES * reconfiguration["rounds"] + 2 * 6 + 4
+    # (a fresh baseline first: settle + samples + settle, then samples per round) + steady 6 steps on
+    # each side + 1 settling iteration per window (2 x 2)
+    samples = phases.RECONFIG_SAMPLES
+    expected = 1 + 2 + 18 + (samples + 2) + samples * reconfiguration["rounds"] + 2 * 6 + 4
     assert ctx.engine.iterations == expected
     events = _markers(capsys)
     assert [e["phase"] for e in events if e["event"] == "phase"] == names
