@@ -1,16 +1,19 @@
-"""The ``optimal`` planner's exact path: solve the LP relaxation (scipy HiGHS), then round it to real clocks.
+"""The ``optimal`` planner's LP path: solve the LP relaxation (scipy HiGHS), then round it to real clocks.
 
-On each unit's lower convex hull of (duration, reduced energy) the relaxation's optimum gives a unit a mix
-of (usually) two adjacent hull clocks, i.e. a duration between them. Two roundings are tried and both are
-finished by the same descent as the heuristic (``envpipe.planner.optimal``):
+On each unit's lower convex hull of (duration, reduced energy) the relaxation has the same optimum as on
+all clocks, with a fraction of the variables; it gives a unit a mix of (usually) two adjacent hull clocks,
+i.e. a duration between them. Several roundings start the same descent as the heuristic
+(``envpipe.planner.optimal``: marginal-rate descent and sweeps spend the leftover time), the cheapest wins:
 
-* *fast*: every unit at the slowest hull clock no slower than its LP duration -- feasible by construction
-  (no path is longer than in the LP);
-* *nearest*: every unit at its heavier hull clock, then the deadline repaired by raising, on the longest
-  path, the unit whose next faster clock costs least per ms it saves, until the deadline holds.
+* *fast*: every unit at the slowest hull clock no slower than its LP duration -- feasible by construction;
+* *nearest*: every unit at its heavier hull clock, then repaired (below);
+* *threshold*: a unit goes slow when its slow weight is at least a threshold, the lowest that is feasible;
+* *priced*: the LP's dual time prices, scaled together until the plan just meets the deadline.
 
-The leftover slack is then spent by lowering units greedily (marginal-rate descent and sweeps). The
-cheaper plan wins. scipy is imported inside; callers fall back to the heuristic when it is missing.
+Repair raises clocks until the deadline holds: among the cheapest raises (J per ms the unit saves) on the
+units every longest path passes through (else on one longest path), the one with the least energy per ms
+the iteration actually shortens. Rounding cannot always keep up with the LP: on balanced stages many paths
+are critical at once, and each must fit its time in whole clock steps (docs/results.md).
 """
 
 from __future__ import annotations
@@ -36,9 +39,9 @@ def solve_lp_rounded(dag: ClockDag, deadline_ms: float, floor: list[int]) -> lis
         ImportError: scipy is not installed (the caller falls back to the heuristic).
     """
     from envpipe.planner.lp_bound import solve_bound
-    from envpipe.planner.optimal import _INF, _Hull, _Rates, _scaled, finish_descent
+    from envpipe.planner.optimal import _INF, _Rates, _scaled, finish_descent, hulls_of
 
-    hulls = [_Hull(dag, u) for u in range(len(dag))]
+    hulls = hulls_of(dag)
     # Hull points past the least-energy one are slower and dearer: never in an optimum.
     candidates = [_useful(dag, u, h.options) for u, h in enumerate(hulls)]
     relaxed = solve_bound(dag, deadline_ms, candidates=candidates)
@@ -46,8 +49,9 @@ def solve_lp_rounded(dag: ClockDag, deadline_ms: float, floor: list[int]) -> lis
     succs = dag.succs()
     best: list[int] | None = None
     best_j = float("inf")
-    starts = [rounding(dag, relaxed.mixtures, candidates, floor) for rounding in (_round_fast, _round_fast_any, _round_nearest)]
-    starts.append(_round_threshold(dag, relaxed.mixtures, candidates, floor, deadline_ms))
+    starts = [_round_fast(dag, relaxed.mixtures, candidates, floor),
+              _round_nearest(dag, relaxed.mixtures, candidates, floor),
+              _round_threshold(dag, relaxed.mixtures, candidates, floor, deadline_ms)]
     if relaxed.prices is not None:
         weights = [p if p > 1e-12 else _INF for p in relaxed.prices]
         starts.append(_scaled(dag, deadline_ms, hulls, weights, floor))
@@ -79,18 +83,6 @@ def _round_fast(dag: ClockDag, mixtures, candidates, floor: list[int]) -> list[i
         if len(options) > 1:
             limit = _mean_ms(dag, u, mixtures[u]) + _EPS_MS
             out[u] = max((c for c in options if dag.options[u][c].duration_ms <= limit), default=options[0])
-    return out
-
-
-def _round_fast_any(dag: ClockDag, mixtures, candidates, floor: list[int]) -> list[int]:
-    """The cheapest option of all (hull or not) no longer than the LP's duration: feasible like the fast
-    rounding, and the clocks between two hull points often sit close above the hull line."""
-    out = list(floor)
-    for u, options in enumerate(candidates):
-        if len(options) > 1:
-            limit = _mean_ms(dag, u, mixtures[u]) + _EPS_MS
-            fits = [c for c, o in enumerate(dag.options[u]) if o.duration_ms <= limit]
-            out[u] = min(fits, key=lambda c: dag.reduced_j(u, c)) if fits else options[0]
     return out
 
 

@@ -101,7 +101,7 @@ def solve_named(dag: ClockDag, deadline_ms: float,
 def solve_heuristic(dag: ClockDag, deadline_ms: float, first: list[int]) -> list[int]:
     """The pure-Python heuristic (module docstring), from the feasible choice ``first``."""
     rates = _Rates(dag)
-    hulls = [_Hull(dag, u) for u in range(len(dag))]
+    hulls = hulls_of(dag)
     succs = dag.succs()
     best, best_j = first, dag.evaluate(first)[1]
     # Starts, best first: the dual's prices; the 1/parallelism prices as they are and flatter; then, as the
@@ -143,15 +143,34 @@ class _Rates:
 
     def __init__(self, dag: ClockDag) -> None:
         self.moves: list[list[tuple[int, float, float] | None]] = []
+        seen: dict[tuple, list] = {}  # units of one stage and kind share their options: compute them once
         for u, opts in enumerate(dag.options):
-            reduced = [dag.reduced_j(u, c) for c in range(len(opts))]
-            per_option: list[tuple[int, float, float] | None] = []
-            for c in range(len(opts)):
-                per_option.append(_best_move(opts, reduced, c))
-            self.moves.append(per_option)
+            key = _shape_key(dag, u)
+            if key not in seen:
+                reduced = [dag.reduced_j(u, c) for c in range(len(opts))]
+                seen[key] = [_best_move(opts, reduced, c) for c in range(len(opts))]
+            self.moves.append(seen[key])
 
     def max_rate(self) -> float:
         return max((m[1] for per in self.moves for m in per if m is not None), default=0.0)
+
+
+def _shape_key(dag: ClockDag, u: int) -> tuple:
+    """Nodes with equal keys have equal (duration, reduced energy) options."""
+    stage = dag.stages[u]
+    return id(dag.options[u]), None if stage is None else dag.idle_power_w[stage]
+
+
+def hulls_of(dag: ClockDag) -> list[_Hull]:
+    """Every node's hull, computed once per distinct option set."""
+    seen: dict[tuple, _Hull] = {}
+    out = []
+    for u in range(len(dag)):
+        key = _shape_key(dag, u)
+        if key not in seen:
+            seen[key] = _Hull(dag, u)
+        out.append(seen[key])
+    return out
 
 
 def _best_move(opts, reduced: list[float], c: int) -> tuple[int, float, float] | None:
