@@ -390,8 +390,8 @@ class PhaseRunner:
 
         The Reconfigurer's target is this times (1 + bound), and it calibrates the plan's speed from its
         first sample, taken next: the start's baseline window, measured before profiling, let a change of
-        the machine's load in between move the target (on 2 shared cores a 277 ms baseline met a first
-        sample at 423 ms, and the bound was declared unreachable).
+        the machine's load in between move the target (on 2 shared cores: a 277 ms baseline, a target
+        extrapolated from the first sample of 423 ms, the bound declared unreachable).
         """
         plan = (self.schedule, self.clocks)
         self._set(self._one_f_one_b, top_clock_plan(self._one_f_one_b, self.ctx.max_clock_mhz))
