@@ -10,20 +10,12 @@ import pytest
 from typer.testing import CliRunner
 
 from envpipe_agent.client import AgentClient
-from envpipe_agent.embedded import start_agent
 from envpipe_cli.main import app
 from envpipe_cli.status import render_status
 
 pytestmark = pytest.mark.slow  # each module starts an agent subprocess
 
 runner = CliRunner(env={"COLUMNS": "250"})
-
-
-@pytest.fixture(scope="module")
-def agent():
-    running = start_agent(gpus=2)
-    yield running
-    running.stop()
 
 
 def test_status_json_lists_every_gpu(agent) -> None:
