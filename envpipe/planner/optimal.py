@@ -87,6 +87,9 @@ def solve_named(dag: ClockDag, deadline_ms: float,
     except ImportError:  # no scipy (e.g. a bare agent install): the pure-Python heuristic
         _LOG.debug("optimal planner: scipy missing, running the heuristic on %d nodes", len(dag))
         return solve_heuristic(dag, deadline_ms, first), "heuristic"
+    except ValueError as err:  # HiGHS found no solution (numerics at a deadline this tight): still plan
+        _LOG.debug("optimal planner: LP failed (%s), running the heuristic on %d nodes", err, len(dag))
+        return solve_heuristic(dag, deadline_ms, first), "heuristic"
     solver = "lp-rounded"
     # Rounding loses a little on some small balanced cases where the heuristic's priced starts happen to
     # land better; on DAGs this small both fit the time goal, so the cheaper plan wins.

@@ -59,6 +59,26 @@ def test_solver_is_named_and_falls_back_without_scipy(monkeypatch) -> None:
     assert dag.evaluate(choice)[1] <= dag.evaluate(fallback)[1] + 1e-9  # with scipy: never worse
 
 
+def test_an_lp_failure_falls_back_to_the_heuristic(monkeypatch) -> None:
+    import envpipe.planner.lp_round as lp_round
+
+    def fail(*args, **kwargs):
+        raise ValueError("no clock assignment meets the deadline")
+
+    dag, base = _problem("1f1b", 2, 3)
+    monkeypatch.setattr(lp_round, "solve_lp_rounded", fail)
+    choice, solver = optimal.solve_named(dag, base.iteration_time_ms * 1.01)
+    assert solver == "heuristic"
+    assert dag.evaluate(choice)[0] <= base.iteration_time_ms * 1.01 * (1 + 1e-9)
+
+
+def test_a_deadline_at_the_top_clocks_keeps_them_feasible() -> None:
+    dag, _ = _problem("1f1b", 3, 4)
+    top_ms = dag.makespan_ms(dag.durations([0] * len(dag)))
+    choice = optimal.solve(dag, top_ms)
+    assert dag.evaluate(choice)[0] <= top_ms * (1 + 1e-9)
+
+
 def test_plan_result_names_the_solver() -> None:
     costs = CostModel.build(2, gpu="h100")
     schedule = get_schedule("1f1b", 2, 3)
