@@ -60,7 +60,7 @@ def test_solver_is_named_and_falls_back_without_scipy(monkeypatch) -> None:
 
 
 def test_an_lp_failure_falls_back_to_the_heuristic(monkeypatch) -> None:
-    import envpipe.planner.lp_round as lp_round
+    from envpipe.planner import lp_round
 
     def fail(*args, **kwargs):
         raise ValueError("no clock assignment meets the deadline")
