@@ -43,6 +43,7 @@ from envpipe_agent.protocol import (
 log = logging.getLogger("envpipe_agent.client")
 
 _PACK = EVENT_STRUCT.pack
+_now_ns = time.monotonic_ns
 _LEASE_CODES = (ErrorCode.LEASE_HELD, ErrorCode.UNKNOWN_LEASE, ErrorCode.NO_SUCH_GPU)
 
 
@@ -355,12 +356,18 @@ class AgentClient:
 
     def window_begin(self) -> int:
         """Mark the start of an energy window on the leased GPU; returns its id."""
-        args = {"lease_id": self._lease_id, "events_sent": self._lease_events}
+        # sent_ns: the window covers the span this rank measured, however late the agent handles the request.
+        args = {"lease_id": self._lease_id, "events_sent": self._lease_events, "sent_ns": _now_ns()}
         return int(self.call("window_begin", args)["window_id"])
 
     def window_end(self, window_id: int) -> EnergyWindow:
         """Close window ``window_id``: energy and wall time since its start."""
-        args = {"lease_id": self._lease_id, "window_id": window_id, "events_sent": self._lease_events}
+        args = {
+            "lease_id": self._lease_id,
+            "window_id": window_id,
+            "events_sent": self._lease_events,
+            "sent_ns": _now_ns(),
+        }
         result = self.call("window_end", args)
         return EnergyWindow(float(result["energy_j"]), float(result["duration_s"]), bool(result["simulated"]))
 
@@ -383,7 +390,11 @@ class AgentClient:
         if unit_bytes is None:
             unit_bytes = self._units[unit] = unit.encode("ascii", "replace")[:MAX_UNIT_BYTES]
         try:
-            frame = _PACK(EVENT_MAGIC, PROTOCOL_VERSION, EVENT_KINDS[event], token, clock_mhz) + unit_bytes
+            # The rank's own time: the sim agent integrates energy on it, not on when it got to the event.
+            frame = (
+                _PACK(EVENT_MAGIC, PROTOCOL_VERSION, EVENT_KINDS[event], token, clock_mhz, _now_ns())
+                + unit_bytes
+            )
         except (KeyError, struct.error):
             raise ValueError(
                 f"phase({unit!r}, {event!r}, {clock_mhz!r}): event must be 'begin' or 'end' and "

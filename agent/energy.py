@@ -89,11 +89,15 @@ class EnergySampler:
         return self._latest.get(index, (0, time.monotonic()))
 
     def mark(self, index: int, mark_s: float) -> Future[float]:
-        """The GPU's energy (mJ) at monotonic time ``mark_s``: exact now for a cheap backend, else estimated
-        on the GPU's mark thread (see :meth:`estimate_at`)."""
+        """The GPU's energy (mJ) at monotonic time ``mark_s``: exact for a cheap backend (at ``mark_s`` when
+        it keeps a timeline, like the sim; else now), else estimated on the GPU's mark thread (see
+        :meth:`estimate_at`)."""
         if self.backend.energy_read_cheap:
             done: Future[float] = Future()
-            done.set_result(float(self.backend.read_energy_mj(index)))
+            energy_at_mj = getattr(self.backend, "energy_at_mj", None)  # the sim: exact at any recent time
+            done.set_result(
+                energy_at_mj(index, mark_s) if energy_at_mj else float(self.backend.read_energy_mj(index))
+            )
             return done
         return self._marks[index].submit(self.estimate_at, index, mark_s)
 

@@ -158,8 +158,8 @@ class NvmlBackend:
             self._handles[index],
         )
 
-    def on_phase(self, index: int, busy: bool) -> None:
-        """Real GPUs measure their own energy; phase events only carry clocks here."""
+    def on_phase(self, index: int, busy: bool, at_s: float | None = None) -> None:
+        """Real GPUs measure their own energy (sender timestamps play no part); events only carry clocks."""
 
     def describe(self) -> str:
         return "NVML (read-only)" if self.read_only else "NVML"

@@ -1,11 +1,11 @@
-"""The envpipe-agent wire protocol, version 2 (documented in docs/protocol.md).
+"""The envpipe-agent wire protocol, version 3 (documented in docs/protocol.md).
 
 Two sockets, two encodings:
 
 * control (client DEALER/REQ -> agent ROUTER): one JSON object per frame,
-  request ``{"v": 2, "id": 7, "op": "claim", "args": {...}}``,
-  reply ``{"v": 2, "id": 7, "ok": true, "result": {...}}`` or
-  ``{"v": 2, "id": 7, "ok": false, "error": {"code": "lease_held", "message": "..."}}``.
+  request ``{"v": 3, "id": 7, "op": "claim", "args": {...}}``,
+  reply ``{"v": 3, "id": 7, "ok": true, "result": {...}}`` or
+  ``{"v": 3, "id": 7, "ok": false, "error": {"code": "lease_held", "message": "..."}}``.
 * events (client PUSH -> agent PULL): a fixed little-endian struct plus the unit name, no JSON, because a
   training rank sends one per compute unit and must spend only microseconds on it.
 
@@ -16,21 +16,24 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from dataclasses import dataclass
 from typing import Any
 
-# 2: lease ids are 128-bit random numbers (16 bytes in event frames); 1 had 32-bit ids, guessable by a
-# flooder in the socket group within hours.
-PROTOCOL_VERSION = 2
+# 3: event frames carry the sender's CLOCK_MONOTONIC stamp (the sim agent integrates energy over the rank's
+# own timeline, not over when a loaded agent got round to an event). 2: lease ids are 128-bit random numbers
+# (16 bytes in event frames); 1 had 32-bit ids, guessable by a flooder in the socket group within hours.
+PROTOCOL_VERSION = 3
 
 # Control frames above this size are answered with ``too_large`` (zmq drops frames above MAX_FRAME_BYTES).
 MAX_CONTROL_BYTES = 64 * 1024
 MAX_FRAME_BYTES = 1024 * 1024
 
-# Event frame: magic, version, kind, lease token, target clock (0 = keep), then the unit name (ASCII).
+# Event frame: magic, version, kind, lease token, target clock (0 = keep), the sender's time.monotonic_ns()
+# (CLOCK_MONOTONIC, system-wide on Linux: comparable across processes of one node), then the unit name.
 EVENT_MAGIC = 0xE7
 LEASE_TOKEN_BYTES = 16  # the lease id, little-endian: 128 random bits, never guessed by a flood
-EVENT_STRUCT = struct.Struct(f"<BBB{LEASE_TOKEN_BYTES}sH")
+EVENT_STRUCT = struct.Struct(f"<BBB{LEASE_TOKEN_BYTES}sHQ")
 MAX_UNIT_BYTES = 32
 EVENT_BEGIN = 0
 EVENT_END = 1
@@ -44,6 +47,10 @@ EVENT_SEND_HWM = 100  # client PUSH
 EVENT_RECV_HWM = 100  # agent PULL
 EVENT_SOCKET_BUFFER_BYTES = 4096  # SO_SNDBUF / SO_RCVBUF of the event connection
 EVENT_KINDS = {"begin": EVENT_BEGIN, "end": EVENT_END}
+
+# A sender stamp in the future or older than this is not trusted (another node's clock over tcp, a bug):
+# the agent uses its receive time instead and counts the event (``events_stamp_fallback``).
+MAX_STAMP_AGE_NS = 5_000_000_000
 
 OPS = ("hello", "claim", "heartbeat", "release", "set_clock", "window_begin", "window_end", "status")
 
@@ -81,12 +88,14 @@ class Request:
 
 @dataclass(frozen=True, slots=True)
 class PhaseEvent:
-    """A decoded phase event: unit ``unit`` of lease ``lease_id`` began or ended; 0 MHz = no clock change."""
+    """A decoded phase event: unit ``unit`` of lease ``lease_id`` began or ended at the sender's monotonic
+    ``sent_ns``; 0 MHz = no clock change."""
 
     kind: int
     lease_id: int
     clock_mhz: int
     unit: str
+    sent_ns: int = 0
 
 
 def encode_request(request_id: int, op: str, args: dict[str, Any] | None = None) -> bytes:
@@ -158,10 +167,13 @@ def lease_token(lease_id: int) -> bytes:
     return lease_id.to_bytes(LEASE_TOKEN_BYTES, "little")
 
 
-def encode_event(kind: int, lease_id: int, clock_mhz: int, unit: bytes) -> bytes:
-    """Serialise a phase event; ``unit`` is the ASCII unit name, at most MAX_UNIT_BYTES."""
+def encode_event(kind: int, lease_id: int, clock_mhz: int, unit: bytes, sent_ns: int | None = None) -> bytes:
+    """Serialise a phase event; ``unit`` is the ASCII unit name, at most MAX_UNIT_BYTES; ``sent_ns`` the
+    sender's ``time.monotonic_ns()`` (now when None)."""
     token = lease_token(lease_id)
-    return EVENT_STRUCT.pack(EVENT_MAGIC, PROTOCOL_VERSION, kind, token, clock_mhz) + unit[:MAX_UNIT_BYTES]
+    stamp_ns = time.monotonic_ns() if sent_ns is None else sent_ns
+    header = EVENT_STRUCT.pack(EVENT_MAGIC, PROTOCOL_VERSION, kind, token, clock_mhz, stamp_ns)
+    return header + unit[:MAX_UNIT_BYTES]
 
 
 _EVENT_MIN_BYTES = EVENT_STRUCT.size
@@ -169,8 +181,8 @@ _EVENT_MAX_BYTES = EVENT_STRUCT.size + MAX_UNIT_BYTES
 _UNPACK_EVENT = EVENT_STRUCT.unpack_from
 
 
-def parse_event(frame: bytes) -> tuple[int, bytes, int]:
-    """The agent's hot path: validate an event frame and return ``(kind, lease_token, clock_mhz)``.
+def parse_event(frame: bytes) -> tuple[int, bytes, int, int]:
+    """The agent's hot path: validate an event frame and return ``(kind, lease_token, clock_mhz, sent_ns)``.
 
     The lease stays in its 16-byte form: the agent looks leases up by token, so no integer is built.
 
@@ -181,16 +193,24 @@ def parse_event(frame: bytes) -> tuple[int, bytes, int]:
     """
     if not _EVENT_MIN_BYTES <= len(frame) <= _EVENT_MAX_BYTES:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"event frame of {len(frame)} bytes")
-    magic, version, kind, token, clock_mhz = _UNPACK_EVENT(frame)
+    magic, version, kind, token, clock_mhz, sent_ns = _UNPACK_EVENT(frame)
     if magic != EVENT_MAGIC or kind > EVENT_END or not frame[_EVENT_MIN_BYTES:].isascii():
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"not an event frame (magic {magic:#x}, kind {kind})")
     if version != PROTOCOL_VERSION:
         raise ProtocolError(ErrorCode.VERSION_MISMATCH, f"event protocol {version}, agent {PROTOCOL_VERSION}")
-    return kind, token, clock_mhz
+    return kind, token, clock_mhz, sent_ns
+
+
+def stamp_or_now_ns(sent_ns: int, now_ns: int) -> int | None:
+    """``sent_ns`` when it is a plausible stamp of this node's monotonic clock (not in the future, at most
+    MAX_STAMP_AGE_NS old), else None: the caller then uses its own time ``now_ns`` and counts the event."""
+    if now_ns - MAX_STAMP_AGE_NS <= sent_ns <= now_ns:
+        return sent_ns
+    return None
 
 
 def decode_event(frame: bytes) -> PhaseEvent:
     """Parse a phase event, unit name included (tools and tests; the agent uses :func:`parse_event`)."""
-    kind, token, clock_mhz = parse_event(frame)
+    kind, token, clock_mhz, sent_ns = parse_event(frame)
     unit = frame[_EVENT_MIN_BYTES:].decode("ascii")
-    return PhaseEvent(kind, int.from_bytes(token, "little"), clock_mhz, unit)
+    return PhaseEvent(kind, int.from_bytes(token, "little"), clock_mhz, unit, sent_ns)

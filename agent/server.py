@@ -34,11 +34,12 @@ from envpipe_agent.protocol import (
     PROTOCOL_VERSION,
     ErrorCode,
     ProtocolError,
-    parse_event,
     decode_request,
     encode_error,
     encode_reply,
+    parse_event,
     request_id_of,
+    stamp_or_now_ns,
 )
 from envpipe_agent.runtime import prepare_dir, resolve_group, secure_socket
 from envpipe_agent.worker import RESET, GpuWorker
@@ -113,6 +114,9 @@ class Agent:
                 # libzmq drops a frame over MAXMSGSIZE by closing that connection, reported only as a plain
                 # disconnect (no reason); so oversize frames are counted here, among ordinary disconnects.
                 "peer_disconnects",
+                # events and window marks whose sender stamp was in the future or too old (another node's
+                # clock over tcp): timed at the agent's receive time instead
+                "events_stamp_fallback",
             ),
             0,
         )
@@ -216,7 +220,7 @@ class Agent:
                     if time.monotonic() - last_tick_s >= TICK_S:
                         last_tick_s = time.monotonic()
                         self.tick()
-                except Exception:  # noqa: BLE001 - a bug must not take the agent (and its resets) down
+                except Exception:
                     self.counters["loop_errors"] += 1
                     log.exception("event loop error (the agent keeps serving)")
         finally:
@@ -259,7 +263,7 @@ class Agent:
         """Apply one phase event: count it, drop it unless its lease holds a GPU, queue its clock."""
         self.counters["events_received"] += 1
         try:
-            kind, token, clock_mhz = parse_event(frame)
+            kind, token, clock_mhz, sent_ns = parse_event(frame)
         except ProtocolError:
             self.counters["events_malformed"] += 1
             return
@@ -271,7 +275,12 @@ class Agent:
         lease.events += 1
         index = lease.gpu_index
         self.stats[index].events += 1
-        self.backend.on_phase(index, kind == EVENT_BEGIN)
+        at_ns = stamp_or_now_ns(sent_ns, received_ns)
+        if at_ns is None:
+            self.counters["events_stamp_fallback"] += 1
+            at_ns = received_ns
+        # The rank's time, not ours: a loaded agent must not move busy periods (the sim integrates on it).
+        self.backend.on_phase(index, kind == EVENT_BEGIN, at_ns / 1e9)
         if not clock_mhz:
             return
         batch = self._batch_clocks
@@ -296,7 +305,7 @@ class Agent:
 
     def _reset_gpu(self, index: int) -> None:
         self.stats[index].target_mhz = None
-        self.backend.on_phase(index, False)  # a GPU nobody holds runs no unit (its last "end" may be lost)
+        self.backend.on_phase(index, False, time.monotonic())  # nobody holds it: no unit runs (lost "end")
         self.workers[index].mailbox.put(RESET, time.monotonic_ns())
 
     def _catch_up(self, lease: Lease, args: dict[str, Any]) -> None:
@@ -408,7 +417,7 @@ class Agent:
         except ProtocolError as exc:
             self.counters["control_errors"] += 1
             return encode_error(request.id, exc.code, str(exc))
-        except Exception as exc:  # noqa: BLE001 - a handler bug answers "internal" and the agent stays up
+        except Exception as exc:
             self.counters["control_errors"] += 1
             log.exception("handler %s failed", request.op)
             return encode_error(request.id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
@@ -491,6 +500,18 @@ class Agent:
         target = self._queue_clock(lease.gpu_index, clock_mhz, time.monotonic_ns())
         return {"target_mhz": target, "snapped": target != clock_mhz}
 
+    def _mark_s(self, args: dict[str, Any]) -> float:
+        """A window mark's time: the requester's ``sent_ns`` when plausible, else now (counted)."""
+        now_ns = time.monotonic_ns()
+        sent_ns = args.get("sent_ns")
+        if not isinstance(sent_ns, int) or isinstance(sent_ns, bool):
+            return now_ns / 1e9  # a client without the stamp (a tool): now, as before
+        at_ns = stamp_or_now_ns(sent_ns, now_ns)
+        if at_ns is None:
+            self.counters["events_stamp_fallback"] += 1
+            at_ns = now_ns
+        return at_ns / 1e9
+
     def op_window_begin(self, args: dict[str, Any]) -> dict[str, Any]:
         lease = self._lease(args)
         self._catch_up(lease, args)
@@ -499,8 +520,9 @@ class Agent:
                 ErrorCode.BAD_REQUEST, f"more than {MAX_WINDOWS_PER_LEASE} open windows; end some"
             )
         window_id, self._next_window_id = self._next_window_id, self._next_window_id + 1
-        # The mark is now, after the catch-up; its energy is estimated off the loop (the reply need not wait).
-        mark_s = time.monotonic()
+        # The mark is the requester's timestamp (checked like an event's), after the catch-up; its energy is
+        # estimated off the loop (the reply need not wait).
+        mark_s = self._mark_s(args)
         lease.windows[window_id] = (self.sampler.mark(lease.gpu_index, mark_s), mark_s)
         return {"window_id": window_id}
 
@@ -513,7 +535,7 @@ class Agent:
             raise ProtocolError(
                 ErrorCode.UNKNOWN_WINDOW, f"window {window_id} is not open on lease {lease.lease_id}"
             )
-        (begin_energy, begin_s), end_s = start, time.monotonic()
+        (begin_energy, begin_s), end_s = start, self._mark_s(args)
         end_energy = self.sampler.mark(lease.gpu_index, end_s)
         simulated = self.backend.simulated
 

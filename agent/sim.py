@@ -8,12 +8,15 @@ Power model (documented in docs/protocol.md, "Simulated backend"):
   linear in between, the rule the simulator (``envpipe.sim.costs``) uses too (source and caveats in
   ``envpipe_agent.dvfs.IDLE_CLOCK_DROP``).
 
-Energy is integrated exactly at every state change (busy/idle flip or clock change), so a window query
-returns the energy up to that instant.
+Energy is integrated exactly at every state change (busy/idle flip or clock change). A busy/idle flip
+happens at the rank's own timestamp (carried by the event frame), not when the agent processes the event,
+so a loaded agent does not stretch or shrink busy periods; a window query returns the energy up to the
+requester's timestamp.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 import threading
 import time
@@ -21,6 +24,11 @@ import uuid
 
 from envpipe_agent.backend import GpuDesc
 from envpipe_agent.dvfs import Card, DvfsModel, get_card, get_model
+
+
+def _at_s(point: list) -> float:
+    return point[0]
+
 
 _SIM_NAMESPACE = uuid.UUID("6d9c7a52-43f1-4a52-9a0e-1f0e5e2a7c11")
 
@@ -30,13 +38,25 @@ def sim_uuid(index: int) -> str:
     return f"GPU-{uuid.uuid5(_SIM_NAMESPACE, f'envpipe-sim-{index}')}"
 
 
+HISTORY_S = 10.0  # state changes kept per GPU: a window mark or a late event may reach this far back
+_BUSY, _CLOCK = 0, 1  # which field a state change sets
+
+
 class _SimGpu:
+    """A GPU's power timeline: state changes ``[at_s, field, value, busy, clock_mhz, energy_j]`` sorted by
+    time, each with the state from ``at_s`` on and the energy integrated up to ``at_s``.
+
+    Phase changes are placed at the rank's own timestamp and clock changes at the worker's apply time, so
+    a change may land before later ones: the energies after it are integrated again (only a few, since
+    events of one rank arrive in order).
+    """
+
     def __init__(self, card: Card) -> None:
-        self.clock_mhz = card.max_clock_mhz
+        self.clock_mhz = card.max_clock_mhz  # applied clock (what NVML would report)
         self.locked = False
-        self.busy = False
-        self.energy_j = 0.0
-        self.last_s = time.monotonic()
+        self.points: list[list] = [
+            [time.monotonic(), _CLOCK, card.max_clock_mhz, False, card.max_clock_mhz, 0.0]
+        ]
 
 
 class SimBackend:
@@ -66,29 +86,46 @@ class SimBackend:
         name = f"{self.card.name} (simulated)"
         return [GpuDesc(i, sim_uuid(i), name, self.card.clocks_mhz) for i in range(len(self._gpus))]
 
-    def _power_w(self, gpu: _SimGpu) -> float:
-        if not gpu.busy:
-            return self.card.idle_power_w * self.card.idle_power_ratio(gpu.clock_mhz)
-        return self.card.busy_power_w * self.model.power_ratio(gpu.clock_mhz / self.card.max_clock_mhz)
+    def _power_w(self, busy: bool, clock_mhz: int) -> float:
+        if not busy:
+            return self.card.idle_power_w * self.card.idle_power_ratio(clock_mhz)
+        return self.card.busy_power_w * self.model.power_ratio(clock_mhz / self.card.max_clock_mhz)
 
-    def _advance(self, gpu: _SimGpu) -> None:
-        now_s = time.monotonic()
-        gpu.energy_j += self._power_w(gpu) * (now_s - gpu.last_s)
-        gpu.last_s = now_s
+    def _energy_j(self, gpu: _SimGpu, at_s: float) -> float:
+        points = gpu.points
+        point = points[max(0, bisect.bisect_right(points, at_s, key=_at_s) - 1)]
+        return point[5] + self._power_w(point[3], point[4]) * max(0.0, at_s - point[0])
+
+    def _change(self, gpu: _SimGpu, at_s: float, field: int, value: int | bool) -> None:
+        """Record that ``field`` becomes ``value`` at ``at_s`` and integrate the energies after it again."""
+        points = gpu.points
+        at_s = max(at_s, points[0][0])  # older than the kept history: at its start
+        pos = bisect.bisect_right(points, at_s, key=_at_s)
+        last = points[pos - 1]
+        if pos == len(points) and last[3 + field] == value:
+            return  # power unchanged: nothing to record (a repeated begin, a clock already applied)
+        points.insert(pos, [at_s, field, value, last[3], last[4], 0.0])
+        for index in range(pos, len(points)):
+            before, point = points[index - 1], points[index]
+            point[3], point[4] = before[3], before[4]
+            point[3 + point[1]] = point[2]
+            point[5] = before[5] + self._power_w(before[3], before[4]) * (point[0] - before[0])
+        if len(points) > 64 and points[32][0] < points[-1][0] - HISTORY_S:
+            del points[:32]  # in chunks: one list shift per 32 changes
 
     def set_locked_clock(self, index: int, clock_mhz: int) -> None:
         if clock_mhz not in self.card.clocks_mhz:
             raise ValueError(f"{clock_mhz} MHz is not a supported clock of the simulated {self.card.name}")
         with self._lock:
             gpu = self._gpus[index]
-            self._advance(gpu)
+            self._change(gpu, time.monotonic(), _CLOCK, clock_mhz)
             gpu.clock_mhz, gpu.locked = clock_mhz, True
             self.calls.append(("set", index, clock_mhz))
 
     def reset_clocks(self, index: int) -> None:
         with self._lock:
             gpu = self._gpus[index]
-            self._advance(gpu)
+            self._change(gpu, time.monotonic(), _CLOCK, self.card.max_clock_mhz)
             gpu.clock_mhz, gpu.locked = self.card.max_clock_mhz, False
             self.calls.append(("reset", index, 0))
 
@@ -100,24 +137,25 @@ class SimBackend:
 
     def read_power_w(self, index: int) -> float:
         with self._lock:
-            return self._power_w(self._gpus[index])
+            last = self._gpus[index].points[-1]
+            return self._power_w(last[3], last[4])
 
     def read_energy_mj(self, index: int) -> int:
-        with self._lock:
-            gpu = self._gpus[index]
-            self._advance(gpu)
-            return int(gpu.energy_j * 1000.0)
+        return int(self.energy_at_mj(index, time.monotonic()))
 
-    def on_phase(self, index: int, busy: bool) -> None:
-        """A unit began (busy) or ended on GPU ``index``: switch the power level from now on."""
-        gpu = self._gpus[index]
-        if gpu.busy == busy:
-            return  # power unchanged: nothing to integrate yet
+    def energy_at_mj(self, index: int, at_s: float) -> float:
+        """Energy (mJ) at monotonic time ``at_s`` (a window mark at the requester's timestamp), exact within
+        the last HISTORY_S."""
         with self._lock:
-            self._advance(gpu)
-            # A flag, not a depth: units run one after another on a GPU, and a dropped event must not leave
-            # the GPU counted busy (or idle) for the rest of the run.
-            gpu.busy = busy
+            return self._energy_j(self._gpus[index], at_s) * 1000.0
+
+    def on_phase(self, index: int, busy: bool, at_s: float | None = None) -> None:
+        """A unit began (busy) or ended on GPU ``index`` at monotonic ``at_s`` (the rank's timestamp; now
+        when None): switch the power level from then on."""
+        # A flag, not a depth: units run one after another on a GPU, and a dropped event must not leave the
+        # GPU counted busy (or idle) for the rest of the run.
+        with self._lock:
+            self._change(self._gpus[index], time.monotonic() if at_s is None else at_s, _BUSY, busy)
 
     def close(self) -> None:
         """Nothing to release."""

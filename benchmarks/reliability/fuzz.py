@@ -126,7 +126,8 @@ class _Gen:
         magic = self.rng.choice([EVENT_MAGIC, 0, 0xFF])
         version = self.rng.choice([1, 0, 2, 255])
         kind = self.rng.choice([0, 1, 2, 255])
-        head = EVENT_STRUCT.pack(magic, version, kind, lease_token(self.forged_id()), self.rng.randrange(65536))
+        token, clock_mhz = lease_token(self.forged_id()), self.rng.randrange(65536)
+        head = EVENT_STRUCT.pack(magic, version, kind, token, clock_mhz, self.rng.randrange(1 << 64))  # any stamp
         return head + os.urandom(self.rng.choice([0, 5, 32, 33, 200]))
 
     def event_forged(self) -> bytes:

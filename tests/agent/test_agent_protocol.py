@@ -12,6 +12,7 @@ from envpipe_agent.protocol import (
     EVENT_MAGIC,
     EVENT_STRUCT,
     MAX_CONTROL_BYTES,
+    MAX_STAMP_AGE_NS,
     PROTOCOL_VERSION,
     ErrorCode,
     ProtocolError,
@@ -20,6 +21,7 @@ from envpipe_agent.protocol import (
     encode_event,
     encode_request,
     request_id_of,
+    stamp_or_now_ns,
 )
 
 
@@ -30,10 +32,11 @@ def test_request_round_trip() -> None:
 
 def test_event_round_trip_and_size() -> None:
     lease_id = (1 << 127) + 123456  # 128-bit lease ids travel whole
-    frame = encode_event(EVENT_BEGIN, lease_id, 1410, b"F3")
-    assert len(frame) == 23  # 21-byte header + unit: cheap enough for one event per unit
+    frame = encode_event(EVENT_BEGIN, lease_id, 1410, b"F3", sent_ns=123_456_789_012)
+    assert len(frame) == 31  # 29-byte header (sender's monotonic ns included) + unit: one event per unit
     event = decode_event(frame)
-    assert (event.kind, event.lease_id, event.clock_mhz, event.unit) == (EVENT_BEGIN, lease_id, 1410, "F3")
+    got = (event.kind, event.lease_id, event.clock_mhz, event.unit, event.sent_ns)
+    assert got == (EVENT_BEGIN, lease_id, 1410, "F3", 123_456_789_012)
     assert decode_event(encode_event(EVENT_END, 1, 0, b"")).unit == ""
 
 
@@ -47,10 +50,26 @@ def test_protocol_1_event_frame_is_refused() -> None:
     old = bytes([EVENT_MAGIC, 1, EVENT_BEGIN]) + (5).to_bytes(4, "little") + (900).to_bytes(2, "little")
     with pytest.raises(ProtocolError):
         decode_event(old + b"F0" * 6)
-    padded = EVENT_STRUCT.pack(EVENT_MAGIC, 1, EVENT_BEGIN, bytes(16), 900)
+    padded = EVENT_STRUCT.pack(EVENT_MAGIC, 1, EVENT_BEGIN, bytes(16), 900, 0)
     with pytest.raises(ProtocolError) as caught:
         decode_event(padded)
     assert caught.value.code == ErrorCode.VERSION_MISMATCH
+
+
+def test_protocol_2_event_frame_is_refused_with_a_version_mismatch() -> None:
+    # Protocol 2: the same header without the 8-byte stamp (21 bytes); padded by a unit name it has the
+    # length of a 3 frame, and must still be refused by its version byte, not misread.
+    old = bytes([EVENT_MAGIC, 2, EVENT_BEGIN]) + bytes(16) + (900).to_bytes(2, "little") + b"F0123456"
+    with pytest.raises(ProtocolError) as caught:
+        decode_event(old)
+    assert caught.value.code == ErrorCode.VERSION_MISMATCH
+
+
+def test_sender_stamps_in_the_future_or_too_old_are_not_trusted() -> None:
+    now_ns = 100 * MAX_STAMP_AGE_NS
+    assert stamp_or_now_ns(now_ns - 1_000, now_ns) == now_ns - 1_000
+    assert stamp_or_now_ns(now_ns + 1, now_ns) is None  # another node's clock, ahead
+    assert stamp_or_now_ns(now_ns - MAX_STAMP_AGE_NS - 1, now_ns) is None
 
 
 @pytest.mark.parametrize(
@@ -75,9 +94,9 @@ def test_bad_requests_name_their_error(frame: bytes, code: str) -> None:
 
 
 def test_version_mismatch_message_says_what_to_do() -> None:
-    expected = "agent speaks protocol 2, request says 1; install the same envpipe"
+    expected = "agent speaks protocol 3, request says 2; install the same envpipe"
     with pytest.raises(ProtocolError, match=expected):
-        decode_request(json.dumps({"v": 1, "id": 1, "op": "hello"}).encode())
+        decode_request(json.dumps({"v": 2, "id": 1, "op": "hello"}).encode())
 
 
 @pytest.mark.parametrize(
