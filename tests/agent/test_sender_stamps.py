@@ -6,11 +6,12 @@ from __future__ import annotations
 import time
 
 import pytest
+import zmq
 
 import envpipe_agent.client as client_module
 import envpipe_agent.sim as sim_module
 from envpipe_agent.client import AgentClient
-from envpipe_agent.protocol import EVENT_END, parse_event
+from envpipe_agent.protocol import EVENT_BEGIN, EVENT_END, MAX_STAMP_AGE_NS, encode_event, parse_event
 from envpipe_agent.sim import SimBackend
 
 STALL_S = 0.3  # one stall of the agent's event loop, as a loaded machine (or SIGSTOP) causes
@@ -85,3 +86,28 @@ def test_late_phase_events_are_placed_before_an_earlier_applied_clock(monkeypatc
     expected_j = top_idle_w + 2 * top_busy_w + low_busy_w + low_idle_w  # 100..101..103..104..105 s
     assert backend.read_energy_mj(0) == pytest.approx(expected_j * 1000, abs=1)
     assert backend.energy_at_mj(0, 102.0) == pytest.approx((top_idle_w + top_busy_w) * 1000, abs=1)
+
+
+def test_untrusted_stamps_fall_back_to_the_receive_time_and_are_counted(sim_agent) -> None:
+    # A stamp from another node's clock (tcp) may be in the future or far in the past: timed on receipt.
+    client = AgentClient(sim_agent.endpoint, job_id="stamps", rank=0)
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    try:
+        client.claim(client.hello().gpus[0].uuid)
+        push.setsockopt(zmq.LINGER, 1000)
+        push.connect(sim_agent.config.events_endpoint())
+        now_ns = time.monotonic_ns()
+        for sent_ns in (now_ns + 60 * 10**9, max(0, now_ns - MAX_STAMP_AGE_NS - 10**9), now_ns):
+            push.send(encode_event(EVENT_BEGIN, client.lease_id, 0, b"F0", sent_ns=sent_ns))
+        deadline_s = time.monotonic() + 3.0
+        while sim_agent.agent.stats[0].events < 3 and time.monotonic() < deadline_s:
+            time.sleep(0.005)
+        assert sim_agent.agent.stats[0].events == 3
+        assert sim_agent.agent.counters["events_stamp_fallback"] == 2
+        # A window request with an untrusted stamp is marked on receipt too.
+        begun = client.call("window_begin", {"lease_id": client.lease_id, "sent_ns": now_ns + 60 * 10**9})
+        assert client.window_end(begun["window_id"]).duration_s >= 0
+        assert sim_agent.agent.counters["events_stamp_fallback"] == 3
+    finally:
+        push.close(0)
+        client.close()
