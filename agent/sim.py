@@ -39,6 +39,11 @@ def sim_uuid(index: int) -> str:
 
 
 HISTORY_S = 10.0  # state changes kept per GPU: a window mark or a late event may reach this far back
+MAX_POINTS = 8192  # ... but never more changes than this (a flood of events within 10 s)
+# A late event goes at most this many changes back (further back it is placed there): an honest rank's events
+# arrive in order and only the worker's clock changes interleave, while a sender with stale stamps must not
+# make every event re-integrate the whole history.
+MAX_REORDER = 64
 _BUSY, _CLOCK = 0, 1  # which field a state change sets
 
 
@@ -99,7 +104,8 @@ class SimBackend:
     def _change(self, gpu: _SimGpu, at_s: float, field: int, value: int | bool) -> None:
         """Record that ``field`` becomes ``value`` at ``at_s`` and integrate the energies after it again."""
         points = gpu.points
-        at_s = max(at_s, points[0][0])  # older than the kept history: at its start
+        floor_s = points[max(0, len(points) - MAX_REORDER)][0]
+        at_s = max(at_s, floor_s)  # older than the reorder limit (or the kept history): placed there
         pos = bisect.bisect_right(points, at_s, key=_at_s)
         last = points[pos - 1]
         if pos == len(points) and last[3 + field] == value:
@@ -110,7 +116,7 @@ class SimBackend:
             point[3], point[4] = before[3], before[4]
             point[3 + point[1]] = point[2]
             point[5] = before[5] + self._power_w(before[3], before[4]) * (point[0] - before[0])
-        if len(points) > 64 and points[32][0] < points[-1][0] - HISTORY_S:
+        if len(points) > 64 and (points[32][0] < points[-1][0] - HISTORY_S or len(points) > MAX_POINTS):
             del points[:32]  # in chunks: one list shift per 32 changes
 
     def set_locked_clock(self, index: int, clock_mhz: int) -> None:
