@@ -442,13 +442,19 @@ class Agent:
             "max_mhz": allow.max_mhz,
         }
 
-    def op_hello(self, args: dict[str, Any]) -> dict[str, Any]:
+    def _identity(self) -> dict[str, Any]:
+        """Who answers: shared by ``hello`` and the status snapshot."""
         return {
             "version": __version__,
             "protocol": PROTOCOL_VERSION,
             "backend": self.backend.name,
             "simulated": self.backend.simulated,
             "read_only": self.backend.read_only,
+        }
+
+    def op_hello(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {
+            **self._identity(),
             "event_endpoint": self.config.events_endpoint(),
             "lease_timeout_s": self.config.lease_timeout_s,
             "gpus": [self.gpu_info(gpu) for gpu in self.gpus],
@@ -609,11 +615,7 @@ class Agent:
         """The snapshot behind ``envpipe status`` and the Prometheus endpoint."""
         describe = getattr(self.backend, "describe", None)
         return {
-            "version": __version__,
-            "protocol": PROTOCOL_VERSION,
-            "backend": self.backend.name,
-            "simulated": self.backend.simulated,
-            "read_only": self.backend.read_only,
+            **self._identity(),
             "model": describe() if describe else "",
             "uptime_s": round(time.monotonic() - self.started_s, 3),
             "lease_timeout_s": self.leases.timeout_s,
