@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from envpipe.errors import ConfigError
-from envpipe.ir import ActionKind, ClockPlan, Schedule
+from envpipe.ir import BACKWARD_KINDS, ActionKind, ClockPlan, Schedule
 from envpipe.sim.costs import CostModel
 
 CLOCK_TYPES = ("baseline", "uniform", "envelope")
@@ -20,13 +20,13 @@ def assign_clocks(schedule: Schedule, costs: CostModel, clock_type: str) -> Cloc
     if clock_type not in CLOCK_TYPES:
         raise ConfigError(f"unknown clock type {clock_type!r}; choose one of {', '.join(CLOCK_TYPES)}")
     top = costs.max_clock_mhz
-    plan: ClockPlan = {}
-    for stage in range(schedule.stages):
-        low = costs.f_low_mhz(stage) if clock_type != "baseline" else top
-        plan[stage] = {
-            unit.unit: top if clock_type == "envelope" and _on_envelope(schedule, stage, unit) else low
-            for unit in schedule.units(stage)
-        }
+    plan: ClockPlan = {stage: {} for stage in range(schedule.stages)}
+    for rank in range(schedule.ranks):
+        for unit in schedule.units(rank):
+            stage = unit.stage
+            low = costs.f_low_mhz(stage) if clock_type != "baseline" else top
+            on_envelope = clock_type == "envelope" and _on_envelope(schedule, stage, unit)
+            plan[stage][unit.unit] = top if on_envelope else low
     return plan
 
 
@@ -35,5 +35,5 @@ def _on_envelope(schedule: Schedule, stage: int, unit: object) -> bool:
     return (
         stage == schedule.stages - 1
         or (kind is ActionKind.F and mb == 0)
-        or (kind is ActionKind.B and mb == schedule.micro_batches - 1)
+        or (kind in BACKWARD_KINDS and mb == schedule.micro_batches - 1)
     )

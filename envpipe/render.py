@@ -1,48 +1,19 @@
-"""Human renderings: the step x stage grid (errors, logs), timelines as text, and a Gantt chart PNG.
+"""Human renderings of timelines: as text, and as a Gantt chart PNG (the schedule grid is envpipe.grid).
 
 matplotlib is imported only inside :func:`gantt_figure` (and :func:`gantt_png`, which saves it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from envpipe.sim.engine import SimResult
 
-_GRID_TAIL_ROWS = 24
-
-
-def format_grid(
-    columns: Sequence[Sequence[str]],
-    *,
-    error_row: int | None = None,
-    row_label: str = "step",
-    tail_rows: int = _GRID_TAIL_ROWS,
-) -> str:
-    """A grid with one column per stage and one row per step; ``error_row`` gets ``<-- ERROR HERE``.
-
-    Only the last ``tail_rows`` rows up to the error are shown (the interesting part of a deadlock).
-    """
-    rows = max((len(c) for c in columns), default=0)
-    end = rows if error_row is None else min(rows, error_row + 1)
-    start = max(0, end - tail_rows)
-    width = max([len(cell) for col in columns for cell in col] + [len(f"stage {len(columns)}")])
-    header = f"{row_label:>5} | " + " ".join(f"{'stage ' + str(s):<{width}}" for s in range(len(columns)))
-    lines = [header, "-" * len(header)]
-    if start:
-        lines.append(f"{'...':>5} | ({start} earlier rows)")
-    for row in range(start, end):
-        cells = " ".join(f"{col[row] if row < len(col) else '':<{width}}" for col in columns)
-        mark = "  <-- ERROR HERE" if row == error_row else ""
-        lines.append(f"{row:>5} | {cells}{mark}".rstrip())
-    return "\n".join(lines)
-
 
 def timeline_text(result: SimResult, *, resolution_ms: float | None = None, width: int = 100) -> str:
-    """One text line per stage: ``F``/``B`` for busy time (lower case below the top clock), ``.`` idle."""
+    """One text line per rank: ``F``/``B``/``I``/``W`` when busy (lower case below the top clock), ``.`` idle."""
     total = result.iteration_time_ms
     step = resolution_ms or max(total / width, 1e-9)
     cells = int(total / step + 0.999)
@@ -51,7 +22,7 @@ def timeline_text(result: SimResult, *, resolution_ms: float | None = None, widt
     for span in result.timeline:
         letter = span.unit[0] if span.clock_mhz >= top else span.unit[0].lower()
         for c in range(int(span.start_ms / step), min(cells, int(span.end_ms / step + 0.5))):
-            rows[span.stage][c] = letter
+            rows[getattr(span, "row", span.stage)][c] = letter
     return "\n".join(f"s{s}: " + "".join(row) for s, row in enumerate(rows))
 
 
@@ -97,7 +68,8 @@ def gantt_figure(result: SimResult, *, title: str | None = None) -> Any:
     fig, ax = plt.subplots(figsize=(width_in, 1.4 + 0.6 * stages))
     for span in result.timeline:
         _draw_span(ax, span, result.iteration_time_ms, cmap, norm, on_path=(span.stage, span.unit) in critical)
-    ax.set_yticks(range(stages), [f"stage {s}" for s in range(stages)])
+    row = "rank" if any(getattr(span, "rank", None) is not None for span in result.timeline) else "stage"
+    ax.set_yticks(range(stages), [f"{row} {s}" for s in range(stages)])
     ax.invert_yaxis()
     ax.set_xlim(0, result.iteration_time_ms * 1.01)
     ax.set_xlabel(f"time (ms, {kind})")
@@ -115,7 +87,7 @@ def gantt_figure(result: SimResult, *, title: str | None = None) -> Any:
 def _draw_span(ax: Any, span: Any, iteration_ms: float, cmap: Any, norm: Any, *, on_path: bool) -> None:
     """One unit as a bar coloured by its clock (backward hatched), labelled when wide enough."""
     ax.barh(
-        span.stage,
+        getattr(span, "row", span.stage),
         span.end_ms - span.start_ms,
         left=span.start_ms,
         height=0.8,
@@ -127,7 +99,7 @@ def _draw_span(ax: Any, span: Any, iteration_ms: float, cmap: Any, norm: Any, *,
     if span.end_ms - span.start_ms > iteration_ms / 60:
         ax.text(
             (span.start_ms + span.end_ms) / 2,
-            span.stage,
+            getattr(span, "row", span.stage),
             span.unit,
             ha="center",
             va="center",

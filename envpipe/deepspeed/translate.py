@@ -1,6 +1,7 @@
 """Schedule IR → DeepSpeed instructions for one stage, and the ``PipeSchedule`` that replays them.
 
-The IR's per-stage program (``schedule.programs[s]``: ``F3``, ``RA3``, ``iSA3``, ``wSA3``, ``B3``, …) is
+The IR's per-rank program (``schedule.programs[s]``: ``sF3``, ``sRA3``, ``siSA3``, ``swSA3``, ``sB3``, …; one
+stage per rank here, since DeepSpeed's PipelineEngine runs one) is
 already an exact execution order, so each action becomes one DeepSpeed step of one instruction (plus the
 micro-batch load before a forward on the first and last stage) — no step arithmetic is re-derived here.
 Buffers are indexed by micro-batch: ``ours`` runs up to ``S - s + r_s`` forwards before the matching
@@ -70,6 +71,7 @@ def translate(schedule: Any, stage: int) -> list[ds_schedule.PipeInstruction]:
     stages, micro_batches = schedule.stages, schedule.micro_batches
     if not 0 <= stage < stages:
         raise ScheduleError(f"stage {stage} outside 0..{stages - 1} of schedule {schedule.name!r}")
+    schedule.require_one_stage_per_rank("DeepSpeed's PipelineEngine")
     loads = stage in (0, stages - 1)
     pending_async: set[tuple[str, int]] = set()
     out: list[ds_schedule.PipeInstruction] = []
@@ -94,7 +96,7 @@ def translate(schedule: Any, stage: int) -> list[ds_schedule.PipeInstruction]:
             out.append(RecvActivationIR(mb))
         elif kind == "RG":
             out.append(RecvGradIR(mb))
-        elif kind == "W":
+        elif kind == "WAIT":
             waited = getattr(action.waits, "value", action.waits)
             if (waited, mb) not in pending_async:
                 raise ScheduleError(
@@ -102,6 +104,11 @@ def translate(schedule: Any, stage: int) -> list[ds_schedule.PipeInstruction]:
                 )
             pending_async.discard((waited, mb))
             out.append(WaitSendIR(mb, kind=waited))
+        elif kind in ("I", "W"):
+            raise ScheduleError(
+                f"{where}: DeepSpeed's PipelineEngine runs full backwards (B) only, not split I/W units; "
+                "run this schedule in the simulator"
+            )
         else:
             raise ScheduleError(f"{where}: unknown action kind {kind!r}")
     out += [

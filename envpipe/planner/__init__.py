@@ -66,6 +66,7 @@ class Reconfigurer:
                  max_rounds: int | None = None, baseline_ms: float | None = None) -> None:
         if policy not in POLICIES:
             raise ConfigError(f"unknown reconfiguration policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        schedule.require_one_stage_per_rank("the clock planner")
         if not 0 <= slowdown_bound < 1:
             raise ConfigError(f"slowdown_bound is a fraction in [0, 1), e.g. 0.01 for 1%; got {slowdown_bound}")
         if max_rounds is not None and max_rounds < 0:

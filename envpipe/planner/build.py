@@ -3,7 +3,7 @@
 Every action of every program is a node. Compute units take their unit's duration at the chosen clock;
 communication actions take no time themselves but complete only when their transfer has: a transfer node
 (``transfer_ms``) starts once both the send and the matching receive are posted (the end of the action
-before each), and a blocking send, a receive or a wait ``W`` ends no earlier than it. An async send returns
+before each), and a blocking send, a receive or a wait ``WAIT`` ends no earlier than it. An async send returns
 at once. With no clock-switch latency and constant idle power this is exactly ``envpipe.sim.simulate``.
 """
 
@@ -15,7 +15,7 @@ from functools import lru_cache
 
 from envpipe.ir import RECV_KINDS, SEND_KINDS, ClockPlan, Schedule
 from envpipe.planner.dag import ClockDag, ClockOption
-from envpipe.verify import channel_index
+from envpipe.rendezvous import channel_index
 
 UnitKey = tuple[int, str]  # (stage, "F3")
 
@@ -77,6 +77,7 @@ def build_dag(schedule: Schedule, costs, *, unit_scale: Mapping[UnitKey, float] 
     Returns:
         The DAG with its unit map.
     """
+    schedule.require_one_stage_per_rank("the clock planner")
     idle_clock = costs.max_clock_mhz if idle_clock_mhz is None else idle_clock_mhz
     idle_w = [costs.idle_power_w(s, idle_clock) for s in range(schedule.stages)]
     xfer_ms = costs.transfer_ms(0, 1)

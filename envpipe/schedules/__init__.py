@@ -1,4 +1,4 @@
-"""Schedule generators: ``get_schedule(name, stages, micro_batches, r=None)`` for ``1f1b`` and ``ours``."""
+"""Schedule generators: ``get_schedule(name, stages, micro_batches, r=None)`` (1f1b, ours, interleaved)."""
 
 from __future__ import annotations
 
@@ -7,42 +7,80 @@ from typing import Any
 
 from envpipe.errors import ConfigError
 from envpipe.ir import Schedule
-from envpipe.schedules import one_f_one_b, ours
+from envpipe.schedules import interleaved, one_f_one_b, ours
 from envpipe.schedules.ours import compute_r
 
 __all__ = ["SCHEDULES", "compute_r", "get_schedule"]
 
 
-def _one_f_one_b(stages: int, micro_batches: int, r: Sequence[int] | None, costs: Any) -> Schedule:
+def _no_r(name: str, r: Sequence[int] | None) -> None:
     if r is not None and any(r):
-        raise ConfigError(f"1f1b takes no r vector (got {list(r)}); use --scheduling ours for extra forwards")
+        raise ConfigError(
+            f"{name} takes no r vector (got {list(r)}); use --scheduling ours for extra forwards"
+        )
+
+
+def _one_stage_per_rank(name: str, virtual_stages: int | None) -> None:
+    if virtual_stages not in (None, 1):
+        raise ConfigError(
+            f"{name} holds one stage per rank (got virtual_stages={virtual_stages}); use interleaved"
+        )
+
+
+def _one_f_one_b(
+    stages: int, micro_batches: int, r: Sequence[int] | None, costs: Any, virtual_stages: int | None
+) -> Schedule:
+    _no_r("1f1b", r)
+    _one_stage_per_rank("1f1b", virtual_stages)
     return one_f_one_b.build(stages, micro_batches)
 
 
-def _ours(stages: int, micro_batches: int, r: Sequence[int] | None, costs: Any) -> Schedule:
+def _ours(
+    stages: int, micro_batches: int, r: Sequence[int] | None, costs: Any, virtual_stages: int | None
+) -> Schedule:
+    _one_stage_per_rank("ours", virtual_stages)
     if r is None:
         r = compute_r(stages, micro_batches, costs)
     return ours.build(stages, micro_batches, r)
 
 
-# Explicit registry (no auto-registration): name -> builder(stages, micro_batches, r, costs).
-SCHEDULES: dict[str, Callable[[int, int, Sequence[int] | None, Any], Schedule]] = {
+def _interleaved(
+    stages: int, micro_batches: int, r: Sequence[int] | None, costs: Any, virtual_stages: int | None
+) -> Schedule:
+    _no_r("interleaved", r)
+    return interleaved.build(stages, micro_batches, virtual_stages or DEFAULT_VIRTUAL_STAGES)
+
+
+DEFAULT_VIRTUAL_STAGES = 2
+
+# Explicit registry (no auto-registration): name -> builder(stages, micro_batches, r, costs, virtual_stages).
+SCHEDULES: dict[str, Callable[[int, int, Sequence[int] | None, Any, int | None], Schedule]] = {
     "1f1b": _one_f_one_b,
     "ours": _ours,
+    "interleaved": _interleaved,
 }
 
 
 def get_schedule(
-    name: str, stages: int, micro_batches: int, r: Sequence[int] | None = None, *, costs: Any = None
+    name: str,
+    stages: int,
+    micro_batches: int,
+    r: Sequence[int] | None = None,
+    *,
+    costs: Any = None,
+    virtual_stages: int | None = None,
 ) -> Schedule:
     """Build a schedule by name.
 
     Args:
-        name: ``1f1b`` (DeepSpeed TrainSchedule order) or ``ours`` (EnvPipe rescheduling).
+        name: ``1f1b`` (DeepSpeed TrainSchedule order), ``ours`` (EnvPipe rescheduling) or ``interleaved``
+            (Megatron-LM's interleaved 1F1B; simulator only: DeepSpeed runs one stage per rank).
         stages: number of pipeline stages S (>= 1).
         micro_batches: number of micro-batches M (>= 1).
         r: ``ours`` only: per-stage extra warm-up forwards; None computes it with :func:`compute_r`.
         costs: optional ``envpipe.sim.CostModel`` used by :func:`compute_r` when ``r`` is None.
+        virtual_stages: ``interleaved`` only: stages per rank v (default 2); the schedule has ``stages``
+            stages on ``stages / v`` ranks.
 
     Raises:
         ConfigError: unknown name or bad sizes.
@@ -56,4 +94,4 @@ def get_schedule(
         builder = SCHEDULES[name]
     except KeyError:
         raise ConfigError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}") from None
-    return builder(stages, micro_batches, r, costs)
+    return builder(stages, micro_batches, r, costs, virtual_stages)

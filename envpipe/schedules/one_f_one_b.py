@@ -42,17 +42,17 @@ def _program(stage: int, stages: int, micro_batches: int) -> tuple[Action, ...]:
         valid, prev_valid = 0 <= mb < micro_batches, 0 <= prev < micro_batches
         if forward:
             if has_prev and prev_valid:
-                prog.append(act(K.SG, prev))
+                prog.append(act(stage, K.SG, prev))
             if has_prev and valid:
-                prog.append(act(K.RA, mb))
+                prog.append(act(stage, K.RA, mb))
             if valid:
-                prog.append(act(K.F, mb))
+                prog.append(act(stage, K.F, mb))
         else:
             if has_next and valid:
-                prog.append(act(K.RG, mb))
+                prog.append(act(stage, K.RG, mb))
             if has_next and prev_valid:
-                prog.append(act(K.SA, prev))
+                prog.append(act(stage, K.SA, prev))
             if valid:
-                prog.append(act(K.B, mb))
+                prog.append(act(stage, K.B, mb))
         prev = mb
     return tuple(prog)

@@ -74,7 +74,7 @@ def build(stages: int, micro_batches: int, r: Sequence[int]) -> Schedule:
     r = check_r(stages, micro_batches, r)
     w = warmups(stages, micro_batches, r)
     programs = tuple(
-        stage_program(s == 0, s == stages - 1, micro_batches, w[s], w[s - 1] if s else 0)
+        stage_program(s, s == stages - 1, micro_batches, w[s], w[s - 1] if s else 0)
         for s in range(stages)
     )
     return Schedule("ours", stages, micro_batches, r, programs)
@@ -92,32 +92,33 @@ def unit_order(micro_batches: int, warmup: int) -> list[tuple[ActionKind, int]]:
 
 @functools.lru_cache(maxsize=4096)
 def stage_program(
-    first: bool, last: bool, micro_batches: int, warmup: int, warmup_prev: int
+    stage: int, last: bool, micro_batches: int, warmup: int, warmup_prev: int
 ) -> tuple[Action, ...]:
     """One stage's program; it depends only on these five values, so it is cached (sweeps reuse it)."""
+    first = stage == 0
     prog: list[Action] = []
     grad_waits_after_ra: dict[int, int] = {}  # activation index j -> gradient m whose wait follows RA_j
     end_waits: list[int] = []
     for kind, m in unit_order(micro_batches, warmup):
         if kind is K.F:
             if not first:
-                prog.append(act(K.RA, m))
+                prog.append(act(stage, K.RA, m))
                 if m in grad_waits_after_ra:
-                    prog.append(act(K.W, grad_waits_after_ra.pop(m), waits=K.SG))
-            prog.append(act(K.F, m))
+                    prog.append(act(stage, K.WAIT, grad_waits_after_ra.pop(m), waits=K.SG))
+            prog.append(act(stage, K.F, m))
             if not last:
-                prog.append(act(K.SA, m, True))
+                prog.append(act(stage, K.SA, m, True))
             continue
         if not last:
-            prog += [act(K.RG, m), act(K.W, m, waits=K.SA)]
-        prog.append(act(K.B, m))
+            prog += [act(stage, K.RG, m), act(stage, K.WAIT, m, waits=K.SA)]
+        prog.append(act(stage, K.B, m))
         if not first:
-            prog.append(act(K.SG, m, True))
+            prog.append(act(stage, K.SG, m, True))
             if m + warmup_prev < micro_batches:
                 grad_waits_after_ra[m + warmup_prev] = m
             else:
                 end_waits.append(m)
-    prog += [act(K.W, m, waits=K.SG) for m in end_waits]
+    prog += [act(stage, K.WAIT, m, waits=K.SG) for m in end_waits]
     return tuple(prog)
 
 

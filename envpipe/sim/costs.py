@@ -133,9 +133,13 @@ class CostModel:
         return clock_mhz / self.card.max_clock_mhz
 
     def unit_duration_ms(self, stage: int, kind: ActionKind | str, clock_mhz: float) -> float:
-        """Duration of a forward (``F``) or backward (``B``) unit of ``stage`` at ``clock_mhz``."""
-        forward = _is_forward(kind)
-        base = self.fwd_ms[stage] if forward else self.bwd_ms[stage]
+        """Duration of a ``F``, ``B``, ``I`` or ``W`` unit of ``stage`` at ``clock_mhz``.
+
+        ``I`` and ``W`` split the backward by :data:`BACKWARD_SHARE` and scale with the clock like it.
+        """
+        value = _unit_kind(kind)
+        forward = value == "F"
+        base = self.fwd_ms[stage] if forward else self.bwd_ms[stage] * BACKWARD_SHARE[value]
         if isinstance(self.curve, MeasuredProfile):
             self._ratio(clock_mhz)
             top = self.max_clock_mhz
@@ -146,7 +150,7 @@ class CostModel:
 
     def unit_power_w(self, stage: int, kind: ActionKind | str, clock_mhz: float) -> float:
         """Busy power of a unit at ``clock_mhz`` (forward and backward share the shape)."""
-        _is_forward(kind)
+        _unit_kind(kind)
         if isinstance(self.curve, MeasuredProfile):
             self._ratio(clock_mhz)
             return self.curve.active_power_w(stage, clock_mhz)
@@ -182,11 +186,17 @@ class CostModel:
         )
 
 
-def _is_forward(kind: ActionKind | str) -> bool:
+# Share of a full backward's time in its two halves. The zero-bubble paper (Qi et al., ICLR 2024, "Zero
+# Bubble Pipeline Parallelism", section 2) takes T_I = T_W for transformer layers; we use that without a
+# measurement of our own.
+BACKWARD_SHARE = {"B": 1.0, "I": 0.5, "W": 0.5}
+
+
+def _unit_kind(kind: ActionKind | str) -> str:
     value = kind.value if isinstance(kind, ActionKind) else str(kind)
-    if value not in ("F", "B"):
-        raise SimulationError(f"only F and B units have a duration, got {kind!r}")
-    return value == "F"
+    if value not in ("F", "B", "I", "W"):
+        raise SimulationError(f"only F, B, I and W units have a duration, got {kind!r}")
+    return value
 
 
 def _per_stage(

@@ -7,7 +7,11 @@ Because matching is FIFO and programs are deterministic, every action's time is 
 so stages can be advanced in any order (a Kahn-style dataflow evaluation).
 
 The critical path is read from the event times: from the action that ends last, step back to whatever
-set its start (the previous action on its stage, or the peer whose arrival started a transfer).
+set its start (the previous action on its rank, or the peer whose arrival started a transfer).
+
+A rank may hold several stages (interleaved schedules): units take their stage's cost, the clock and the
+energy belong to the rank's GPU, so the per-"stage" energy, busy and idle lists of :class:`SimResult` are per
+rank (the same thing when every rank holds one stage).
 """
 
 from __future__ import annotations
@@ -17,22 +21,32 @@ from typing import Any
 
 from envpipe.errors import SimulationError
 from envpipe.ir import RECV_KINDS, SEND_KINDS, ActionKind, ClockPlan, Schedule
+from envpipe.rendezvous import channel_index
 from envpipe.sim.costs import CostModel
 from envpipe.sim.energy import idle_energy_j, unit_cost
-from envpipe.verify import channel_index
 
 K = ActionKind
 
 
 @dataclass(frozen=True, slots=True)
 class UnitSpan:
-    """One unit on one stage: when it ran and at which clock (simulated or measured)."""
+    """One unit on one stage: when it ran and at which clock (simulated or measured).
+
+    ``rank`` is the GPU that ran it when it differs from ``stage`` (interleaved schedules); None means the
+    rank is the stage.
+    """
 
     stage: int
     unit: str
     start_ms: float
     end_ms: float
     clock_mhz: int
+    rank: int | None = None
+
+    @property
+    def row(self) -> int:
+        """The rank (GPU row of a chart) that ran the unit."""
+        return self.stage if self.rank is None else self.rank
 
 
 @dataclass(frozen=True)
@@ -42,13 +56,13 @@ class SimResult:
     Attributes:
         iteration_time_ms: makespan of the iteration (all stages, communication included).
         energy_j: total energy of all stages over the makespan.
-        stage_energy_j: per-stage energy (busy units + idle gaps).
-        stage_busy_ms: per-stage time spent in units.
+        stage_energy_j: per-rank energy (busy units + idle gaps); per stage with one stage per rank.
+        stage_busy_ms: per-rank time spent in units.
         timeline: every unit as a :class:`UnitSpan`, in start order per stage.
         critical_path: the units (stage, unit) that determine the makespan, in time order.
         model: the cost model's description.
         critical_chain: the critical path with the binding transfers (``(stage, "RA3")``) included.
-        stage_idle_ms: per-stage idle time over the makespan.
+        stage_idle_ms: per-rank idle time over the makespan.
     """
 
     iteration_time_ms: float
@@ -107,18 +121,21 @@ def simulate(schedule: Schedule, costs: CostModel, clocks: ClockPlan | None = No
         )
     clocks = clocks or {}
     programs = schedule.programs
-    state = _State(schedule.stages, programs)
+    state = _State(schedule.ranks, programs)
     spans: list[list[UnitSpan]] = [[] for _ in programs]
-    busy_energy = [0.0] * schedule.stages
+    busy_energy = [0.0] * schedule.ranks
     _run(schedule, costs, clocks, state, spans, busy_energy)
     makespan = max(state.now)
     stage_energy, idle = [], []
-    for stage in range(schedule.stages):
+    for rank in range(schedule.ranks):
         idle_ms, idle_j = idle_energy_j(
-            costs, stage, [(u.start_ms, u.end_ms, u.clock_mhz) for u in spans[stage]], makespan
+            costs,
+            schedule.rank_stages(rank)[0],  # the GPU's idle power: every stage of a rank shares the card
+            [(u.start_ms, u.end_ms, u.clock_mhz) for u in spans[rank]],
+            makespan,
         )
         idle.append(idle_ms)
-        stage_energy.append(busy_energy[stage] + idle_j)
+        stage_energy.append(busy_energy[rank] + idle_j)
     chain = _critical_chain(schedule, state)
     return SimResult(
         iteration_time_ms=makespan,
@@ -126,7 +143,7 @@ def simulate(schedule: Schedule, costs: CostModel, clocks: ClockPlan | None = No
         stage_energy_j=tuple(stage_energy),
         stage_busy_ms=tuple(sum(u.end_ms - u.start_ms for u in row) for row in spans),
         timeline=[u for row in spans for u in row],
-        critical_path=[(s, u) for s, u in chain if u[0] in "FB"],
+        critical_path=[(s, u) for s, u in chain if u[0] in "FIWB"],
         model=f"simulated: {costs.describe()}",
         critical_chain=chain,
         stage_idle_ms=tuple(idle),
@@ -142,40 +159,45 @@ def _run(
     busy_energy: list[float],
 ) -> None:
     programs, index = schedule.programs, channel_index(schedule.programs)
+    owner = schedule.stage_rank
+    one_per_rank = schedule.one_stage_per_rank
     top, xfer = costs.max_clock_mhz, costs.transfer_ms(0, 1)
     cache: dict[tuple[int, str, int, int], tuple[float, float]] = {}
-    current = [
-        clocks.get(s, {}).get(u.unit, top) if (u := next(iter(schedule.units(s)), None)) else top
-        for s in range(schedule.stages)
+    current = [  # the clock each rank's GPU holds: its first unit's
+        clocks.get(u.stage, {}).get(u.unit, top) if (u := next(iter(schedule.units(r)), None)) else top
+        for r in range(schedule.ranks)
     ]
-    work = list(range(schedule.stages))
+    work = list(range(schedule.ranks))
     while work:
-        stage = work.pop()
-        program, row, plan = programs[stage], index[stage], clocks.get(stage, {})
-        pc, now = state.pcs[stage], state.now[stage]
+        rank = work.pop()
+        program, row = programs[rank], index[rank]
+        pc, now = state.pcs[rank], state.now[rank]
         while pc < len(program):
             action = program[pc]
             kind = action.kind
             bind: tuple[int, int] | None = None
-            if kind is K.F or kind is K.B:
-                clock = plan.get(action.unit, top)
-                key = (stage, kind.value, clock, current[stage])
+            if action.is_compute:
+                stage = action.stage
+                clock = clocks.get(stage, {}).get(action.unit, top)
+                key = (stage, kind.value, clock, current[rank])
                 if key not in cache:
-                    cache[key] = unit_cost(costs, stage, kind.value, clock, current[stage])
+                    cache[key] = unit_cost(costs, stage, kind.value, clock, current[rank])
                 duration, energy = cache[key]
-                spans[stage].append(UnitSpan(stage, action.unit, now, now + duration, clock))
-                busy_energy[stage] += energy
-                current[stage] = clock
+                spans[rank].append(
+                    UnitSpan(stage, action.unit, now, now + duration, clock, None if one_per_rank else rank)
+                )
+                busy_energy[rank] += energy
+                current[rank] = clock
                 now += duration
             else:
                 ch, k = row[pc]
                 msg = (ch, k)
                 if kind in SEND_KINDS and msg not in state.posted:
-                    state.posted[msg] = (now, stage, pc)
-                    work.append(ch[1])
+                    state.posted[msg] = (now, rank, pc)
+                    work.append(owner[ch[1]])
                 elif kind in RECV_KINDS and msg not in state.recv_posted:
-                    state.recv_posted[msg] = (now, stage, pc)
-                    work.append(ch[0])
+                    state.recv_posted[msg] = (now, rank, pc)
+                    work.append(owner[ch[0]])
                 if kind in SEND_KINDS and action.asynchronous:
                     pass
                 elif msg not in state.posted or msg not in state.recv_posted:
@@ -186,13 +208,13 @@ def _run(
                     done = later[0] + xfer
                     if done > now:
                         now, bind = done, (later[1], later[2])
-            state.ends[stage][pc] = now
-            state.binds[stage][pc] = bind
+            state.ends[rank][pc] = now
+            state.binds[rank][pc] = bind
             pc += 1
-        state.pcs[stage], state.now[stage] = pc, now
-    stuck = [s for s in range(schedule.stages) if state.pcs[s] < len(programs[s])]
+        state.pcs[rank], state.now[rank] = pc, now
+    stuck = [r for r in range(schedule.ranks) if state.pcs[r] < len(programs[r])]
     if stuck:
-        where = ", ".join(f"stage {s} at {programs[s][state.pcs[s]]}" for s in stuck)
+        where = ", ".join(f"rank {r} at {programs[r][state.pcs[r]]}" for r in stuck)
         raise SimulationError(
             f"the schedule deadlocks under rendezvous sends ({where}); run envpipe.verify.verify "
             "on it for the grid"
@@ -200,19 +222,19 @@ def _run(
 
 
 def _critical_chain(schedule: Schedule, state: _State) -> list[tuple[int, str]]:
-    """Walk back from the last-ending action through whatever set each start."""
-    stage = max(range(schedule.stages), key=lambda s: state.now[s])
-    pc = len(schedule.programs[stage]) - 1
+    """Walk back from the last-ending action through whatever set each start: (stage, ``F3``/``RA3``)."""
+    rank = max(range(schedule.ranks), key=lambda r: state.now[r])
+    pc = len(schedule.programs[rank]) - 1
     chain: list[tuple[int, str]] = []
     while pc >= 0:
-        action = schedule.programs[stage][pc]
-        bind = state.binds[stage][pc]
+        action = schedule.programs[rank][pc]
+        bind = state.binds[rank][pc]
         if action.is_compute or bind is not None:
-            chain.append((stage, str(action)))
-        if bind is not None and bind != (stage, pc):
-            stage, pc = bind
-            peer = schedule.programs[stage][pc]
-            chain.append((stage, str(peer)))
+            chain.append((action.stage, action.label))
+        if bind is not None and bind != (rank, pc):
+            rank, pc = bind
+            peer = schedule.programs[rank][pc]
+            chain.append((peer.stage, peer.label))
         pc -= 1
     chain.reverse()
     return chain

@@ -42,7 +42,7 @@ def _deepspeed_program(stages: int, micro_batches: int, stage: int) -> list[Acti
             mb = counts[kind]
             counts[kind] += 1
             assert cmd.buffer_id == mb % ds.num_pipe_buffers(), (stage, cmd, mb)
-            program.append(Action(kind, mb))
+            program.append(Action(stage, kind, mb))
     return program
 
 

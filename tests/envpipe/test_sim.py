@@ -117,7 +117,7 @@ def test_clock_switch_runs_the_start_of_a_unit_at_the_old_clock() -> None:
 
 
 def test_idle_gaps_are_charged_at_the_held_clock() -> None:
-    schedule = schedule_from_text("s0: F0 SA0 RG0 B0\ns1: RA0 F0 B0 SG0")
+    schedule = schedule_from_text("r0: 0F0 0SA0 0RG0 0B0\nr1: 1RA0 1F0 1B0 1SG0")
     costs = _costs(2, p2p_latency_ms=0.0, clock_switch_ms=0.0)
     low = {0: {"F0": 345, "B0": 1980}, 1: {"F0": 1980, "B0": 1980}}
     result = simulate(schedule, costs, low)
@@ -145,7 +145,7 @@ def test_simulation_errors() -> None:
         simulate(get_schedule("1f1b", 4, 4), _costs(2))
     with pytest.raises(SimulationError, match="outside 345-1980 MHz"):
         simulate(get_schedule("1f1b", 2, 2), _costs(2), {0: {"F0": 2100}})
-    deadlocked = schedule_from_text("s0: F0 F1 SA0 SA1 RG0 B0 RG1 B1\ns1: RA0 F0 B0 SG0 RA1 F1 B1 SG1")
+    deadlocked = schedule_from_text("r0: 0F0 0F1 0SA0 0SA1 0RG0 0B0 0RG1 0B1\nr1: 1RA0 1F0 1B0 1SG0 1RA1 1F1 1B1 1SG1")
     with pytest.raises(SimulationError, match="deadlocks"):
         simulate(deadlocked, _costs(2))
 

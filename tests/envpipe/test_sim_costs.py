@@ -117,7 +117,7 @@ def test_cost_model_input_errors() -> None:
         CostModel.build(1, fwd_ms=0)
     with pytest.raises(ValueError, match="unknown GPU"):
         CostModel.build(1, gpu="tpu")
-    with pytest.raises(SimulationError, match="only F and B"):
+    with pytest.raises(SimulationError, match="only F, B, I and W"):
         CostModel.build(1).unit_duration_ms(0, "RA", 1980)
 
 

@@ -8,8 +8,8 @@ from collections import deque
 import pytest
 
 from envpipe.errors import ScheduleError
+from envpipe.grid import format_grid
 from envpipe.ir import Action, ActionKind, Schedule, schedule_from_text
-from envpipe.render import format_grid
 from envpipe.schedules import get_schedule
 from envpipe.schedules.one_f_one_b import step_unit
 from envpipe.verify import deadlocks, link_schedule, step_grid, verify
@@ -36,24 +36,24 @@ def artifact_ours(stages: int, micro_batches: int, r: tuple[int, ...], *, kisti:
             valid, prev_valid = 0 <= mb < micro_batches, 0 <= prev < micro_batches
             if forward:
                 if valid and stage > 0:
-                    program.append(Action(K.RA, mb))
+                    program.append(Action(stage, K.RA, mb))
                 if prev_valid and stage > 0:
-                    program.append(Action(K.SG, prev))
+                    program.append(Action(stage, K.SG, prev))
                 if valid:
-                    program.append(Action(K.F, mb))
+                    program.append(Action(stage, K.F, mb))
                     if stage < stages - 1:
                         queue.append(mb)
             else:
                 if queue and stage < stages - 1:
-                    program.append(Action(K.SA, queue[0], asynchronous=kisti))
+                    program.append(Action(stage, K.SA, queue[0], asynchronous=kisti))
                     never_waited.append(queue.popleft())
                 if valid and stage < stages - 1:
-                    program.append(Action(K.RG, mb))
+                    program.append(Action(stage, K.RG, mb))
                 if valid:
-                    program.append(Action(K.B, mb))
+                    program.append(Action(stage, K.B, mb))
             prev = mb
         if kisti:
-            program += [Action(K.W, mb, waits=K.SA) for mb in never_waited]
+            program += [Action(stage, K.WAIT, mb, waits=K.SA) for mb in never_waited]
         programs.append(tuple(program))
     return Schedule(
         "kisti-ours" if kisti else "artifact-ours", stages, micro_batches, tuple(r), tuple(programs)
@@ -133,7 +133,7 @@ def test_artifact_ours_order_deadlocks_with_blocking_sends() -> None:
         verify(schedule)
     message = str(caught.value)
     assert "deadlocks under rendezvous sends" in message
-    assert "<-- ERROR HERE" in message and "*SA4*" in message and "stage 3" in message
+    assert "<-- ERROR HERE" in message and "*0SA4*" in message and "rank 3" in message
     # With r = 0 it is DeepSpeed 0.7.4's receive-first 1F1B, which is deadlock-free.
     verify(artifact_ours(4, 8, (0, 0, 0, 0)))
     # Every r > 0 of the sweep's small corner deadlocks there; ours never does.
@@ -141,15 +141,15 @@ def test_artifact_ours_order_deadlocks_with_blocking_sends() -> None:
 
 
 def test_facing_blocking_sends_deadlock_with_grid() -> None:
-    schedule = schedule_from_text("s0: F0 SA0 RG0 B0\ns1: RA0 F0 B0 SG0")
+    schedule = schedule_from_text("r0: 0F0 0SA0 0RG0 0B0\nr1: 1RA0 1F0 1B0 1SG0")
     verify(schedule)
-    bad = schedule_from_text("s0: F0 F1 SA0 SA1 RG0 B0 RG1 B1\ns1: RA0 F0 B0 SG0 RA1 F1 B1 SG1")
-    with pytest.raises(ScheduleError, match="stage 0 blocked at SA1.*stage 1 blocked at SG0") as caught:
+    bad = schedule_from_text("r0: 0F0 0F1 0SA0 0SA1 0RG0 0B0 0RG1 0B1\nr1: 1RA0 1F0 1B0 1SG0 1RA1 1F1 1B1 1SG1")
+    with pytest.raises(ScheduleError, match="rank 0 blocked at 0SA1.*rank 1 blocked at 1SG0") as caught:
         verify(bad)
     assert "<-- ERROR HERE" in str(caught.value)
     # The same order with async sends waited late runs.
     fixed = schedule_from_text(
-        "s0: F0 iSA0 F1 iSA1 RG0 wSA0 B0 RG1 wSA1 B1\ns1: RA0 F0 B0 iSG0 RA1 F1 B1 iSG1 wSG0 wSG1"
+        "r0: 0F0 0iSA0 0F1 0iSA1 0RG0 0wSA0 0B0 0RG1 0wSA1 0B1\nr1: 1RA0 1F0 1B0 1iSG0 1RA1 1F1 1B1 1iSG1 1wSG0 1wSG1"
     )
     assert verify(fixed).max_outstanding_sends == (2, 2)
     with pytest.raises(ScheduleError, match="more than max_outstanding_sends=1"):
@@ -159,28 +159,28 @@ def test_facing_blocking_sends_deadlock_with_grid() -> None:
 @pytest.mark.parametrize(
     ("text", "why"),
     [
-        ("s0: F0 SA0 RG0 B0\ns1: F0 B0 SG0", "stage 1 has 0 RA0"),
-        ("s0: F0 SA0 RG0 B0\ns1: RA0 F0 B0 SG0 F0", "runs F0 2 times"),
-        ("s0: F0 SA0 RG0 B0\ns1: RA0 B0 F0 SG0", "runs B0 before F0"),
-        ("s0: SA0 F0 RG0 B0\ns1: RA0 F0 B0 SG0", "SA0 must come after F0"),
-        ("s0: F0 SA0 F1 SA1 RG0 B0 RG1 B1\ns1: RA1 F1 RA0 F0 B0 SG0 B1 SG1", "send #0 is SA0 but"),
-        ("s0: F0 iSA0 RG0 B0\ns1: RA0 F0 B0 SG0", "must be waited exactly once"),
-        ("s0: F0 iSA0 RG0 B0 wSA0\ns1: RA0 F0 B0 SG0", "before its async send is waited"),
-        ("s0: F0 SA0 RG0 wSA0 B0\ns1: RA0 F0 B0 SG0", "waits on no earlier async send"),
+        ("r0: 0F0 0SA0 0RG0 0B0\nr1: 1F0 1B0 1SG0", "stage 1 has 0 RA0"),
+        ("r0: 0F0 0SA0 0RG0 0B0\nr1: 1RA0 1F0 1B0 1SG0 1F0", "runs F0 2 times"),
+        ("r0: 0F0 0SA0 0RG0 0B0\nr1: 1RA0 1B0 1F0 1SG0", "runs B0 before F0"),
+        ("r0: 0SA0 0F0 0RG0 0B0\nr1: 1RA0 1F0 1B0 1SG0", "SA0 must come after F0"),
+        ("r0: 0F0 0SA0 0F1 0SA1 0RG0 0B0 0RG1 0B1\nr1: 1RA1 1F1 1RA0 1F0 1B0 1SG0 1B1 1SG1", "send #0 is SA0 but"),
+        ("r0: 0F0 0iSA0 0RG0 0B0\nr1: 1RA0 1F0 1B0 1SG0", "must be waited exactly once"),
+        ("r0: 0F0 0iSA0 0RG0 0B0 0wSA0\nr1: 1RA0 1F0 1B0 1SG0", "before its async send is waited"),
+        ("r0: 0F0 0SA0 0RG0 0wSA0 0B0\nr1: 1RA0 1F0 1B0 1SG0", "waits on no earlier async send"),
     ],
 )
 def test_static_errors_say_what_is_wrong(text: str, why: str) -> None:
     with pytest.raises(ScheduleError, match=why) as caught:
         verify(schedule_from_text(text))
-    assert "stage 0" in str(caught.value)  # the grid is attached
+    assert "rank 0" in str(caught.value)  # the grid is attached
 
 
 def test_step_grid_shows_a_runnable_schedule_step_by_step() -> None:
     grid = step_grid(get_schedule("1f1b", 2, 2))
     lines = grid.splitlines()
-    assert lines[0].split() == ["step", "|", "stage", "0", "stage", "1"]
-    assert lines[2].split() == ["0", "|", "F0", "."]
-    assert lines[-1].split() == ["9", "|", "B1"]
+    assert lines[0].split() == ["step", "|", "rank", "0", "rank", "1"]
+    assert lines[2].split() == ["0", "|", "0F0", "."]
+    assert lines[-1].split() == ["9", "|", "0B1"]
     compute = step_grid(get_schedule("ours", 3, 4), compute_only=True)
     assert "RA" not in compute and compute.count("F") == 12 and compute.count("B") == 12
     with pytest.raises(ScheduleError, match="<-- ERROR HERE"):
@@ -215,4 +215,4 @@ def test_published_orders_fail_where_their_authors_saw_it() -> None:
         verify(artifact_ours(3, 6, (0, 1, 0), kisti=True), buffered_sends=True)
     # Waiting for a gradient before sending the activation it needs deadlocks with any buffering.
     with pytest.raises(ScheduleError, match="deadlocks under buffered sends"):
-        verify(schedule_from_text("s0: F0 RG0 SA0 B0\ns1: RA0 F0 B0 SG0"), buffered_sends=True)
+        verify(schedule_from_text("r0: 0F0 0RG0 0SA0 0B0\nr1: 1RA0 1F0 1B0 1SG0"), buffered_sends=True)

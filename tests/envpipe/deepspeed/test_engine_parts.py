@@ -65,9 +65,9 @@ def test_translate_middle_stage_does_not_load_data():
 @pytest.mark.parametrize(
     ("text", "stage", "message"),
     [
-        ("s0: RA0 F0 B0\ns1: F0 B0", 0, "no previous stage"),
-        ("s0: F0 B0\ns1: F0 SA0 B0", 1, "no next stage"),
-        ("s0: F0 SA0 wSA0 B0\ns1: RA0 F0 B0", 0, "not sent asynchronously"),
+        ("r0: 0RA0 0F0 0B0\nr1: 1F0 1B0", 0, "no previous stage"),
+        ("r0: 0F0 0B0\nr1: 1F0 1SA0 1B0", 1, "no next stage"),
+        ("r0: 0F0 0SA0 0wSA0 0B0\nr1: 1RA0 1F0 1B0", 0, "not sent asynchronously"),
     ],
 )
 def test_translate_rejects_actions_the_stage_cannot_run(text, stage, message):
