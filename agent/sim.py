@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import socket
 import threading
 import time
 import uuid
@@ -34,8 +35,9 @@ _SIM_NAMESPACE = uuid.UUID("6d9c7a52-43f1-4a52-9a0e-1f0e5e2a7c11")
 
 
 def sim_uuid(index: int) -> str:
-    """Deterministic UUID of simulated GPU ``index`` (stable across agent restarts, like real UUIDs)."""
-    return f"GPU-{uuid.uuid5(_SIM_NAMESPACE, f'envpipe-sim-{index}')}"
+    """Deterministic UUID of simulated GPU ``index`` on this host (stable across agent restarts and unique
+    across nodes, like real UUIDs: a multi-node run can tell which node's agent a rank's GPU came from)."""
+    return f"GPU-{uuid.uuid5(_SIM_NAMESPACE, f'envpipe-sim-{socket.gethostname()}-{index}')}"
 
 
 HISTORY_S = 10.0  # state changes kept per GPU: a window mark or a late event may reach this far back

@@ -19,7 +19,8 @@ __all__ = ["connect_agent", "initialize", "setup_distributed"]
 def setup_distributed(timeout_s: float = 1800.0, backend: str | None = None) -> None:
     """Initialise torch.distributed for pipeline training, avoiding the known CPU traps.
 
-    Sets up gloo on CPU (nccl on GPU), skips DeepSpeed's shm-comm JIT build (25–55 s, unused by pipelines),
+    Reads the launcher's environment first (:mod:`envpipe.dist_env`: torchrun, the DeepSpeed launcher,
+    ``srun``), sets up gloo on CPU (nccl on GPU), skips DeepSpeed's shm-comm JIT build (25–55 s, unused by pipelines),
     requires ``LOCAL_RANK`` (DeepSpeed's PipelineModule reads it), and on CPU without ``OMP_NUM_THREADS``
     shares the cores among the node's ranks.
 
@@ -28,13 +29,16 @@ def setup_distributed(timeout_s: float = 1800.0, backend: str | None = None) -> 
         backend: force a backend ("gloo", "nccl").
 
     Raises:
-        ConfigError: ``LOCAL_RANK`` missing in a multi-rank job.
+        ConfigError: ``LOCAL_RANK`` missing in a multi-rank job, or a launcher's variables incomplete.
     """
     import datetime
 
     import deepspeed
     import torch
 
+    from envpipe import dist_env
+
+    dist_env.apply()  # srun sets only SLURM_* variables: fill in RANK, WORLD_SIZE, MASTER_ADDR, ...
     if "LOCAL_RANK" not in os.environ:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError(

@@ -1,0 +1,134 @@
+"""A DeepSpeed pipeline across two emulated nodes (benchmarks/multinode): launchers, agents, faults.
+
+Each node is its own network/mount/UTS/pid namespace with its own agent (sim backend) behind its own
+``/run/envpipe``; ranks find their node's agent through the default socket, as on real nodes. Runs as root
+where namespaces can be made (CI); skips with the reason elsewhere.
+"""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from benchmarks.multinode.launch import LAUNCHES, JobResult, run_job
+from benchmarks.multinode.nodes import Cluster, Node, unavailable_reason
+
+pytestmark = pytest.mark.slow
+
+GPUS_PER_NODE = 4  # the single-node reference of the 4-stage shape holds 4 ranks on node0
+STEPS = 4
+CLOCK_MHZ = 1410  # every unit's clock: below the sim H100's 1980, so a held lease shows as a lock
+SHAPES = {1: "2-stages-one-per-node", 2: "4-stages-two-per-node"}
+_ports = itertools.count(29400)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Cluster:
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with Cluster(2) as nodes:
+        for node in nodes.nodes:
+            node.start_agent(gpus=GPUS_PER_NODE)
+        yield nodes
+
+
+def _job(cluster: Cluster, how: str, nodes: list[Node], per_node: int, *args: str, **kwargs) -> JobResult:
+    return run_job(
+        cluster,
+        how,
+        nodes,
+        per_node,
+        ["--steps", str(STEPS), "--clock-mhz", str(CLOCK_MHZ), *args],
+        port=next(_ports),
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(cluster: Cluster) -> dict[int, list[float]]:
+    """Losses of the same pipeline shapes with every rank on node0 (torchrun, one node)."""
+    losses = {}
+    for per_node in SHAPES:
+        job = _job(cluster, "torchrun", cluster.nodes[:1], 2 * per_node)
+        assert job.codes == [0], job.failure()
+        losses[per_node] = job.losses()
+    return losses
+
+
+def _agent_uuids(node: Node) -> set[str]:
+    return {gpu["uuid"] for gpu in node.hello()["gpus"]}
+
+
+def _wait_released(nodes: list[Node], timeout_s: float = 15.0) -> list[dict]:
+    """Every GPU of every node without a lease holder and unlocked at its top clock (or the last state)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        gpus = [gpu for node in nodes for gpu in node.agent_status()["gpus"]]
+        if all(g["holder"] is None and not g["locked"] and g["clock_mhz"] == g["max_mhz"] for g in gpus):
+            return gpus
+        if time.monotonic() > deadline:
+            return gpus
+        time.sleep(0.2)
+
+
+def _unreleased(gpus: list[dict]) -> list[dict]:
+    return [g for g in gpus if g["holder"] is not None or g["locked"] or g["clock_mhz"] != g["max_mhz"]]
+
+
+@pytest.mark.parametrize("per_node", list(SHAPES), ids=list(SHAPES.values()))
+@pytest.mark.parametrize("how", list(LAUNCHES))
+def test_pipeline_across_two_nodes(cluster: Cluster, reference: dict, how: str, per_node: int) -> None:
+    job = _job(cluster, how, cluster.nodes, per_node)
+    assert job.codes == [0] * len(job.codes), job.failure()
+    stages = 2 * per_node
+    assert sorted(job.ranks) == list(range(stages)), job.failure()
+    for rank, result in job.ranks.items():
+        node = cluster.nodes[rank // per_node]
+        assert (result["hostname"], result["stage"], result["launcher"]) == (node.name, rank, how)
+        # The GPU this stage leased came from the agent of the node it ran on, and no other node has it.
+        assert result["gpu_uuid"] in _agent_uuids(node)
+        assert all(
+            result["gpu_uuid"] not in _agent_uuids(other) for other in cluster.nodes if other is not node
+        )
+        assert all(e is not None and e["simulated"] and e["energy_j"] > 0 for e in result["energy"]), result
+    assert len({r["gpu_uuid"] for r in job.ranks.values()}) == stages
+    assert job.losses() == pytest.approx(reference[per_node], rel=1e-6, abs=1e-6)
+    assert _unreleased(_wait_released(cluster.nodes)) == []
+
+
+def test_agent_of_one_node_stops_mid_run(cluster: Cluster, reference: dict) -> None:
+    node1 = cluster.nodes[1]
+
+    def stop_node1_agent(out: Path) -> None:
+        deadline = time.monotonic() + 180
+        while not all((out / f"paused-rank{r}").exists() for r in (0, 1)):
+            assert time.monotonic() < deadline, "the ranks never reached the pause"
+            time.sleep(0.05)
+        assert node1.stop_agent(signal.SIGTERM) == 0
+        (out / "resume").touch()
+
+    try:
+        job = _job(cluster, "torchrun", cluster.nodes, 1, "--pause-at", "2", on_start=stop_node1_agent)
+    finally:
+        node1.start_agent(gpus=GPUS_PER_NODE)
+    assert job.codes == [0, 0], job.failure()  # training went on
+    node0_energy, node1_energy = job.ranks[0]["energy"], job.ranks[1]["energy"]
+    assert all(e is not None and e["energy_j"] > 0 for e in node0_energy)  # node0 still measured
+    assert all(e is not None for e in node1_energy[:2]) and node1_energy[2:] == [None] * (STEPS - 2)
+    assert job.losses() == pytest.approx(reference[1], rel=1e-6, abs=1e-6)
+    assert _unreleased(_wait_released(cluster.nodes)) == []
+
+
+def test_killed_rank_stops_the_job_and_every_lease_is_released(cluster: Cluster) -> None:
+    job = _job(cluster, "deepspeed", cluster.nodes, 2, "--kill-rank", "3", "--kill-at", "1")
+    assert job.codes[0] != 0 and job.codes[1] != 0, job.failure()
+    # node1's launcher names the root cause (a rank killed by signal 9) ...
+    assert "exits with return code = -9" in job.logs["node1-1"], job.failure()
+    # ... and node0's stages fail on the lost neighbour (stage 2, on node1) instead of hanging.
+    assert job.errors.get(1, "").startswith("PeerLostError: stage 1 lost stage 2 (rank 2)"), job.failure()
+    assert _unreleased(_wait_released(cluster.nodes)) == []
