@@ -25,6 +25,8 @@ from envpipe.errors import ScheduleError
 from envpipe.grid import format_grid
 from envpipe.ir import MATCHING, Action, ActionKind, Schedule
 from envpipe.rendezvous import deadlocks, lockstep, run, talks_to
+from envpipe.streams import check as check_streams
+from envpipe.transports import DEFAULT_TRANSPORT
 
 __all__ = ["VerifyReport", "deadlocks", "link_schedule", "step_grid", "verify"]
 
@@ -46,7 +48,11 @@ class VerifyReport:
 
 
 def verify(
-    schedule: Schedule, max_outstanding_sends: int | None = None, *, buffered_sends: bool = False
+    schedule: Schedule,
+    max_outstanding_sends: int | None = None,
+    *,
+    buffered_sends: bool = False,
+    transport: str | None = DEFAULT_TRANSPORT,
 ) -> VerifyReport:
     """Check a schedule; raise :class:`ScheduleError` (with the step x rank grid) on the first problem.
 
@@ -55,6 +61,8 @@ def verify(
         max_outstanding_sends: if given, the most async sends a rank may have posted and not yet waited.
         buffered_sends: model unlimited transport buffering (every send completes at once) instead of
             rendezvous. Only for diagnosis: a schedule must pass with the default to be safe everywhere.
+        transport: also check the schedule on this p2p transport's GPU streams (``envpipe.streams``:
+            NCCL's issue order per stream, rendezvous sends); None skips that check.
 
     Returns:
         The per-rank buffer needs of the schedule.
@@ -70,6 +78,8 @@ def verify(
     report = _buffer_report(schedule, max_outstanding_sends)
     if run(schedule.programs, buffered_sends) is not None:
         raise ScheduleError(_deadlock_message(schedule, buffered_sends))
+    if transport is not None and not buffered_sends:
+        check_streams(schedule, transport)
     return report
 
 

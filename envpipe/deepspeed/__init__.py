@@ -121,6 +121,7 @@ def initialize(
     Raises:
         ConfigError: mismatched schedule/config, or a clock plan naming units the stage does not run.
     """
+    from deepspeed import set_optimizer_flags
     from deepspeed.runtime.config import DeepSpeedConfig
 
     from envpipe.deepspeed.engine import EnvpipeEngine
@@ -134,13 +135,15 @@ def initialize(
         )
     ds_config.setdefault("gradient_accumulation_steps", schedule.micro_batches)
     mpu = model.mpu()
+    config_class = DeepSpeedConfig(ds_config, mpu)
+    set_optimizer_flags(config_class, model)  # as deepspeed.initialize: Muon needs its parameter flags
     engine = EnvpipeEngine(
         args=None,
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
         mpu=mpu,
         config=ds_config,
-        config_class=DeepSpeedConfig(ds_config, mpu),
+        config_class=config_class,
         envpipe_schedule=schedule,
     )
     rank = int(os.environ.get("LOCAL_RANK", "0")) if local_rank is None else local_rank

@@ -9,7 +9,10 @@ lacks for EnvPipe:
 * per-buffer state: each micro-batch has its own loss and received-gradient slot, because ``ours`` runs
   several forwards before the matching backward (the stock engine keeps one ``self.loss``/``grad_layer``);
 * async sends that are waited on before their buffer is dropped (``iSA3`` … ``wSA3``), deadlock-free under
-  rendezvous semantics without NCCL_BUFFSIZE;
+  rendezvous semantics without NCCL_BUFFSIZE, on the NCCL-safe ``link`` transport (``envpipe.transports``);
+* what stock users rely on: ``set_train_batch_size`` (the schedule is rebuilt for the new micro-batch count),
+  ``dynamic_shape`` / ``reset_activation_shape``, activations and gradients partitioned across the model
+  parallel group (``pipe_partitioned`` / ``grad_partitioned``), any number of tensors crossing a stage;
 * the planner's clock per unit, announced to the agent when the device reaches the unit;
 * per-unit spans for reconfiguration, and optional emulated DVFS.
 """
@@ -24,12 +27,14 @@ from typing import Any, ClassVar
 
 import torch
 from deepspeed.runtime.pipe.engine import PipelineEngine
+from deepspeed.runtime.utils import PartitionedTensor
 
 from envpipe.deepspeed import translate as tr
 from envpipe.deepspeed.events import make_notifier
-from envpipe.deepspeed.p2p import Link, PeerLostError, as_list
+from envpipe.deepspeed.p2p import Link, PeerLostError, Streams, as_list
 from envpipe.deepspeed.timing import gather, gather_many, make_timer
-from envpipe.errors import ConfigError
+from envpipe.errors import ConfigError, EnvpipeError
+from envpipe.transports import DEFAULT_TRANSPORT
 
 log = logging.getLogger("envpipe.deepspeed")
 
@@ -55,17 +60,30 @@ def _peer_errors(stage_id: int, where: str) -> Iterator[None]:
         ) from exc
 
 
+def _rebuilt(schedule: Any, micro_batches: int) -> Any:
+    """``schedule``'s generator run again (same stages and r) for ``micro_batches``, verified."""
+    from envpipe.schedules import SCHEDULES, get_schedule
+    from envpipe.verify import verify
+
+    if schedule.name not in SCHEDULES:
+        raise ConfigError(f"it was not built by a generator ({', '.join(SCHEDULES)})")
+    rebuilt = get_schedule(schedule.name, schedule.stages, micro_batches, schedule.r)
+    verify(rebuilt)
+    return rebuilt
+
+
 class EnvpipeEngine(PipelineEngine):
     """Pipeline engine running an EnvPipe ``Schedule`` (1f1b or ours) with a clock per unit.
 
     Build it with :func:`envpipe.deepspeed.initialize`, not directly.
     """
 
-    def __init__(self, *args: Any, envpipe_schedule: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, envpipe_schedule: Any, p2p_transport: str = DEFAULT_TRANSPORT, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.pipe_buffers["losses"] = [None] * self.num_pipe_buffers
         self.pipe_buffers["grads"] = [None] * self.num_pipe_buffers
-        self._link = Link(self.stage_id, self.grid.stage_to_global, self.device)
+        self._link = None
+        self.set_transport(p2p_transport)
         self._handlers = {cls: MethodType(fn, self) for cls, fn in self._INSTRUCTION_MAP.items()}
         self._timer = make_timer(self.device.type == "cuda")
         self._notifier = make_notifier(None, False)
@@ -84,6 +102,51 @@ class EnvpipeEngine(PipelineEngine):
         self.max_clock_mhz = max_clock_mhz
         self._stretcher = stretcher
         self.set_clocks(self._clocks)
+
+    def set_transport(self, name: str, *, emulate_timeout_s: float | None = None) -> None:
+        """Carry p2p transfers on transport ``name`` (``envpipe.transports``); collective over every rank.
+
+        Args:
+            name: ``link`` (NCCL-safe, default) or ``pair`` (one stream per neighbour, both directions).
+            emulate_timeout_s: CPU tests only: run each stream as NCCL would (issue order, rendezvous
+                sends, ``envpipe.deepspeed.nccl_emulation``); a transfer stuck this long raises ``P2PStalled``.
+        """
+        streams = Streams(name, self.grid.pipe_groups, self.global_rank, emulate_timeout_s=emulate_timeout_s)
+        self._link = Link(self.stage_id, self.grid.stage_to_global, self.device, streams)
+
+    def set_train_batch_size(self, train_batch_size: int) -> None:
+        """DeepSpeed's ``set_train_batch_size``, with the schedule rebuilt (and verified) for the new
+        micro-batch count; a schedule that cannot be rebuilt is refused and the batch size left unchanged.
+
+        Raises:
+            ConfigError: the schedule cannot run with the new number of micro-batches.
+        """
+        old_batch_size, old = self.train_batch_size(), self.schedule
+        super().set_train_batch_size(train_batch_size)
+        if self.micro_batches == old.micro_batches:
+            return
+        micro_batches = self.micro_batches
+        try:
+            schedule = _rebuilt(old, micro_batches)
+        except EnvpipeError as exc:
+            super().set_train_batch_size(old_batch_size)
+            raise ConfigError(
+                f"set_train_batch_size({train_batch_size}) needs {micro_batches} micro-batches but "
+                f"schedule {old.name!r} cannot be rebuilt for them: {exc}; call set_schedule() with one "
+                "for that many micro-batches first"
+            ) from exc
+        if self._clocks:
+            log.warning(
+                "set_train_batch_size: the clock plan was made for %d micro-batches; every unit runs at the "
+                "top clock until set_clocks() gets a plan for %d", old.micro_batches, self.micro_batches
+            )
+        self._clocks = None
+        self.set_schedule(schedule)
+
+    def reset_activation_shape(self) -> None:
+        """DeepSpeed's ``reset_activation_shape``: the next activation sends and expects a new shape header."""
+        super().reset_activation_shape()
+        self._link.reset_shapes()
 
     def set_schedule(self, schedule: Any) -> None:
         """Run ``schedule`` from the next iteration on (same stage and micro-batch counts).
@@ -127,6 +190,7 @@ class EnvpipeEngine(PipelineEngine):
     def train_batch(self, data_iter: Any = None) -> Any:
         """Run one iteration of the schedule; returns the mean loss over micro-batches (same on all stages)."""
         self._timeline = None
+        self._link.dynamic_shape = bool(self.dynamic_shape)
         self._timer.start_iteration()
         with _peer_errors(self.stage_id, "train_batch"):
             return super().train_batch(data_iter)
@@ -224,21 +288,42 @@ class EnvpipeEngine(PipelineEngine):
 
     def _exec_send_grad(self, buffer_id: int, asynchronous: bool) -> None:
         inputs = self.pipe_buffers["inputs"][buffer_id]
-        grads = [t.grad for t in as_list(inputs) if t.is_floating_point()]
+        if self.is_grad_partitioned:  # as DeepSpeed: the first gradient split over the model-parallel group
+            first, *tail = as_list(inputs)
+            part = PartitionedTensor(tensor=first.grad, group=self.grid.get_slice_parallel_group())
+            grads = [part.to_meta(), part.data(), *(t.grad for t in tail if t.is_floating_point())]
+        else:
+            grads = [t.grad for t in as_list(inputs) if t.is_floating_point()]
         if any(g is None for g in grads):
             raise RuntimeError(
                 f"stage {self.stage_id}: no input gradient for micro-batch {buffer_id}; "
                 "was its backward run before SG?"
             )
-        payload = grads[0] if torch.is_tensor(inputs) else tuple(grads)
+        payload = grads[0] if len(grads) == 1 and torch.is_tensor(inputs) else tuple(grads)
         self._link.send(("SG", buffer_id), payload, self.prev_stage, asynchronous=asynchronous)
         self.pipe_buffers["inputs"][buffer_id] = None  # an async send keeps its own reference until waited
 
     def _exec_recv_grad(self, buffer_id: int) -> None:
         outputs = self.pipe_buffers["outputs"][buffer_id]
-        grads = [torch.empty_like(t) for t in as_list(outputs) if t.is_floating_point()]
+        if self.is_grad_partitioned:  # meta + local part of the first gradient, then the other gradients
+            expected = [outputs[0], outputs[1], *(t for t in outputs[2:] if t.is_floating_point())]
+        else:
+            if self.is_pipe_partitioned:  # a full gradient for a partitioned output: rebuild the output first
+                outputs = self._full_partitioned_output(buffer_id)
+            expected = [t for t in as_list(outputs) if t.is_floating_point()]
+        grads = [torch.empty_like(t) for t in expected]
         self._link.recv_into(grads, self.next_stage, ("RG", buffer_id))
         self.pipe_buffers["grads"][buffer_id] = grads[0] if torch.is_tensor(outputs) else grads
+
+    def _full_partitioned_output(self, buffer_id: int) -> Any:
+        outputs = self.pipe_buffers["outputs"][buffer_id]
+        full = PartitionedTensor.from_meta(
+            meta=outputs[0].to("cpu"), local_part=outputs[1], group=self.grid.get_slice_parallel_group()
+        ).full()
+        outputs[0].data = full
+        outputs = (outputs[0], *outputs[2:])
+        self.pipe_buffers["outputs"][buffer_id] = outputs
+        return outputs
 
     def _exec_wait_send(self, buffer_id: int, kind: str) -> None:
         self._link.wait((kind, buffer_id), self.next_stage if kind == "SA" else self.prev_stage)

@@ -147,3 +147,36 @@ class IRPipeSchedule(ds_schedule.PipeSchedule):
     def num_pipe_buffers(self) -> int:
         """One slot per micro-batch: slots are freed after use, so only live ones hold memory."""
         return self.micro_batches
+
+
+_FROM_DEEPSPEED = {
+    ds_schedule.ForwardPass: "F",
+    ds_schedule.BackwardPass: "B",
+    ds_schedule.SendActivation: "SA",
+    ds_schedule.RecvActivation: "RA",
+    ds_schedule.SendGrad: "SG",
+    ds_schedule.RecvGrad: "RG",
+}
+
+
+def from_pipe_schedule(schedule_cls: Any, stages: int, micro_batches: int, name: str = "deepspeed") -> Any:
+    """A DeepSpeed ``PipeSchedule`` class (e.g. stock ``TrainSchedule``) as an IR schedule, for the verifiers.
+
+    DeepSpeed's instructions name buffer slots, not micro-batches; each kind runs its micro-batches in
+    order (true of ``TrainSchedule``), so the k-th instruction of a kind is micro-batch k. Sends and
+    receives are blocking, as DeepSpeed's ``p2p.send``/``p2p.recv``.
+    """
+    from envpipe.ir import Action, ActionKind, Schedule
+
+    programs = []
+    for stage in range(stages):
+        counts: dict[str, int] = {}
+        program = []
+        for step in schedule_cls(micro_batches=micro_batches, stages=stages, stage_id=stage).steps():
+            for cmd in step:
+                kind = _FROM_DEEPSPEED.get(type(cmd))
+                if kind is not None:
+                    program.append(Action(ActionKind(kind), counts.get(kind, 0)))
+                    counts[kind] = counts.get(kind, 0) + 1
+        programs.append(tuple(program))
+    return Schedule(name, stages, micro_batches, (0,) * stages, tuple(programs))

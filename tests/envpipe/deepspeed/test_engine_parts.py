@@ -344,3 +344,20 @@ def test_initialize_refuses_a_schedule_that_does_not_match_the_config():
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 8}
     with pytest.raises(ConfigError, match="gradient_accumulation_steps=8 but the schedule has 4"):
         initialize(object(), config, get_schedule("1f1b", 2, 4))
+
+
+def test_stock_train_schedule_passes_the_stream_model_and_equals_our_1f1b() -> None:
+    """DeepSpeed's own TrainSchedule (blocking p2p on one stream per neighbour) cannot hang on NCCL, and our
+    ``1f1b`` is exactly its per-stage order."""
+    from deepspeed.runtime.pipe.schedule import TrainSchedule
+
+    from envpipe.deepspeed.translate import from_pipe_schedule
+    from envpipe.schedules import get_schedule
+    from envpipe.streams import check
+
+    for stages in range(2, 6):
+        for micro_batches in (stages, 2 * stages + 1):
+            stock = from_pipe_schedule(TrainSchedule, stages, micro_batches)
+            for transport in ("pair", "link"):
+                check(stock, transport)
+            assert stock.programs == get_schedule("1f1b", stages, micro_batches).programs

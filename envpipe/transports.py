@@ -1,0 +1,66 @@
+"""Pipeline p2p transports: which GPU stream carries each direction of each link (the one registry).
+
+PyTorch's ProcessGroupNCCL runs every unbatched ``isend``/``irecv`` between two ranks of one process group
+on one NCCL communicator and one stream, both directions together, in issue order; NCCL's send and
+receive are blocking for the GPU and a send larger than NCCL's staging buffer needs its receive to
+finish. So what a transport decides is the *stream* of each directed transfer:
+
+* ``link`` (default): one two-rank process group per direction of each link, hence one stream per
+  direction. A direction's stream holds only sends on one side and only receives on the other, in the
+  same (FIFO-checked) order, so a send waits only for its own receive: exactly the rendezvous model the
+  schedule verifier proves deadlock-free.
+* ``pair``: every transfer on the default process group (EnvPipe before the NCCL-safe transport, and
+  DeepSpeed's stock p2p): both directions of a link share one stream, so a pending send holds up every
+  later transfer with that peer, receives included.
+
+Plain Python: the verifier (``envpipe.streams``) and the training adapter (``envpipe.deepspeed.p2p``) both
+read this table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from envpipe.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Transport:
+    """How transfers map to p2p streams.
+
+    Attributes:
+        name: the registry key.
+        directed: True when each direction of a link has its own stream (and process group).
+        summary: one line for ``--help`` and the docs.
+    """
+
+    name: str
+    directed: bool
+    summary: str
+
+    def stream(self, src_rank: int, dst_rank: int) -> tuple[int, int]:
+        """The stream (and process group) that carries transfers from ``src_rank`` to ``dst_rank``."""
+        if self.directed:
+            return (src_rank, dst_rank)
+        return (min(src_rank, dst_rank), max(src_rank, dst_rank))
+
+
+TRANSPORTS: dict[str, Transport] = {
+    "link": Transport("link", True, "one process group (NCCL stream) per direction of each link"),
+    "pair": Transport("pair", False, "default process group: both directions of a link on one stream"),
+}
+DEFAULT_TRANSPORT = "link"
+
+
+def get_transport(name: str) -> Transport:
+    """The transport called ``name``.
+
+    Raises:
+        ConfigError: an unknown name (the message lists the choices).
+    """
+    try:
+        return TRANSPORTS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown p2p transport {name!r}; choose one of {', '.join(TRANSPORTS)}"
+        ) from None
