@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
+from envpipe.transports import DEFAULT_TRANSPORT, TRANSPORTS
 from envpipe_cli._errors import user_errors
 from rich.console import Console
 from rich.table import Table
@@ -59,6 +60,13 @@ def simulate(
             "--r", help="ours only: extra warm-up forwards per stage, e.g. 4,3,1,0 (default: computed)."
         ),
     ] = None,
+    p2p_transport: Annotated[
+        str,
+        typer.Option(
+            "--p2p-transport",
+            help=f"Refuse a schedule that can hang on this transport's NCCL streams: {', '.join(TRANSPORTS)}.",
+        ),
+    ] = DEFAULT_TRANSPORT,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a Gantt chart PNG here.")] = None,
 ) -> None:
@@ -66,7 +74,14 @@ def simulate(
     with user_errors():
         costs = _costs(stages, gpu, model, model_params, profile, fwd_ms, bwd_ms)
         report = run_simulation(
-            costs, stages, micro_batches, scheduling, clock_type, reconfig, _int_list(r, "--r") if r else None
+            costs,
+            stages,
+            micro_batches,
+            scheduling,
+            clock_type,
+            reconfig,
+            _int_list(r, "--r") if r else None,
+            transport=p2p_transport,
         )
         if plot is not None:
             from envpipe.render import gantt_png
@@ -83,15 +98,18 @@ def run_simulation(
     clock_type: str,
     reconfig: str,
     r: list[int] | None,
+    *,
+    transport: str = DEFAULT_TRANSPORT,
 ) -> dict[str, Any]:
-    """Build, verify and simulate the schedule and the 1F1B baseline; return the report (JSON-ready)."""
+    """Build, verify (also on ``transport``'s GPU streams) and simulate the schedule and the 1F1B baseline;
+    return the report (JSON-ready)."""
     from envpipe.clock_types import assign_clocks
     from envpipe.schedules import get_schedule
     from envpipe.sim import simulate as run
     from envpipe.verify import verify
 
     schedule = get_schedule(scheduling, stages, micro_batches, r, costs=costs)
-    verify(schedule)
+    verify(schedule, transport=transport)
     clocks = reconfigure(reconfig, schedule, costs, assign_clocks(schedule, costs, clock_type))
     result = run(schedule, costs, clocks)
     baseline_schedule = get_schedule("1f1b", stages, micro_batches)

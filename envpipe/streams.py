@@ -30,7 +30,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from envpipe.errors import ScheduleError
-from envpipe.ir import PEER_OFFSET, RECV_KINDS, SEND_KINDS, Schedule
+from envpipe.ir import PEER_OFFSET, RECV_KINDS, SEND_KINDS, ActionKind, Schedule
 from envpipe.transports import DEFAULT_TRANSPORT, get_transport
 
 COMPUTE = "compute"
@@ -99,13 +99,13 @@ class Issue:
 def lower(schedule: Schedule, transport: str = DEFAULT_TRANSPORT) -> Issue:
     """What each rank issues for ``schedule`` on ``transport`` (unbatched isend/irecv, as the engine)."""
     kind_of = get_transport(transport)
-    stage_rank = getattr(schedule, "stage_rank", tuple(range(schedule.stages)))
+    stage_rank = schedule.stage_rank
     issue = Issue()
     for rank, program in enumerate(schedule.programs):
         pending: dict[tuple[int, str, int], int] = {}  # (stage, send kind, micro-batch) -> async send op
         for action in program:
-            stage = getattr(action, "stage", rank)
-            if action.waits is not None:  # wait for an earlier async send
+            stage = action.stage
+            if action.kind is ActionKind.WAIT:  # wait for an earlier async send
                 issue.wait(rank, pending.pop((stage, action.waits.value, action.microbatch)))
                 continue
             if action.is_compute:

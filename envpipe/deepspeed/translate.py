@@ -176,7 +176,7 @@ def from_pipe_schedule(schedule_cls: Any, stages: int, micro_batches: int, name:
             for cmd in step:
                 kind = _FROM_DEEPSPEED.get(type(cmd))
                 if kind is not None:
-                    program.append(Action(ActionKind(kind), counts.get(kind, 0)))
+                    program.append(Action(stage, ActionKind(kind), counts.get(kind, 0)))
                     counts[kind] = counts.get(kind, 0) + 1
         programs.append(tuple(program))
     return Schedule(name, stages, micro_batches, (0,) * stages, tuple(programs))

@@ -137,3 +137,14 @@ def test_errors_are_one_line(args: list[str], why: str) -> None:
     result = _run(*args)
     assert result.exit_code == 1
     assert why in result.output and "Traceback" not in result.output
+
+
+def test_a_schedule_that_hangs_on_the_chosen_transport_is_refused_with_its_cycle() -> None:
+    args = ["--stages", "2", "--micro-batches", "4", "--scheduling", "ours", "--r", "2,0"]
+    assert _run(*args).exit_code == 0  # default: the NCCL-safe link transport
+    result = _run(*args, "--p2p-transport", "pair")
+    assert result.exit_code == 1
+    assert "error:" in result.output and "hangs on GPUs with the 'pair' p2p transport" in result.output
+    assert "rank 0 p2p 0<->1: 0iSA" in result.output and "Traceback" not in result.output
+    unknown = _run(*args, "--p2p-transport", "nccl")
+    assert unknown.exit_code == 1 and "unknown p2p transport 'nccl'; choose one of link, pair" in unknown.output

@@ -20,10 +20,10 @@ def test_the_issue_example_hangs_on_pair_with_its_cycle() -> None:
     assert "hangs on GPUs with the 'pair' p2p transport" in text
     cycle = text.split("the cycle:\n")[1].splitlines()
     assert [line.strip() for line in cycle[:4]] == [
-        "rank 0 p2p 0<->1: iSA1 waits for its receive",
-        "rank 1 p2p 0<->1: RA1 is queued behind",
-        "rank 1 p2p 0<->1: iSG0 waits for its receive",
-        "rank 0 p2p 0<->1: RG0 is queued behind",
+        "rank 0 p2p 0<->1: 0iSA1 waits for its receive",
+        "rank 1 p2p 0<->1: 1RA1 is queued behind",
+        "rank 1 p2p 0<->1: 1iSG0 waits for its receive",
+        "rank 0 p2p 0<->1: 0RG0 is queued behind",
     ]
     assert "use the 'link' transport" in text
 
@@ -61,7 +61,7 @@ def test_on_link_the_stream_model_agrees_with_the_rendezvous_verifier() -> None:
             for r in admissible_r(stages, micro_batches)[:6]:
                 schedule = get_schedule("ours", stages, micro_batches, r)
                 blocking = tuple(
-                    tuple(type(a)(a.kind, a.microbatch) if a.asynchronous else a for a in prog if a.waits is None)
+                    tuple(type(a)(a.stage, a.kind, a.microbatch) if a.asynchronous else a for a in prog if a.waits is None)
                     for prog in schedule.programs
                 )
                 blocked = type(schedule)("blocking", stages, micro_batches, schedule.r, blocking)
@@ -112,3 +112,19 @@ def test_a_transfer_waits_for_the_compute_issued_before_it() -> None:
 def test_unknown_transport_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match="unknown p2p transport 'nccl'; choose one of link, pair"):
         get_transport("nccl")
+
+
+def test_interleaved_ranks_holding_several_stages_pass_on_link() -> None:
+    """Interleaved 1F1B (v stages per rank, the wrap-around link from the last rank back to rank 0): safe on
+    ``link``; on ``pair`` a rank's two chunks share one stream per neighbour and it hangs."""
+    hangs_on_pair = []
+    for ranks in (2, 3, 4):
+        for virtual in (2, 3):
+            for micro_batches in (ranks, 2 * ranks):
+                schedule = get_schedule("interleaved", ranks * virtual, micro_batches, virtual_stages=virtual)
+                check(schedule, "link")
+                hangs_on_pair.append(find_hang(lower(schedule, "pair")) is not None)
+    assert any(hangs_on_pair)
+    cycle = find_hang(lower(get_schedule("interleaved", 4, 2, virtual_stages=2), "pair"))
+    assert cycle is not None and cycle[0] == "rank 0 p2p 0<->1: 0iSA1 waits for its receive"
+    assert "2RA0 is queued behind" in cycle[3]  # stage 2 (rank 0's second chunk) behind stage 0's send
