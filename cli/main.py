@@ -39,6 +39,7 @@ def callback(
 
 # Verb registration: each verb lives in its own module (cli/<verb>.py) exposing a function of the same name.
 # VERBS-BEGIN (one line per verb; keep sorted)
+from envpipe_cli.export import export; app.command("export")(export)  # noqa: E402,E702
 from envpipe_cli.lock import lock; app.command("lock")(lock)  # noqa: E402,E702
 from envpipe_cli.profile import profile; app.command("profile")(profile)  # noqa: E402,E702
 from envpipe_cli.simulate import simulate; app.command("simulate")(simulate)  # noqa: E402,E702

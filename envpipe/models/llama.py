@@ -195,6 +195,18 @@ def layer_hf_prefixes(config: Any) -> list[str | None]:
     return prefixes
 
 
+def hf_tensor_name(prefixes: list[str | None], layer_idx: int, key: str) -> str | None:
+    """The HF name of tensor ``key`` of pipe layer ``layer_idx`` (None: a per-layer rotary cache, not a weight).
+
+    ``prefixes`` is :func:`layer_hf_prefixes`; a tied head (prefix None) holds the embedding's weight.
+    """
+    hf_key = key.removeprefix("layer.")
+    if hf_key.startswith("rotary_emb."):
+        return None
+    prefix = prefixes[layer_idx]
+    return "model." + hf_key if prefix is None else prefix + hf_key
+
+
 def _pipeline_module_class():
     from deepspeed.pipe import PipelineModule
 
@@ -331,10 +343,9 @@ def _wanted_tensors(module: Any, config: Any) -> dict[str, Any]:
         if layer is None:  # a tied layer lives in module.tied_modules
             continue
         for key, tensor in layer.state_dict(keep_vars=True).items():
-            hf_key = key.removeprefix("layer.")
-            if hf_key.startswith("rotary_emb."):
-                continue
-            wanted[prefixes[layer_idx] + hf_key] = tensor
+            name = hf_tensor_name(prefixes, layer_idx, key)
+            if name is not None:
+                wanted[name] = tensor
     for tied in module.tied_modules.values():
         wanted["model.embed_tokens.weight"] = tied.embed_tokens.weight
     return wanted

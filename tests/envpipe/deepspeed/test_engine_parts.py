@@ -179,7 +179,7 @@ def test_text_and_jsonl_files_tokenise_byte_level(tmp_path):
         ("bad2.jsonl", '{"body": "x"}\n', {}, 'needs a string "text"'),
         ("short.txt", "abc", {}, "fewer than one micro-batch"),
         ("small.txt", "abcdefgh" * 8, {"vocab_size": 64}, "vocab_size >= 256"),
-        ("data.csv", "a,b\n", {}, "must end in .txt or .jsonl"),
+        ("data.csv", "a,b\n", {}, "must end in .txt, .jsonl or .bin"),
     ],
 )
 def test_bad_data_files_say_what_is_wrong(tmp_path, name, content, kwargs, message):
