@@ -44,7 +44,7 @@ from envpipe_cli.lock import lock; app.command("lock")(lock)  # noqa: E402,E702
 from envpipe_cli.profile import profile; app.command("profile")(profile)  # noqa: E402,E702
 from envpipe_cli.simulate import simulate; app.command("simulate")(simulate)  # noqa: E402,E702
 from envpipe_cli.status import status; app.command("status")(status)  # noqa: E402,E702
-from envpipe_cli.train import train; app.command("train")(train)  # noqa: E402,E702
+from envpipe_cli.train import TrainCommand, train; app.command("train", cls=TrainCommand)(train)  # noqa: E402,E702
 # VERBS-END
 
 

@@ -1,8 +1,9 @@
 """``envpipe train``: train a model through an EnvPipe pipeline while the node agent moves clocks per unit.
 
-Every option defaults to ``None`` here so that the resolver can tell a flag from a default: flags win over
-the ``"envpipe"`` block of ``--deepspeed-config``, which wins over the defaults of
-:class:`envpipe.train.config.TrainConfig` (shown in brackets in ``--help``).
+``--steps N`` optimizer steps, planning included; the controller inside the engine plans during the first
+steps and runs every later one at the plan. Every option defaults to ``None`` here so that the resolver can
+tell a flag from a default: flags win over the ``"envpipe"`` block of ``--deepspeed-config``, which wins over
+the defaults of :class:`envpipe.train.config.TrainConfig` (shown in brackets in ``--help``).
 """
 
 from __future__ import annotations
@@ -13,31 +14,17 @@ from typing import Annotated, Any, Optional
 
 import typer
 from envpipe_cli._errors import user_errors
+from typer.core import TyperCommand
 
+from envpipe.controller.config import choices_by_key
 
-class ClockType(str, Enum):
-    """Clock types (the names of the EnvPipe artifact)."""
-
-    baseline = "baseline"
-    uniform = "uniform"
-    envelope = "envelope"
-
-
-class Scheduling(str, Enum):
-    """Pipeline schedules."""
-
-    one_f_one_b = "1f1b"
-    ours = "ours"
-
-
-class Reconfig(str, Enum):
-    """Online reconfiguration policies."""
-
-    default = "default"
-    greedy = "greedy"
-    balanced = "balanced"
-    optimal = "optimal"
-    paper = "paper"
+_CHOICES = choices_by_key()
+# Choices come from their registries (clock types, schedules, planner policies).
+ClockType = Enum("ClockType", {name: name for name in _CHOICES["type"]}, type=str)
+Scheduling = Enum("Scheduling", {name: name for name in _CHOICES["scheduling"]}, type=str)
+Reconfig = Enum("Reconfig", {name: name for name in _CHOICES["reconfig"]}, type=str)
+# Paired rounds of a bare `--compare` (6: the fewest for a distribution-free 95 % interval of the median).
+DEFAULT_COMPARE_ROUNDS = 6
 
 
 class Device(str, Enum):
@@ -81,7 +68,7 @@ MicroBatchSizeOpt = Annotated[
 SeqLenOpt = Annotated[Optional[int], _opt(min=2, help="Tokens per sequence. \\[default: 64]", panel=_PIPE)]
 StepsOpt = Annotated[
     Optional[int],
-    _opt(min=1, help="Steady-phase iterations (the other phases add theirs). \\[default: 10]", panel=_RUN),
+    _opt(min=1, help="Optimizer steps of the whole run, planning included. \\[default: 200]", panel=_RUN),
 ]
 ModelOpt = Annotated[
     Optional[str],
@@ -125,6 +112,46 @@ PlotOpt = Annotated[
 ]
 
 
+CompareOpt = Annotated[
+    Optional[int],
+    _opt(
+        "--compare",
+        min=0,
+        metavar="[ROUNDS]",
+        help="Measure the saving at the end of the run: ROUNDS paired rounds (a baseline window and a plan "
+        f"window side by side), median and 95% interval. Bare --compare: {DEFAULT_COMPARE_ROUNDS} rounds. "
+        "\\[default: off: no baseline step after planning]",
+        panel=_RUN,
+    ),
+]
+PlanOpt = Annotated[
+    Optional[Path], _opt(help="Reuse this plan file (skips profiling; its fingerprint must match).", panel=_RUN)
+]
+PlanOutOpt = Annotated[Optional[Path], _opt(help="Write the plan (with its fingerprint) here.", panel=_OUT)]
+RecheckOpt = Annotated[
+    Optional[int],
+    _opt(min=0, help="Steps between drift checks at the plan (0: no drift guard). \\[default: 500]", panel=_RUN),
+]
+
+
+class TrainCommand(TyperCommand):
+    """``envpipe train``'s command: ``--compare`` takes an optional value (typer has no such option)."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        """Give a bare ``--compare`` its default number of rounds, then parse as usual."""
+        return super().parse_args(ctx, optional_value(args, "--compare", str(DEFAULT_COMPARE_ROUNDS)))
+
+
+def optional_value(args: list[str], flag: str, default: str) -> list[str]:
+    """``args`` with ``default`` inserted after each ``flag`` that is not followed by a number."""
+    out = []
+    for i, arg in enumerate(args):
+        out.append(arg)
+        if arg == flag and (i + 1 == len(args) or not args[i + 1].lstrip("-").isdigit()):
+            out.append(default)
+    return out
+
+
 def train(
     type: TypeOpt = None,
     scheduling: SchedulingOpt = None,
@@ -145,9 +172,15 @@ def train(
     num_nodes: NumNodesOpt = None,
     report: ReportOpt = None,
     plot: PlotOpt = None,
+    compare: CompareOpt = None,
+    plan: PlanOpt = None,
+    plan_out: PlanOutOpt = None,
+    recheck_interval: RecheckOpt = None,
 ) -> None:
-    """Train through an EnvPipe pipeline: baseline, profiling, reconfiguration, steady phase, summary."""
+    """Train --steps optimizer steps; the first plan the clocks (warm-up, baseline window, profiling,
+    reconfiguration), every later one runs at the plan. --compare measures the saving in pairs."""
     flags = collect_flags(locals())  # first statement: locals() is exactly the options here
+    flags["compare_rounds"] = flags.pop("compare")
     from rich.console import Console
 
     from envpipe.train.launch import train as run_train

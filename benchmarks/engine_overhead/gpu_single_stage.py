@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     from envpipe_agent.embedded import start_agent
 
     from envpipe.data import batches
-    from envpipe.deepspeed import initialize, setup_distributed
+    from envpipe.deepspeed import build_engine, setup_distributed
     from envpipe.models.llama import build_pipeline, load_config
     from envpipe.schedules import get_schedule
 
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         client = AgentClient(agent_proc.endpoint, job_id="gpu-check", rank=0)
         rec = _Recording(client)
         stock, _, _, _ = deepspeed.initialize(model=build_pipeline(config, 1, seed=1), config=ds)
-        ours = initialize(build_pipeline(config, 1, seed=1), ds, get_schedule("1f1b", 1, m), None, rec)
+        ours = build_engine(build_pipeline(config, 1, seed=1), ds, get_schedule("1f1b", 1, m), None, rec)
         first = {"stock": float(stock.train_batch(data())), "envpipe": float(ours.train_batch(data()))}
         spans = ours.last_timeline()
         times = _alternate({"stock": (stock, data()), "envpipe": (ours, data())}, args.steps, warmup=3)
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         # emulated DVFS on the device: forwards planned at 1188 MHz (x=0.6), backwards at the top clock
         sched = get_schedule("1f1b", 1, m)
         clocks = {0: {a.unit: (1188 if a.unit.startswith("F") else 1980) for a in sched.units(0)}}
-        emu = initialize(
+        emu = build_engine(
             build_pipeline(config, 1, seed=1),
             ds,
             sched,

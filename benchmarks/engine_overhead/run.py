@@ -44,7 +44,7 @@ def rank_main(
     import torch.distributed as dist
 
     from envpipe.data import batches
-    from envpipe.deepspeed import initialize, setup_distributed
+    from envpipe.deepspeed import build_engine, setup_distributed
     from envpipe.models.llama import build_pipeline, load_config
     from envpipe.schedules import get_schedule
 
@@ -58,7 +58,7 @@ def rank_main(
         from envpipe_agent.client import AgentClient
 
         agent = AgentClient(agent_endpoint, job_id="engine-overhead", rank=dist.get_rank())
-    ours = initialize(
+    ours = build_engine(
         build_pipeline(config, stages, seed=1),
         ds_config,
         get_schedule("1f1b", stages, micro_batches),
@@ -71,7 +71,7 @@ def rank_main(
 
     engines = {"stock": (stock, data()), "envpipe": (ours, data())}
     if compare_no_agent:  # the same engine without events: separates engine cost from event cost
-        bare = initialize(
+        bare = build_engine(
             build_pipeline(config, stages, seed=1), ds_config, get_schedule("1f1b", stages, micro_batches)
         )
         engines["envpipe_no_agent"] = (bare, data())

@@ -90,7 +90,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     from envpipe_agent.client import AgentClient
 
     from envpipe.data import batches
-    from envpipe.deepspeed import initialize, setup_distributed
+    from envpipe.deepspeed import build_engine, setup_distributed
     from envpipe.models.llama import build_pipeline, load_config
     from envpipe.schedules import get_schedule
     from envpipe.train.worker import top_clock_plan
@@ -105,7 +105,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     schedule = get_schedule("1f1b", 1, args.micro_batches)
     info = client.hello()
     top_mhz = max(info.gpus[0].clocks_mhz) if info.gpus else 1980
-    ours = initialize(build_pipeline(config, 1, seed=1), dict(ds_config), schedule,
+    ours = build_engine(build_pipeline(config, 1, seed=1), dict(ds_config), schedule,
                       top_clock_plan(schedule, top_mhz), agent=client)
 
     def data() -> Any:

@@ -78,7 +78,7 @@ def _train(args: argparse.Namespace, rank: int, out: Path) -> dict[str, Any]:
     from envpipe_agent.errors import AgentError
 
     from envpipe.data import batches
-    from envpipe.deepspeed import initialize
+    from envpipe.deepspeed import build_engine
     from envpipe.models.llama import build_pipeline, load_config
     from envpipe.schedules import get_schedule
 
@@ -97,7 +97,7 @@ def _train(args: argparse.Namespace, rank: int, out: Path) -> dict[str, Any]:
             "steps_per_print": 10**9,
             "optimizer": {"type": "SGD", "params": {"lr": 0.05}},
         }
-        engine = initialize(module, ds_config, schedule, clocks, agent=client)
+        engine = build_engine(module, ds_config, schedule, clocks, agent=client)
         grid = engine.grid
         data = batches(
             None,

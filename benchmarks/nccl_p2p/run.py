@@ -69,7 +69,7 @@ def rank_case(case: str, mib: int, steps: int, emulate: bool, stall_s: float, ou
     """One rank of one case: train ``steps`` iterations, write ``rank<N>.json`` into ``out_dir``."""
     import torch
 
-    from envpipe.deepspeed import initialize, setup_distributed
+    from envpipe.deepspeed import build_engine, setup_distributed
     from envpipe.schedules import get_schedule
 
     engine_kind, schedule_name, r, transport = CASES[case]
@@ -88,7 +88,7 @@ def rank_case(case: str, mib: int, steps: int, emulate: bool, stall_s: float, ou
 
         engine, *_ = deepspeed.initialize(model=module, config=config, model_parameters=list(module.parameters()))
     else:
-        engine = initialize(module, config, get_schedule(schedule_name, 2, MICRO_BATCHES, r))
+        engine = build_engine(module, config, get_schedule(schedule_name, 2, MICRO_BATCHES, r))
         engine.set_transport(transport, emulate_timeout_s=stall_s if emulate else None)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     data = _data(hidden, device)

@@ -40,7 +40,7 @@ def train_until(endpoint: str, ready_dir: str, done_path: str, phase_path: str, 
     from envpipe_agent.client import AgentClient
 
     from envpipe.data import batches
-    from envpipe.deepspeed import initialize, setup_distributed
+    from envpipe.deepspeed import build_engine, setup_distributed
     from envpipe.models.llama import build_pipeline, load_config
     from envpipe.schedules import get_schedule
 
@@ -56,7 +56,7 @@ def train_until(endpoint: str, ready_dir: str, done_path: str, phase_path: str, 
             for s in range(2)}
     ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4, "steps_per_print": 10**9,
                  "optimizer": {"type": "SGD", "params": {"lr": 0.01}}}
-    engine = initialize(build_pipeline(config, 2, seed=1), ds_config, schedule, plan, agent=client)
+    engine = build_engine(build_pipeline(config, 2, seed=1), ds_config, schedule, plan, agent=client)
     data = batches(None, vocab_size=config.vocab_size, micro_batch_size=2, seq_len=16, seed=7)
     for _ in range(3):
         engine.train_batch(data)

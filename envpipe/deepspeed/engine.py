@@ -72,6 +72,24 @@ def _rebuilt(schedule: Any, micro_batches: int) -> Any:
     return rebuilt
 
 
+class _ShapeRecorder:
+    """Passes a data iterator through, noting the shape of the first batch's input (for the plan fingerprint)."""
+
+    def __init__(self, data_iter: Any, engine: Any) -> None:
+        self._it, self._engine = iter(data_iter), engine
+
+    def __iter__(self) -> _ShapeRecorder:
+        return self
+
+    def __next__(self) -> Any:
+        batch = next(self._it)
+        if self._engine.input_shape is None:
+            first = batch[0] if isinstance(batch, (tuple, list)) else batch
+            first = first[0] if isinstance(first, (tuple, list)) and first else first
+            self._engine.input_shape = tuple(getattr(first, "shape", ()))
+        return batch
+
+
 class EnvpipeEngine(PipelineEngine):
     """Pipeline engine running an EnvPipe ``Schedule`` (1f1b or ours) with a clock per unit.
 
@@ -92,6 +110,9 @@ class EnvpipeEngine(PipelineEngine):
         self._unit_clocks: dict[str, int | None] = {}
         self._clocks = None
         self._timeline: list[Any] | None = None
+        self.controller: Any = None  # an envpipe.controller.Controller drives train_batch when set
+        self.input_shape: tuple[int, ...] | None = None  # the first stage's first input tensor shape
+        self.owned_client: Any = None  # the agent client initialize() created (closed by close())
         self.set_schedule(envpipe_schedule)
 
     # -- configuration ----------------------------------------------------------------------------------
@@ -183,12 +204,30 @@ class EnvpipeEngine(PipelineEngine):
         self._unit_clocks = {unit: mine.get(unit, self.max_clock_mhz) for unit in self._units}
 
     def close(self) -> None:
-        """Stop the notifier thread (the agent client stays open: its owner closes it)."""
+        """Stop the notifier thread; release and close the agent client if ``initialize`` created it."""
         self._notifier.close()
+        owned, self.owned_client = self.owned_client, None
+        if owned is not None:
+            try:
+                owned.release()
+            except Exception:  # noqa: BLE001 - the agent may be gone; its lease expiry resets the GPU then
+                pass
+            owned.close()
 
     # -- iteration --------------------------------------------------------------------------------------
     def train_batch(self, data_iter: Any = None) -> Any:
-        """Run one iteration of the schedule; returns the mean loss over micro-batches (same on all stages)."""
+        """Run one iteration (one optimizer step); returns the mean loss over micro-batches (same on all stages).
+
+        With a controller (``envpipe.deepspeed.initialize``) the step runs at what the controller's state asks
+        for (baseline, profiling clock, reconfiguration round, the plan).
+        """
+        if self.input_shape is None and data_iter is not None:
+            data_iter = _ShapeRecorder(data_iter, self)
+        if self.controller is not None:
+            return self.controller.step(lambda: self._run_batch(data_iter))
+        return self._run_batch(data_iter)
+
+    def _run_batch(self, data_iter: Any) -> Any:
         self._timeline = None
         self._link.dynamic_shape = bool(self.dynamic_shape)
         self._timer.start_iteration()

@@ -13,100 +13,63 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from envpipe.controller.config import CONTROLLER_KEYS, ControllerConfig, choices_by_key
 from envpipe.errors import ConfigError
 
-TYPES = ("baseline", "uniform", "envelope")
-SCHEDULINGS = ("1f1b", "ours")
-RECONFIGS = ("default", "greedy", "balanced", "optimal", "paper")
 DEVICES = ("auto", "cpu", "cuda")
-DVFS_MODEL_NAMES = ("central", "conservative", "optimistic")
 
 # DeepSpeed keys that EnvPipe derives from the resolved config; the user's values are read, then replaced.
 _DS_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(ControllerConfig):
     """Everything one ``envpipe train`` run needs; every rank receives the same instance as JSON.
 
+    The controller's settings (clock type, schedule, policy, profiling, drift guard, ``compare_rounds``,
+    ``plan``...) are inherited from :class:`envpipe.controller.ControllerConfig`; ``max_steps`` is set from
+    ``steps``. The run's own:
+
     Attributes:
-        type: clock type, ``baseline`` (all units at the top clock), ``uniform`` or ``envelope``.
-        scheduling: pipeline schedule, ``1f1b`` or ``ours`` (forwards moved into the warm-up bubble).
-        reconfig: online reconfiguration policy after profiling.
         stages: pipeline stages (one rank each per data-parallel replica).
         micro_batches: micro-batches per iteration (DeepSpeed's gradient accumulation steps).
         micro_batch_size: sequences per micro-batch.
         seq_len: tokens per sequence.
-        steps: iterations of the steady phase (profiling and reconfiguration add their own).
+        steps: optimizer steps of the whole run, planning included (as ``max_steps`` in HF's Trainer).
         model: a preset name (``llama-tiny``, ...) or a local Hugging Face model directory.
         data: a ``.txt`` or ``.jsonl`` file; ``None`` means synthetic tokens.
         deepspeed_config: path of the DeepSpeed JSON it came from, if any.
         ds_config: the DeepSpeed config handed to the engine (the ``envpipe`` block removed, batch keys set).
-        agent: agent control endpoint; ``None`` tries the default endpoints, then starts the sim agent.
-        emulate_dvfs: stretch unit wall times by the clock's modelled slowdown; ``None`` = on with the sim
-            agent.
         num_gpus: GPUs per node for the DeepSpeed launcher; ``None`` = all visible.
         hostfile: DeepSpeed hostfile for multi-node runs.
         num_nodes: nodes to use from the hostfile.
         report: where to write the JSON report.
-        plot: where to draw the measured Gantt chart of the last iteration.
+        plot: where to draw the measured Gantt chart of the last measured step.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
-        dvfs_model: the DVFS curve the sim agent and the DVFS emulation use.
-        warmup_steps: unmeasured iterations before the baseline window.
-        baseline_steps: iterations of the baseline window measured at the start.
-        profile_steps: iterations per candidate clock in the profiling phase.
-        profile_clocks: how many candidate clocks to profile (evenly spread over the window below).
-        profile_min_ratio: lowest candidate clock as a share of the top clock.
-        min_window_s: shortest energy window with a real agent. Its counter moves every ~100 ms and the agent
-            samples it every 100 ms, so each window edge is uncertain by up to ~0.2 s of full power: on the
-            H100, 2.5 s windows of the same work differed by 7 %, 10 s windows by 0.4 % (docs/validation.md).
-        reconfig_max_rounds: cap on reconfiguration iterations; ``None`` = the policy's own cap.
-        compare_rounds: rounds of the steady phase, each a baseline window and a window of the final plan
-            side by side (same iterations, alternating order); the round with the median paired saving
-            represents the run (0 = compare with the start's baseline window only). Five, not three: on
-            shared CPU cores one burst of load can swing a window by 20 %.
-        slowdown_bound: allowed iteration-time slowdown for the planner (0.01 = 1 %).
         lr: learning rate of the default optimizer (SGD), used when the DeepSpeed config names none.
         seed: seed of the model initialisation and the synthetic data.
         job_id: names the run's leases at the agent (set by the launcher).
-        mode: ``train`` (every phase) or ``profile`` (baseline window and profiling only).
 
     """
 
-    type: str = "envelope"
-    scheduling: str = "ours"
-    reconfig: str = "balanced"
     stages: int = 2
     micro_batches: int = 4
     micro_batch_size: int = 2
     seq_len: int = 64
-    steps: int = 10
+    steps: int = 200
     model: str = "llama-tiny"
     data: str | None = None
     deepspeed_config: str | None = None
     ds_config: dict[str, Any] = field(default_factory=dict)
-    agent: str | None = None
-    emulate_dvfs: bool | None = None
     num_gpus: int | None = None
     hostfile: str | None = None
     num_nodes: int | None = None
     report: str | None = None
     plot: str | None = None
     device: str = "auto"
-    dvfs_model: str = "central"
-    warmup_steps: int = 3
-    baseline_steps: int = 5
-    profile_steps: int = 2
-    profile_clocks: int = 4
-    profile_min_ratio: float = 0.5
-    min_window_s: float = 10.0
-    reconfig_max_rounds: int | None = None
-    compare_rounds: int = 5
-    slowdown_bound: float = 0.01
     lr: float = 0.05
     seed: int = 1234
     job_id: str = ""
-    mode: str = "train"
 
     @property
     def global_batch_size(self) -> int:
@@ -117,6 +80,17 @@ class TrainConfig:
     def tokens_per_iteration(self) -> int:
         """Tokens one pipeline replica trains on per iteration."""
         return self.global_batch_size * self.seq_len
+
+    def controller_block(self) -> dict[str, Any]:
+        """The ``"envpipe"`` block the ranks hand to ``envpipe.deepspeed.initialize`` (the controller's keys,
+        with ``max_steps`` = ``steps`` so that paired rounds land at the end of the run)."""
+        block = {name: getattr(self, name) for name in CONTROLLER_KEYS}
+        block["max_steps"] = self.steps
+        return block
+
+    def controller_config(self) -> ControllerConfig:
+        """The controller's settings of this run."""
+        return ControllerConfig(**self.controller_block())
 
     def to_json(self) -> str:
         """Serialise for the ranks (they rebuild it with :meth:`from_json`)."""
@@ -130,29 +104,15 @@ class TrainConfig:
 
 _FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 # Keys that only the resolver sets; a user must not put them in the "envpipe" block.
-_INTERNAL = {"deepspeed_config", "ds_config", "job_id", "mode"}
+_INTERNAL = {"deepspeed_config", "ds_config", "job_id", "mode", "max_steps"}
 _INT_MIN = {
     "stages": 1,
     "micro_batches": 1,
     "micro_batch_size": 1,
     "seq_len": 2,
     "steps": 1,
-    "warmup_steps": 1,
-    "baseline_steps": 1,
-    "profile_steps": 1,
-    "profile_clocks": 1,
-    "reconfig_max_rounds": 0,
-    "compare_rounds": 0,
     "num_gpus": 1,
     "num_nodes": 1,
-}
-_CHOICES = {
-    "type": TYPES,
-    "scheduling": SCHEDULINGS,
-    "reconfig": RECONFIGS,
-    "device": DEVICES,
-    "dvfs_model": DVFS_MODEL_NAMES,
-    "mode": ("train", "profile"),
 }
 
 
@@ -234,18 +194,19 @@ def _engine_ds_config(ds_config: dict[str, Any], config: TrainConfig) -> dict[st
 
 
 def _validate(config: TrainConfig) -> None:
-    for name, choices in _CHOICES.items():
+    for name, choices in {**choices_by_key(), "device": DEVICES}.items():
         value = getattr(config, name)
         if value not in choices:
             raise ConfigError(f"{name} = {value!r} is not one of {', '.join(choices)}; pick one of them")
     for name, low in _INT_MIN.items():
         value = getattr(config, name)
-        if value is None and name in ("num_gpus", "num_nodes", "reconfig_max_rounds"):
+        if value is None and name in ("num_gpus", "num_nodes"):
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ConfigError(f"{_flag(name)} must be an integer >= {low}, got {value!r}")
-    _validate_floats(config)
+    _validate_lr(config)
     _validate_paths(config)
+    config.controller_config().validate(None, name_of=_flag)
     if config.micro_batches < config.stages and config.scheduling == "ours":
         # ours fills the warm-up bubble with extra forwards; with M < S there is none to fill.
         raise ConfigError(
@@ -256,19 +217,10 @@ def _validate(config: TrainConfig) -> None:
         raise ConfigError("--num-nodes > 1 needs --hostfile listing the nodes (DeepSpeed hostfile format)")
 
 
-def _validate_floats(config: TrainConfig) -> None:
-    checks = {
-        "profile_min_ratio": (0.05, 1.0),
-        "min_window_s": (0.0, 3600.0),
-        "slowdown_bound": (0.0, 1.0),
-        "lr": (0.0, 10.0),
-    }
-    for name, (low, high) in checks.items():
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-            raise ConfigError(f"{_flag(name)} must be a number in [{low}, {high}], got {value!r}")
-    if config.emulate_dvfs not in (None, True, False):
-        raise ConfigError(f"emulate_dvfs must be true or false, got {config.emulate_dvfs!r}")
+def _validate_lr(config: TrainConfig) -> None:
+    value = config.lr
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 10.0:
+        raise ConfigError(f"--lr must be a number in [0.0, 10.0], got {value!r}")
 
 
 def _validate_paths(config: TrainConfig) -> None:
@@ -282,7 +234,9 @@ def _validate_paths(config: TrainConfig) -> None:
             raise ConfigError(f"--data {data}: unsupported type {data.suffix!r}; use a .txt or .jsonl file")
     if config.hostfile is not None and not Path(config.hostfile).is_file():
         raise ConfigError(f"--hostfile {config.hostfile}: no such file; give a DeepSpeed hostfile")
-    for name in ("report", "plot"):
+    if config.plan is not None:
+        _check_plan(config)
+    for name in ("report", "plot", "plan_out"):
         value = getattr(config, name)
         if value is not None and not Path(value).resolve().parent.is_dir():
             raise ConfigError(f"{_flag(name)} {value}: its folder does not exist; create it first")
@@ -291,6 +245,23 @@ def _validate_paths(config: TrainConfig) -> None:
     if config.report is not None and Path(config.report).suffix.lower() != ".json":
         raise ConfigError(f"--report {config.report}: use a .json file name")
     _validate_model(config.model)
+
+
+def _check_plan(config: TrainConfig) -> None:
+    """Refuse a plan made for another pipeline before any rank starts (the ranks check the rest)."""
+    import envpipe
+    from envpipe.controller.planfile import check_fingerprint, read_plan
+
+    plan = read_plan(config.plan, source="--plan")
+    known = {
+        "stages": config.stages,
+        "micro_batches": config.micro_batches,
+        "micro_batch_size": config.micro_batch_size,
+        "seq_len": [config.seq_len],
+        "dvfs_model": config.dvfs_model,
+        "envpipe_version": envpipe.__version__,
+    }
+    check_fingerprint(plan, known, source=f"--plan {config.plan}")
 
 
 def _validate_model(model: str) -> None:

@@ -1,7 +1,8 @@
-"""The end of a run: summary numbers, the rich summary table, the ``--report`` JSON and the ``--plot`` Gantt.
+"""The end of a run: the summary (rich table and words), the ``--report`` JSON and the ``--plot`` Gantt.
 
-Rank 0's result (see :func:`envpipe.train.phases.run_phases`) holds the measured windows; this module only
-derives and renders. Energy from the sim agent is labelled "simulated" in the table, the JSON and the plot.
+Rank 0's result is the controller's (:func:`envpipe.controller.result.build_result`) plus the loss curve and
+the engine's optimizer step count; this module only derives and renders. Every energy figure carries its
+label: simulated (sim agent) or measured, and paired, unpaired or predicted.
 """
 
 from __future__ import annotations
@@ -15,26 +16,51 @@ from typing import Any
 
 from envpipe.train.config import TrainConfig
 
-REPORT_FORMAT = "envpipe-train-report/1"
+REPORT_FORMAT = "envpipe-train-report/2"
 # Config fields that describe the machine rather than the run; left out of the report.
 _NOT_REPORTED = ("ds_config", "job_id")
+_RESULT_KEYS = (
+    "agent",
+    "gpu",
+    "world_size",
+    "schedule",
+    "clocks",
+    "phases",
+    "profile",
+    "plan_fingerprint",
+    "compare",
+    "predicted",
+    "drift",
+    "warnings",
+    "controller",
+    "losses",
+    "last_iteration",
+    "shutdown_warning",
+    "optimizer_steps",
+)
 
 
 def build_report(config: TrainConfig, result: dict[str, Any]) -> dict[str, Any]:
-    """Build the report: config, summary (throughput, time, energy, saving), phases, plan, last iteration."""
-    tokens = config.tokens_per_iteration * int(result.get("dp_size", 1))
-    baseline = _window_summary(result["baseline"], tokens)
-    steady = _window_summary(result["steady"], tokens)
-    base_j, steady_j = baseline["energy_j_per_iteration"], steady["energy_j_per_iteration"]
-    # None (agent unavailable) is not zero: no saving can be stated then.
-    saving = 1.0 - steady_j / base_j if base_j and steady_j is not None else None
+    """The report: config, summary (steps, loss, windows, savings with their labels), and the result."""
+    world = int(result.get("world_size", config.stages))
+    tokens = config.tokens_per_iteration * max(1, world // config.stages)
+    baseline = _window_summary(result.get("baseline"), tokens)
+    at_plan = _window_summary(result.get("at_plan"), tokens)
+    losses = result.get("losses") or []
     summary = {
         "energy_label": "simulated" if result["simulated"] else "measured",
         "tokens_per_iteration": tokens,
+        "optimizer_steps": result.get("optimizer_steps"),
+        "step_counts": result["controller"]["step_counts"],
+        "planning_steps": result["controller"]["planning_steps"],
+        "loss_first": losses[0]["loss"] if losses else None,
+        "loss_last": losses[-1]["loss"] if losses else None,
         "baseline": baseline,
-        "steady": steady,
-        "energy_saving": saving,
-        "slowdown": steady["iteration_ms"] / baseline["iteration_ms"] - 1.0,
+        "at_plan": at_plan,
+        "unpaired": result.get("unpaired"),
+        "paired": result.get("compare"),
+        "predicted": result.get("predicted"),
+        "verdict": (result.get("compare") or {}).get("verdict", []),
         "energy_unavailable_windows": int(result.get("energy_unavailable_windows", 0)),
     }
     config_dict = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_REPORTED}
@@ -44,110 +70,148 @@ def build_report(config: TrainConfig, result: dict[str, Any]) -> dict[str, Any]:
         "energy_source": result["energy_source"],
         "config": config_dict,
         "summary": summary,
-        **{
-            k: result.get(k)
-            for k in (
-                "agent",
-                "gpu",
-                "world_size",
-                "dp_size",
-                "schedule",
-                "clocks",
-                "phases",
-                "profile",
-                "last_iteration",
-                "shutdown_warning",
-            )
-        },
+        **{k: result.get(k) for k in _RESULT_KEYS},
+        "baseline": result.get("baseline"),
+        "at_plan": result.get("at_plan"),
     }
 
 
-def _window_summary(window: dict[str, Any], tokens_per_iteration: int) -> dict[str, Any]:
+def _window_summary(window: dict[str, Any] | None, tokens_per_iteration: int) -> dict[str, Any] | None:
+    if window is None:
+        return None
     iteration_ms = float(window["iteration_ms"])
     return {
         "iteration_ms": iteration_ms,
-        "iteration_ms_median": float(window["iteration_ms_median"]),
         "tokens_per_s": tokens_per_iteration / (iteration_ms / 1000.0) if iteration_ms > 0 else None,
-        "energy_j_per_iteration": _joules_or_none(window["energy_j"]),
-        "stage_energy_j": {str(k): _joules_or_none(v) for k, v in window["stage_energy_j"].items()},
+        "energy_j_per_iteration": window["energy_j"],
+        "stage_energy_j": {str(k): v for k, v in window["stage_energy_j"].items()},
         "iterations": int(window["iterations"]),
-        "statistic": window.get("statistic", "mean over one energy window"),
-        "loss_last": window["losses"][-1] if window.get("losses") else None,
+        "statistic": window.get("statistic", ""),
     }
 
 
-def _joules_or_none(value: Any) -> float | None:
-    return None if value is None else float(value)
-
-
 def print_summary(report: dict[str, Any], console: Any) -> None:
-    """The final table: tokens/s, iteration time, energy per iteration per stage and in total, saving."""
-    from rich.table import Table
-
-    summary = report["summary"]
+    """The final words and table: steps, loss, baseline vs at-plan, paired and predicted savings."""
+    summary, config = report["summary"], report["config"]
     label = summary["energy_label"]
-    base, steady = summary["baseline"], summary["steady"]
-    config = report["config"]
-    reconfig = f" · reconfig {config['reconfig']}" if config["type"] != "baseline" else ""
-    table = Table(
-        title=f"envpipe train: {config['type']} · {report['schedule']['name']}{reconfig}",
-        caption=f"energy ({label}): {report['energy_source']}\nper iteration: {steady['statistic']}",
-    )
-    table.add_column("")
-    table.add_column("baseline", justify="right")
-    table.add_column(f"{config['type']}", justify="right")
-    table.add_column("change", justify="right")
-    table.add_row(
-        "tokens/s",
-        f"{base['tokens_per_s']:,.0f}",
-        f"{steady['tokens_per_s']:,.0f}",
-        _pct(steady["tokens_per_s"] / base["tokens_per_s"] - 1.0),
-    )
-    table.add_row(
-        "iteration time (ms)",
-        f"{base['iteration_ms']:.1f}",
-        f"{steady['iteration_ms']:.1f}",
-        _pct(summary["slowdown"]),
-    )
-    for stage in sorted(base["stage_energy_j"], key=int):
-        b, s = base["stage_energy_j"][stage], steady["stage_energy_j"].get(stage)
-        table.add_row(
-            f"stage {stage} energy/it (J, {label})",
-            _j(b),
-            _j(s),
-            _pct(s / b - 1.0) if b and s is not None else "-",
+    console.print(_steps_line(summary), highlight=False)
+    if summary["loss_first"] is not None:
+        console.print(f"loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}", highlight=False)
+    base, plan = summary["baseline"], summary["at_plan"]
+    if base is not None and plan is not None:
+        console.print(_window_table(report, base, plan, label))
+        unpaired = summary["unpaired"] or {}
+        saving = unpaired.get("energy_saving")
+        console.print(
+            f"unpaired ({label}): {_pct(saving)} energy saving at {_pct(unpaired.get('slowdown'))} iteration "
+            "time against the baseline window at the start (not side by side: a change of load in between "
+            "counts; `--compare` measures in pairs)",
+            highlight=False,
         )
-    saving = summary["energy_saving"]
-    table.add_row(
-        f"total energy/it (J, {label})",
-        _j(base["energy_j_per_iteration"]),
-        _j(steady["energy_j_per_iteration"]),
-        _pct(-saving) if saving is not None else "-",
-        style="bold",
-        end_section=True,
-    )
-    table.add_row(
-        f"energy saving ({label})",
-        "",
-        "",
-        f"{saving * 100:.1f}%" if saving is not None else "-",
-        style="bold",
-    )
-    console.print(table)
-    missing = summary.get("energy_unavailable_windows", 0)
+    elif base is not None:
+        console.print(
+            "the run ended before the plan was reached: raise --steps (planning took "
+            f"{summary['planning_steps']} steps)",
+            highlight=False,
+        )
+    paired = summary["paired"]
+    if paired is not None:
+        s, t = paired["energy_saving"], paired["slowdown"]
+        saving = (
+            "n/a"
+            if s is None
+            else f"{_pct(s['median'])} (95% interval {_pct(s['low'])} to {_pct(s['high'])})"
+        )
+        console.print(
+            f"paired ({label}, {paired['rounds']} rounds): median saving {saving}; median slowdown "
+            f"{_pct(t['median'])} (95% interval {_pct(t['low'])} to {_pct(t['high'])}), bound "
+            f"{paired['slowdown_bound']:.0%}",
+            highlight=False,
+        )
+        for line in paired["verdict"]:
+            console.print(f"[bold]{line}[/]", highlight=False)
+    predicted = summary["predicted"]
+    if predicted is not None:
+        console.print(
+            f"{predicted['label']}: {_pct(predicted['energy_saving'])} energy saving at "
+            f"{_pct(predicted['slowdown'])} iteration time",
+            highlight=False,
+        )
+    missing = summary["energy_unavailable_windows"]
     if missing:
         console.print(
             f"energy unavailable for {missing} measurement window(s): the agent did not answer; "
             "those windows are left out (not counted as zero)",
             highlight=False,
         )
+    for text in report.get("warnings") or []:
+        console.print(f"[yellow]{text}[/]", highlight=False, markup=True)
     console.print(_plan_line(report), highlight=False)
+    drift = report.get("drift") or {}
+    if drift.get("replans"):
+        for replan in drift["replans"]:
+            console.print(
+                f"drift guard re-planned at step {replan['step']}: {replan['reason']}", highlight=False
+            )
+    del config
+
+
+def _steps_line(summary: dict[str, Any]) -> str:
+    counts = summary["step_counts"]
+    parts = ", ".join(f"{name} {n}" for name, n in counts.items())
+    return f"{summary['optimizer_steps']} optimizer steps ({parts})"
+
+
+def _window_table(report: dict[str, Any], base: dict, plan: dict, label: str) -> Any:
+    from rich.table import Table
+
+    config = report["config"]
+    table = Table(
+        title=f"envpipe train: {config['type']} · {report['schedule']['name']} · reconfig {config['reconfig']}",
+        caption=f"energy ({label}): {report['energy_source']}\nat plan: {plan['statistic']}",
+    )
+    for name, justify in (
+        ("", "left"),
+        ("baseline window", "right"),
+        ("at plan", "right"),
+        ("change", "right"),
+    ):
+        table.add_column(name, justify=justify)
+    table.add_row(
+        "tokens/s",
+        f"{base['tokens_per_s']:,.0f}",
+        f"{plan['tokens_per_s']:,.0f}",
+        _pct(plan["tokens_per_s"] / base["tokens_per_s"] - 1.0),
+    )
+    table.add_row(
+        "iteration time (ms)",
+        f"{base['iteration_ms']:.1f}",
+        f"{plan['iteration_ms']:.1f}",
+        _pct(plan["iteration_ms"] / base["iteration_ms"] - 1.0),
+    )
+    for stage in sorted(base["stage_energy_j"], key=int):
+        b, p = base["stage_energy_j"][stage], plan["stage_energy_j"].get(stage)
+        table.add_row(
+            f"stage {stage} energy/it (J, {label})",
+            _j(b),
+            _j(p),
+            _pct(p / b - 1.0) if b and p is not None else "-",
+        )
+    b, p = base["energy_j_per_iteration"], plan["energy_j_per_iteration"]
+    table.add_row(
+        f"total energy/it (J, {label})",
+        _j(b),
+        _j(p),
+        _pct(p / b - 1.0) if b and p is not None else "-",
+        style="bold",
+    )
+    return table
 
 
 def _plan_line(report: dict[str, Any]) -> str:
     """One line: the schedule's r and, per stage, how many units run at which clock."""
     stages = []
-    for stage, units in sorted(report.get("clocks", {}).items(), key=lambda kv: int(kv[0])):
+    for stage, units in sorted((report.get("clocks") or {}).items(), key=lambda kv: int(kv[0])):
         counts: dict[int, int] = {}
         for clock_mhz in units.values():
             counts[clock_mhz] = counts.get(clock_mhz, 0) + 1
@@ -160,8 +224,8 @@ def _j(value: float | None) -> str:
     return "unavailable" if value is None else f"{value:.3f}"
 
 
-def _pct(fraction: float) -> str:
-    return f"{fraction * 100:+.1f}%"
+def _pct(fraction: float | None) -> str:
+    return "n/a" if fraction is None else f"{fraction * 100:+.1f}%"
 
 
 def write_json(report: dict[str, Any], path: str | Path) -> None:
@@ -179,15 +243,31 @@ def write_json(report: dict[str, Any], path: str | Path) -> None:
 
 
 def draw_plot(report: dict[str, Any], path: str | Path) -> None:
-    """Draw the measured Gantt chart of the last iteration with the simulator's plot code."""
-    from envpipe.train.planning import plot_timeline
+    """Draw the measured Gantt chart of the last gathered step with the simulator's plot code."""
+    from types import SimpleNamespace
+
+    from envpipe.render import gantt_png
+    from envpipe.sim import UnitSpan
 
     config = report["config"]
     times = (
         "measured times, DVFS emulated (simulated stretch)" if config["emulate_dvfs"] else "measured times"
     )
     title = (
-        f"envpipe train, last iteration ({times}): {config['type']} / {report['schedule']['name']} / "
+        f"envpipe train, last measured step ({times}): {config['type']} / {report['schedule']['name']} / "
         f"{config['reconfig']}"
     )
-    plot_timeline(report["last_iteration"], path, title=title)
+    spans = report["last_iteration"] or []
+    timeline = [UnitSpan(s["stage"], s["unit"], s["start_ms"], s["end_ms"], s["clock_mhz"]) for s in spans]
+    stages = 1 + max((s.stage for s in timeline), default=0)
+    busy_ms = [sum(s.end_ms - s.start_ms for s in timeline if s.stage == stage) for stage in range(stages)]
+    # gantt_png reads these SimResult fields; a measured step has no critical path of its own.
+    measured = SimpleNamespace(
+        timeline=timeline,
+        stage_busy_ms=busy_ms,
+        critical_path=[],
+        model=title,
+        simulated=False,
+        iteration_time_ms=max((s.end_ms for s in timeline), default=1.0),
+    )
+    gantt_png(measured, path, title=title)

@@ -52,9 +52,9 @@ def _engine(module: Any, config: dict[str, Any], schedule: Any) -> Any:
         params = [p for p in module.parameters() if p.requires_grad]
         engine, *_ = deepspeed.initialize(model=module, config=config, model_parameters=params)
         return engine
-    from envpipe.deepspeed import initialize
+    from envpipe.deepspeed import build_engine
 
-    return initialize(module, config, schedule)
+    return build_engine(module, config, schedule)
 
 
 def _digest(engine: Any) -> list[list[float]]:
@@ -171,12 +171,12 @@ def two_ranks(out_dir: str) -> dict[str, Any]:
 
 def _emulated(build: Any, stages: int, micro_batches: int, r: list[int]) -> dict[str, Any]:
     """``ours`` and ``1f1b`` on the ``link`` transport with NCCL's stream semantics emulated."""
-    from envpipe.deepspeed import initialize
+    from envpipe.deepspeed import build_engine
     from envpipe.schedules import get_schedule
 
     out = {}
     for name, r_vector in (("1f1b", None), ("ours", r)):
-        engine = initialize(build(), _config(micro_batches), get_schedule(name, stages, micro_batches, r_vector))
+        engine = build_engine(build(), _config(micro_batches), get_schedule(name, stages, micro_batches, r_vector))
         engine.set_transport("link", emulate_timeout_s=60.0)
         batches = _tokens([16])
         out[name] = [float(engine.train_batch(batches)) for _ in range(2)]
@@ -186,11 +186,11 @@ def _emulated(build: Any, stages: int, micro_batches: int, r: list[int]) -> dict
 def _stall(result: dict[str, Any], out_dir: str, build: Any) -> None:
     """``ours`` (S=2, M=2) on the ``pair`` transport under emulation; writes the result and ends the process,
     since a stalled stream's worker never returns (as a hung GPU stream)."""
-    from envpipe.deepspeed import initialize
+    from envpipe.deepspeed import build_engine
     from envpipe.deepspeed.nccl_emulation import P2PStalled
     from envpipe.schedules import get_schedule
 
-    engine = initialize(build(), _config(2), get_schedule("ours", 2, 2, [0, 0]))
+    engine = build_engine(build(), _config(2), get_schedule("ours", 2, 2, [0, 0]))
     engine.set_transport("pair", emulate_timeout_s=3.0)
     try:
         engine.train_batch(_tokens([16]))

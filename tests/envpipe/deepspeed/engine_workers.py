@@ -70,7 +70,7 @@ def _train(
     emulate: bool = False,
     checkpoint_interval: int = 0,
 ) -> tuple[Any, list[float]]:
-    from envpipe.deepspeed import initialize
+    from envpipe.deepspeed import build_engine
     from envpipe.models.llama import build_pipeline, load_config
 
     config = load_config(model_dir)
@@ -78,7 +78,7 @@ def _train(
         config, schedule.stages, model_dir=model_dir, activation_checkpoint_interval=checkpoint_interval
     )
     ds_config = _ds_config(schedule.micro_batches) | {"pipeline": {"use_reentrant": False}}
-    engine = initialize(module, ds_config, schedule, clocks, agent, emulate)
+    engine = build_engine(module, ds_config, schedule, clocks, agent, emulate)
     data = _data(config.vocab_size, engine.grid.data_parallel_id, engine.grid.data_parallel_size)
     losses = [float(engine.train_batch(data)) for _ in range(steps)]
     return engine, losses

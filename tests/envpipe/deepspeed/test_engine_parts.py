@@ -339,11 +339,11 @@ def test_gpu_stretch_learns_compute_time_and_the_achieved_spin_rate():
 
 
 def test_initialize_refuses_a_schedule_that_does_not_match_the_config():
-    from envpipe.deepspeed import initialize
+    from envpipe.deepspeed import build_engine
 
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 8}
     with pytest.raises(ConfigError, match="gradient_accumulation_steps=8 but the schedule has 4"):
-        initialize(object(), config, get_schedule("1f1b", 2, 4))
+        build_engine(object(), config, get_schedule("1f1b", 2, 4))
 
 
 def test_stock_train_schedule_passes_the_stream_model_and_equals_our_1f1b() -> None:

@@ -16,10 +16,9 @@ import pytest
 from rich.console import Console
 
 from envpipe.errors import ConfigError
-from envpipe.train import launch, report
+from envpipe.controller.windows import Window
+from envpipe.train import agents, launch, ranks, report
 from envpipe.train.config import TrainConfig, resolve
-from envpipe.train.phases import Window
-from envpipe.train.planning import build_profile, candidate_clocks
 from envpipe.train.progress import MARKER, ProgressDisplay, parse_marker
 
 
@@ -63,64 +62,24 @@ def test_progress_display_accepts_every_event():
         assert task.completed == 4 and task.finished
 
 
-def test_candidate_clocks_spread_over_the_window():
-    h100 = list(range(1980, 344, -15))
-    picks = candidate_clocks(h100, 4, 0.5)
-    assert picks[0] == 1980 and len(picks) == 4 and picks == sorted(picks, reverse=True)
-    assert all(c in h100 and c >= 990 for c in picks)
-    assert candidate_clocks(h100, 1, 0.5) == [1980]
-    assert candidate_clocks([1410], 5, 0.5) == [1410]
-
-
-def _window(energy: dict[int, float], iteration_ms: float, units=None) -> Window:
-    return Window(
-        iterations=2,
-        statistic="mean over one energy window",
-        iteration_ms=iteration_ms,
-        iteration_ms_median=iteration_ms,
-        stage_energy_j=energy,
-        simulated=True,
-        losses=[5.0, 4.0],
-        stage_unit_ms=units or {},
-    )
-
-
-def test_profile_finds_the_energy_valley_per_stage():
-    points = [
-        (1980, _window({0: 10.0, 1: 12.0}, 100.0, {0: {"F": 1.0, "B": 2.0}, 1: {"F": 1.0, "B": 2.0}})),
-        (1500, _window({0: 8.0, 1: 12.5}, 120.0, {0: {"F": 1.3, "B": 2.6}, 1: {"F": 1.3, "B": 2.6}})),
-        (1000, _window({0: 9.0, 1: 13.0}, 160.0, {0: {"F": 1.9, "B": 3.8}, 1: {"F": 1.9, "B": 3.8}})),
-    ]
-    profile = build_profile(
-        points,
-        gpu_name="sim",
-        clocks_mhz=[1000, 1500, 1980],
-        idle_power_w=50.0,
-        micro_batches=4,
-        simulated=True,
-        source="sim agent (simulated)",
-    )
-    assert profile["format"] == "envpipe-profile/1" and profile["gpu"]["clocks_mhz"] == [1980, 1500, 1000]
-    assert [s["f_low_mhz"] for s in profile["stages"]] == [1500, 1980]
-    assert profile["stages"][0]["points"][1] == {
-        "clock_mhz": 1500,
-        "fwd_ms": 1.3,
-        "bwd_ms": 2.6,
-        "iteration_ms": 120.0,
-        "energy_j": 8.0,
-    }
+def _window(energy: dict[int, float], iteration_ms: float) -> Window:
+    return Window(iterations=2, iteration_ms=iteration_ms, iteration_ms_median=iteration_ms,
+                  stage_energy_j=energy, simulated=True, losses=[5.0, 4.0])
 
 
 def _result() -> dict:
     base = _window({0: 10.0, 1: 10.0}, 100.0).to_dict()
-    steady = _window({0: 7.0, 1: 9.0}, 101.0).to_dict()
+    at_plan = _window({0: 7.0, 1: 9.0}, 101.0).to_dict()
     return {
         "simulated": True,
         "energy_source": "sim agent (simulated)",
-        "dp_size": 1,
         "world_size": 2,
+        "controller": {"step_counts": {"warm-up": 3, "at-plan": 2}, "planning_steps": 3},
+        "optimizer_steps": 5,
+        "losses": [{"step": 0, "loss": 5.5}, {"step": 4, "loss": 5.1}],
         "baseline": base,
-        "steady": steady,
+        "at_plan": at_plan,
+        "unpaired": {"label": "unpaired", "energy_saving": 0.2, "slowdown": 0.01},
         "schedule": {"name": "ours", "r": [1, 0], "text": ""},
         "clocks": {},
         "phases": [],
@@ -135,23 +94,24 @@ def test_report_summary_numbers(tmp_path: Path):
     config = resolve({"stages": 2, "micro_batches": 4, "micro_batch_size": 2, "seq_len": 64})
     rep = report.build_report(config, _result())
     summary = rep["summary"]
-    assert summary["energy_label"] == "simulated"
-    assert summary["energy_saving"] == pytest.approx(0.2)
-    assert summary["slowdown"] == pytest.approx(0.01)
+    assert summary["energy_label"] == "simulated" and summary["optimizer_steps"] == 5
+    assert summary["unpaired"]["energy_saving"] == pytest.approx(0.2)
     assert summary["baseline"]["tokens_per_s"] == pytest.approx(512 / 0.1)
-    assert summary["steady"]["stage_energy_j"] == {"0": 7.0, "1": 9.0}
+    assert summary["at_plan"]["stage_energy_j"] == {"0": 7.0, "1": 9.0}
+    assert (summary["loss_first"], summary["loss_last"]) == (5.5, 5.1)
     out = tmp_path / "r.json"
     report.write_json(rep, out)
-    assert json.loads(out.read_text())["summary"]["energy_saving"] == pytest.approx(0.2)
+    assert json.loads(out.read_text())["summary"]["unpaired"]["energy_saving"] == pytest.approx(0.2)
     console = Console(record=True, width=140)
     report.print_summary(rep, console)
-    text = console.export_text()
-    assert "simulated" in text and "20.0%" in text and "tokens/s" in text
+    text = " ".join(console.export_text().split())
+    assert "simulated" in text and "+20.0% energy saving" in text and "unpaired" in text and "tokens/s" in text
+    assert "5 optimizer steps (warm-up 3, at-plan 2)" in text and "loss 5.500 -> 5.100" in text
 
 
 def test_deepspeed_command_forwards_launcher_options():
     config = resolve({"num_gpus": 4, "num_nodes": 1, "device": "cuda"})
-    cmd = launch.deepspeed_command(config, "QUJD", 29500)
+    cmd = ranks.deepspeed_command(config, "QUJD", 29500)
     assert cmd[1:3] == ["-m", "deepspeed.launcher.runner"]
     assert cmd[cmd.index("--num_gpus") + 1] == "4" and cmd[cmd.index("--num_nodes") + 1] == "1"
     assert cmd[-4:] == ["--module", "envpipe.train.worker", "--config-b64", "QUJD"]
@@ -170,11 +130,11 @@ def test_one_failing_rank_stops_the_others_with_a_clear_error(tmp_path: Path):
     log = tmp_path / "rank1.log"
     log.write_text("Traceback ...\nerror: rank 1: RuntimeError: stage 1 ran out of memory\n")
     failing = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"], start_new_session=True)
-    ranks = [launch._Rank("rank 0", survivor, tmp_path / "rank0.log"), launch._Rank("rank 1", failing, log)]
+    procs = [ranks._Rank("rank 0", survivor, tmp_path / "rank0.log"), ranks._Rank("rank 1", failing, log)]
     console = Console(file=open("/dev/null", "w"))
     start = time.monotonic()
     with ProgressDisplay(console) as display, pytest.raises(launch.RunError) as info:
-        launch._follow(ranks, survivor.stdout, display, tmp_path)
+        ranks._follow(procs, survivor.stdout, display, tmp_path)
     assert time.monotonic() - start < 10
     message = str(info.value)
     assert (
@@ -186,7 +146,7 @@ def test_one_failing_rank_stops_the_others_with_a_clear_error(tmp_path: Path):
 
 
 def test_rank_env_is_what_the_launchers_set():
-    env = launch.rank_env(1, 4, 12345, agent="ipc:///tmp/x")
+    env = ranks.rank_env(1, 4, 12345, agent="ipc:///tmp/x")
     assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"], env["MASTER_PORT"]) == ("1", "1", "4", "12345")
     assert env["OMP_NUM_THREADS"] == "1" and env["ENVPIPE_AGENT"] == "ipc:///tmp/x"
 
@@ -195,14 +155,14 @@ def test_rank_env_is_what_the_launchers_set():
 def test_embedded_sim_agent_when_none_answers(tmp_path: Path):
     console = Console(record=True, width=200)
     nowhere = f"ipc://{tmp_path}/none.sock"
-    with launch.agent_for_run(nowhere, gpus=2, console=console) as agent:
+    with agents.agent_for_run(nowhere, gpus=2, console=console) as agent:
         assert agent.embedded and agent.simulated
-        found = launch.probe_agent(agent.endpoint)
+        found = agents.probe_agent(agent.endpoint)
         assert found is not None and found.simulated
     assert "started an embedded sim agent (2 simulated GPUs)" in console.export_text()
-    assert launch.probe_agent(agent.endpoint, timeout_s=0.3) is None  # stopped with the block
+    assert agents.probe_agent(agent.endpoint, timeout_s=0.3) is None  # stopped with the block
     with pytest.raises(launch.RunError, match="needs envpipe-agent running on every node"):
-        with launch.agent_for_run(nowhere, gpus=2, console=console, multi_node=True):
+        with agents.agent_for_run(nowhere, gpus=2, console=console, multi_node=True):
             pass
 
 
@@ -214,10 +174,10 @@ def test_a_rank_failing_after_the_result_keeps_the_result(tmp_path: Path):
     rank1 = subprocess.Popen(
         [sys.executable, "-c", "import time, sys; time.sleep(1.0); sys.exit(2)"], start_new_session=True
     )
-    ranks = [launch._Rank("rank 0", rank0, tmp_path / "rank0.log"), launch._Rank("rank 1", rank1, log)]
+    procs = [ranks._Rank("rank 0", rank0, tmp_path / "rank0.log"), ranks._Rank("rank 1", rank1, log)]
     console = Console(record=True, width=200)
     with ProgressDisplay(console) as display:
-        result = launch._follow(ranks, rank0.stdout, display, tmp_path)
+        result = ranks._follow(procs, rank0.stdout, display, tmp_path)
     assert result["ok"] == 1 and "rank 1 exited with code 2" in result["shutdown_warning"]
     assert "warning: the run finished" in console.export_text()
 
@@ -242,77 +202,12 @@ def test_launcher_options_are_refused_for_cpu_ranks(flags, needle):
         launch._local_world_size(resolve({"device": "cpu", **flags}), "cpu")
 
 
-def _one_stage_window(energy_j, iterations=2, iteration_ms=10.0):
-    return Window(
-        iterations=iterations,
-        statistic="mean over one energy window",
-        iteration_ms=iteration_ms,
-        iteration_ms_median=iteration_ms,
-        stage_energy_j={0: energy_j},
-        simulated=True,
-        losses=[1.0] * iterations,
-        stage_unit_ms={0: {"F": 1.0, "B": 2.0}},
-    )
-
-
-def test_steady_comparison_takes_the_round_with_the_median_paired_saving():
-    from envpipe.train.phases import _median_pair
-
-    # Round 2 had a burst of load on the baseline side, round 3 on the plan side: neither decides.
-    pairs = [
-        (_one_stage_window(10.0), _one_stage_window(9.0)),
-        (_one_stage_window(20.0), _one_stage_window(9.5)),
-        (_one_stage_window(10.0), _one_stage_window(15.0)),
-    ]
-    base, final = _median_pair(pairs)
-    assert (base.energy_j, final.energy_j) == (10.0, 9.0)
-    assert "median of 3 paired savings" in final.statistic
-    # A round without energy (agent unavailable) is left out; the lower middle of an even count is taken.
-    pairs.append((_one_stage_window(None), _one_stage_window(8.0)))
-    assert _median_pair(pairs)[1].energy_j == 9.0
-    assert (
-        _median_pair([(_one_stage_window(None), _one_stage_window(8.0))])[1].energy_j == 8.0
-    )  # nothing known: the last
-
-
-def test_profiling_windows_of_one_clock_merge_by_iterations():
-    from envpipe.train.phases import _merge_windows
-
-    merged = _merge_windows(
-        [_one_stage_window(10.0, iterations=2), _one_stage_window(16.0, iterations=4, iteration_ms=13.0)]
-    )
-    assert merged.iterations == 6 and merged.energy_j == pytest.approx(14.0)
-    assert merged.iteration_ms == pytest.approx(12.0)
-    assert (
-        _merge_windows([_one_stage_window(10.0), _one_stage_window(None)]).energy_j == 10.0
-    )  # the window that has energy
-
-
-def test_median_timeline_is_per_unit_and_keeps_ends_after_starts():
-    from envpipe.sim import UnitSpan
-    from envpipe.train.phases import _median_timeline
-
-    def iteration(f_end, b_start, b_end):
-        return [UnitSpan(0, "F0", 0.0, f_end, 1980), UnitSpan(0, "B0", b_start, b_end, 1320)]
-
-    # The second iteration was descheduled in F0: one bad sample does not move the median.
-    timeline = _median_timeline(
-        [iteration(1.0, 1.1, 3.0), iteration(9.0, 9.1, 11.0), iteration(1.2, 1.3, 3.1)]
-    )
-    assert [(s.unit, s.start_ms, s.end_ms, s.clock_mhz) for s in timeline] == [
-        ("F0", 0.0, 1.2, 1980),
-        ("B0", 1.3, 3.1, 1320),
-    ]
-
-
 def test_more_cpu_ranks_than_cores_is_said(monkeypatch: pytest.MonkeyPatch):
     from rich.console import Console
 
-    from envpipe.train import launch
-
-    monkeypatch.setattr(launch, "usable_cores", lambda: 2)
+    monkeypatch.setattr(ranks, "usable_cores", lambda: 2)
     console = Console(record=True, width=300)
-    launch._warn_shared_cores(4, console)
-    launch._warn_shared_cores(2, console)
+    ranks.warn_shared_cores(4, console)
+    ranks.warn_shared_cores(2, console)
     text = console.export_text()
     assert text.count("warning") == 1 and "4 CPU ranks share 2 cores" in text and "--stages 2" in text

@@ -1,0 +1,33 @@
+"""The controller's program: every rank runs it in lockstep, one ``yield`` per training step::
+
+warm-up ─► baseline window ─► profiling ─► reconfiguration ─► at-plan ◄──────┐
+               │  plan file (fingerprint checked): profiling skipped ─► ─┘   │ drift guard:
+               │  type baseline: no profiling                                │ re-plan
+               └─ (before it) no agent: unplanned, default clocks, said once └─ compare (opt-in)
+"""
+
+from __future__ import annotations
+
+from envpipe.controller import planning, steady
+from envpipe.controller.core import Context, Program
+from envpipe.controller.states import baseline as baseline_window
+from envpipe.controller.states import profiling, warm_up
+
+
+def program(ctx: Context, *, has_agent: bool) -> Program:
+    """The whole run's states, one ``yield`` per training step (see the module docstring)."""
+    yield from warm_up(ctx)
+    if not has_agent:
+        ctx.enter("unplanned", "no agent: training at the card's default clocks", None)
+        while True:
+            yield
+    if ctx.config.mode == "profile":
+        ctx.profile = yield from profiling(ctx)
+        return
+    plan = planning.load_plan(ctx)
+    ctx.baseline = yield from baseline_window(ctx)
+    if plan is not None:
+        planning.adopt_plan(ctx, plan)
+    else:
+        yield from planning.make_plan(ctx)
+    yield from steady.at_plan(ctx)

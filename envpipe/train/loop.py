@@ -1,0 +1,72 @@
+"""The training loop of ``envpipe train``: exactly ``--steps`` optimizer steps through the engine.
+
+The controller inside the engine decides what each step runs; this loop only counts, shows progress and
+calls the step hooks (the place for the run lifecycle: checkpoints, logs). No torch import at module level.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from envpipe.train.config import TrainConfig
+
+# Steps whose loss is read (a read waits for the device): every LOSS_EVERY-th and the last.
+LOSS_EVERY = 10
+_PROGRESS_EVERY_S = 0.5
+
+StepHook = Callable[[Any, Any, Any], None]  # hook(step_result, controller_context, engine)
+
+
+def run_steps(
+    engine: Any, data_iter: Any, config: TrainConfig, hooks: list[StepHook] | None = None
+) -> dict[str, Any] | None:
+    """Train ``config.steps`` steps (``mode == "profile"``: until profiling is done); rank 0's result.
+
+    Returns:
+        On global rank 0 the controller's result with the loss curve and the engine's optimizer step count;
+        None on other ranks.
+    """
+    controller = engine.controller
+    losses: list[tuple[int, float]] = []
+    progress = _Progress(controller)
+    controller.add_step_hook(progress)
+    for hook in hooks or []:
+        controller.add_step_hook(lambda result, ctx, hook=hook: hook(result, ctx, engine))
+    if config.mode == "profile":
+        while not controller.finished:
+            engine.train_batch(data_iter)
+    else:
+        for step in range(config.steps):
+            loss = engine.train_batch(data_iter)
+            if step % LOSS_EVERY == 0 or step == config.steps - 1:
+                losses.append((step, float(loss)))
+    result = controller.finish()
+    if result is None:
+        return None
+    result["optimizer_steps"] = int(engine.global_steps)
+    result["losses"] = [{"step": s, "loss": v} for s, v in losses]
+    return result
+
+
+class _Progress:
+    """Advances the progress bar of the open-ended states (at-plan, unplanned) on rank 0, twice a second."""
+
+    def __init__(self, controller: Any) -> None:
+        self.controller = controller
+        self.last_s = 0.0
+
+    def __call__(self, result: Any, ctx: Any) -> None:
+        if not ctx.is_rank0 or ctx.state not in ("at-plan", "unplanned"):
+            return
+        now = time.monotonic()
+        if now - self.last_s < _PROGRESS_EVERY_S:
+            return
+        self.last_s = now
+        ctx.emit(
+            "advance",
+            phase=ctx.state,
+            completed=ctx.steps_done - ctx.state_started_at,
+            info=f"{result.wall_ms:.0f} ms/it",
+        )
