@@ -27,12 +27,12 @@ OPTIMIZATION = {
 
 
 def _engine(model_dir: str, schedule: Any) -> Any:
-    from envpipe.deepspeed import initialize
+    from envpipe.deepspeed import build_engine
     from envpipe.models.llama import build_pipeline, load_config
 
     module = build_pipeline(load_config(model_dir), schedule.stages, model_dir=model_dir if Path(model_dir).is_dir() else None)
     batch = {"train_micro_batch_size_per_gpu": MICRO_BATCH_SIZE, "gradient_accumulation_steps": schedule.micro_batches}
-    return initialize(module, batch | OPTIMIZATION, schedule)
+    return build_engine(module, batch | OPTIMIZATION, schedule)
 
 
 def _data(engine: Any, data: str | None, start: int) -> Any:
