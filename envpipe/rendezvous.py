@@ -28,7 +28,9 @@ def channel_index(programs: tuple[tuple[Action, ...], ...]) -> list[list[tuple[C
     """For every action: its directed channel (src stage, dst stage) and its FIFO index k on that channel."""
     result = []
     for program in programs:
-        counts: dict[Channel, int] = defaultdict(int)
+        # Sends and receives are counted apart: with a V placement (ZB-V) both ends of a channel can be
+        # on one rank, and its k-th send must still pair with its k-th receive.
+        counts: dict[tuple[Channel, bool], int] = defaultdict(int)
         send_index: dict[tuple[int, ActionKind, int], int] = {}
         row = []
         for action in program:
@@ -39,12 +41,12 @@ def channel_index(programs: tuple[tuple[Action, ...], ...]) -> list[list[tuple[C
                 if action.kind is K.WAIT:
                     k = send_index.get((stage, kind, action.microbatch), -1)
                 else:
-                    k = send_index[(stage, kind, action.microbatch)] = counts[ch]
-                    counts[ch] += 1
+                    k = send_index[(stage, kind, action.microbatch)] = counts[(ch, True)]
+                    counts[(ch, True)] += 1
             elif kind in RECV_KINDS:
                 ch = (stage + PEER_OFFSET[kind], stage)
-                k = counts[ch]
-                counts[ch] += 1
+                k = counts[(ch, False)]
+                counts[(ch, False)] += 1
             else:
                 ch, k = (stage, stage), -1
             row.append((ch, k))

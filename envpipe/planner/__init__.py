@@ -45,7 +45,11 @@ def _policy(name: str, schedule: Schedule, costs) -> Any:
 
 def top_plan(schedule: Schedule, costs) -> ClockPlan:
     """Every unit at the top clock (the baseline's clocks)."""
-    return {s: {a.unit: costs.max_clock_mhz for a in schedule.units(s)} for s in range(schedule.stages)}
+    plan: ClockPlan = {s: {} for s in range(schedule.stages)}
+    for rank in range(schedule.ranks):
+        for a in schedule.units(rank):
+            plan[a.stage][a.unit] = costs.max_clock_mhz
+    return plan
 
 
 class Reconfigurer:
@@ -60,13 +64,18 @@ class Reconfigurer:
             once by the latest plan that met it (the top clocks if none did), then the Reconfigurer stops.
         baseline_ms: the baseline iteration time measured at the start (1F1B, top clocks). Without it the
             simulated baseline is scaled by measured / simulated time of the first update's plan.
+        reference: the baseline's (schedule, costs) in the model, default 1F1B on ``costs``. A schedule with
+            several stages per rank is compared against the pipeline of its GPUs (``envpipe.planner.joint``).
     """
 
     def __init__(self, schedule: Schedule, costs, policy: str, *, slowdown_bound: float = 0.01,
-                 max_rounds: int | None = None, baseline_ms: float | None = None) -> None:
+                 max_rounds: int | None = None, baseline_ms: float | None = None,
+                 reference: tuple[Schedule, Any] | None = None) -> None:
         if policy not in POLICIES:
             raise ConfigError(f"unknown reconfiguration policy {policy!r}; choose one of {', '.join(POLICIES)}")
-        schedule.require_one_stage_per_rank("the clock planner")
+        if policy.startswith("paper") and schedule.name not in ("1f1b", "ours"):
+            raise ConfigError(f"the {policy} policy (the ATC'23 algorithm) runs on 1f1b and ours only, not "
+                              f"{schedule.name!r}; use optimal, balanced or greedy")
         if not 0 <= slowdown_bound < 1:
             raise ConfigError(f"slowdown_bound is a fraction in [0, 1), e.g. 0.01 for 1%; got {slowdown_bound}")
         if max_rounds is not None and max_rounds < 0:
@@ -77,6 +86,7 @@ class Reconfigurer:
         self.slowdown_bound = slowdown_bound
         self.max_rounds = DEFAULT_MAX_ROUNDS.get(policy, 0) if max_rounds is None else max_rounds
         self.baseline_ms = baseline_ms
+        self.reference = reference
         self.target_ms: float | None = None
         self.bound_reachable = True
         self.rounds = 0
@@ -103,8 +113,9 @@ class Reconfigurer:
         from envpipe.schedules import get_schedule
         from envpipe.sim import simulate
 
-        one_f_one_b = get_schedule("1f1b", self.schedule.stages, self.schedule.micro_batches)
-        model_baseline_ms = simulate(one_f_one_b, self.costs).iteration_time_ms
+        stages, micro_batches = self.schedule.stages, self.schedule.micro_batches
+        reference = self.reference or (get_schedule("1f1b", stages, micro_batches), self.costs)
+        model_baseline_ms = simulate(*reference).iteration_time_ms
         if self.baseline_ms is None:
             # Measured and simulated time differ (overheads, model error): compare like with like.
             scale = obs.iteration_ms / simulate(self.schedule, self.costs, clocks).iteration_time_ms
@@ -147,7 +158,8 @@ class PlanResult:
 
 def plan_clocks(schedule: Schedule, costs, policy: str, *, slowdown_bound: float = 0.01,
                 start: ClockPlan | None = None, max_rounds: int | None = None,
-                baseline_ms: float | None = None) -> PlanResult:
+                baseline_ms: float | None = None,
+                reference: tuple[Schedule, Any] | None = None) -> PlanResult:
     """Run ``policy`` on simulated iterations from ``start`` (default: top clocks) until it is stable.
 
     Returns:
@@ -156,7 +168,7 @@ def plan_clocks(schedule: Schedule, costs, policy: str, *, slowdown_bound: float
     from envpipe.sim import simulate
 
     reconfigurer = Reconfigurer(schedule, costs, policy, slowdown_bound=slowdown_bound, max_rounds=max_rounds,
-                                baseline_ms=baseline_ms)
+                                baseline_ms=baseline_ms, reference=reference)
     clocks = start if start is not None else top_plan(schedule, costs)
     rounds = 0
     while True:

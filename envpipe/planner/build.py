@@ -5,6 +5,9 @@ communication actions take no time themselves but complete only when their trans
 (``transfer_ms``) starts once both the send and the matching receive are posted (the end of the action
 before each), and a blocking send, a receive or a wait ``WAIT`` ends no earlier than it. An async send returns
 at once. With no clock-switch latency and constant idle power this is exactly ``envpipe.sim.simulate``.
+
+A rank may hold several stages (interleaved, ZB-V): a unit's options are its stage's, while the DAG's
+"stage" of a node (the row whose idle power it saves) is the rank, the GPU that runs it.
 """
 
 from __future__ import annotations
@@ -77,20 +80,19 @@ def build_dag(schedule: Schedule, costs, *, unit_scale: Mapping[UnitKey, float] 
     Returns:
         The DAG with its unit map.
     """
-    schedule.require_one_stage_per_rank("the clock planner")
     idle_clock = costs.max_clock_mhz if idle_clock_mhz is None else idle_clock_mhz
-    idle_w = [costs.idle_power_w(s, idle_clock) for s in range(schedule.stages)]
+    idle_w = [costs.idle_power_w(schedule.rank_stages(r)[0], idle_clock) for r in range(schedule.ranks)]
     xfer_ms = costs.transfer_ms(0, 1)
     dag = ClockDag(idle_power_w=list(idle_w))
     skeleton = _skeleton(schedule)
-    for key, stage, unit, preds in skeleton.nodes:
+    for key, rank, stage, unit, preds in skeleton.nodes:
         if stage is None:
             options: tuple[ClockOption, ...] = (ClockOption(0, xfer_ms, 0.0),)
         else:
             # Scales are rounded to 0.1% (far below timing noise) so that scaled option sets can be cached.
             scale = round((unit_scale or {}).get((stage, unit), 1.0), 3)
             options = _scaled_options(costs, stage, unit[0], prune and idle_clock_mhz is None, scale)
-        dag.add_node(key, stage, options)
+        dag.add_node(key, rank, options)
         for p in preds:
             dag.add_edge(p, key)
     return PipelineDag(dag, dict(skeleton.unit_nodes))
@@ -98,9 +100,10 @@ def build_dag(schedule: Schedule, costs, *, unit_scale: Mapping[UnitKey, float] 
 
 @dataclass(frozen=True)
 class _Skeleton:
-    """The DAG's structure without costs: (key, stage or None, unit, preds) per node in topological order."""
+    """The DAG's structure without costs: (key, rank, stage, unit, preds) per node in topological order
+    (rank and stage None for transfers)."""
 
-    nodes: tuple[tuple[Hashable, int | None, str, tuple[Hashable, ...]], ...]
+    nodes: tuple[tuple[Hashable, int | None, int | None, str, tuple[Hashable, ...]], ...]
     unit_nodes: tuple[tuple[UnitKey, int], ...]
 
 
@@ -110,16 +113,16 @@ def _skeleton(schedule: Schedule) -> _Skeleton:
     index = channel_index(schedule.programs)
     posts: dict[tuple[tuple[int, int], int], list[Hashable]] = {}
     completions: list[tuple[Hashable, tuple[tuple[int, int], int]]] = []
-    for stage, program in enumerate(schedule.programs):
+    for rank, program in enumerate(schedule.programs):
         previous: Hashable | None = None
         for pc, action in enumerate(program):
-            key: Hashable = (stage, pc)
+            key: Hashable = (rank, pc)
             preds = [previous] if previous is not None else []
             kind = action.kind
             if action.is_compute:
-                nodes[key] = (stage, False, preds)
+                nodes[key] = (rank, False, preds)
             else:
-                msg = index[stage][pc]
+                msg = index[rank][pc]
                 if kind in SEND_KINDS or kind in RECV_KINDS:
                     # The transfer may start once this side has reached the action (previous one ended).
                     posts.setdefault(msg, []).append(previous)
@@ -167,7 +170,7 @@ def _topological(schedule: Schedule, nodes) -> _Skeleton:
         for p in set(preds):
             succs[p].append(k)
     ready = [k for k, d in indegree.items() if d == 0]
-    order: list[tuple[Hashable, int | None, str, tuple[Hashable, ...]]] = []
+    order: list[tuple[Hashable, int | None, int | None, str, tuple[Hashable, ...]]] = []
     position: dict[Hashable, int] = {}
     unit_nodes: list[tuple[UnitKey, int]] = []
     via: dict[Hashable, set[Hashable]] = {}  # contracted node -> the kept nodes it stands for
@@ -175,18 +178,19 @@ def _topological(schedule: Schedule, nodes) -> _Skeleton:
     while ready:
         key = ready.pop()
         seen += 1
-        stage, zero_time, preds = nodes[key]
+        rank, zero_time, preds = nodes[key]
         direct: set[Hashable] = set()
         for p in set(preds):
             direct |= via.get(p, {p})
         if zero_time:
             via[key] = direct
         else:
-            unit = schedule.programs[stage][key[1]].unit if stage is not None else ""
+            action = schedule.programs[rank][key[1]] if rank is not None else None
+            stage, unit = (action.stage, action.unit) if action is not None else (None, "")
             if stage is not None:
                 unit_nodes.append(((stage, unit), len(order)))
             position[key] = len(order)
-            order.append((key, stage, unit, tuple(sorted(direct, key=position.__getitem__))))
+            order.append((key, rank, stage, unit, tuple(sorted(direct, key=position.__getitem__))))
         for s in succs[key]:
             indegree[s] -= 1
             if indegree[s] == 0:

@@ -39,7 +39,8 @@ def read_spans(timeline: Iterable[Any], schedule: Schedule) -> dict[UnitKey, Spa
             raise ConfigError(f"unit {span.unit} on stage {span.stage} ends before it starts "
                               f"({span.start_ms} > {span.end_ms} ms); send start/end from one clock")
         spans[(span.stage, span.unit)] = span
-    missing = [(s, a.unit) for s in range(schedule.stages) for a in schedule.units(s) if (s, a.unit) not in spans]
+    missing = [(a.stage, a.unit) for r in range(schedule.ranks) for a in schedule.units(r)
+               if (a.stage, a.unit) not in spans]
     if missing:
         raise ConfigError(f"the timeline lacks {len(missing)} unit(s), e.g. stage {missing[0][0]} "
                           f"{missing[0][1]}; gather the spans of every stage for one whole iteration")

@@ -1,4 +1,4 @@
-"""Schedule generators: ``get_schedule(name, stages, micro_batches, r=None)`` (1f1b, ours, interleaved)."""
+"""Schedule generators: ``get_schedule(name, stages, micro_batches, r=None)`` (names: ``SCHEDULES``)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from typing import Any
 
 from envpipe.errors import ConfigError
 from envpipe.ir import Schedule
-from envpipe.schedules import interleaved, one_f_one_b, ours
+from envpipe.schedules import interleaved, one_f_one_b, ours, ours_w, zb_v, zero_bubble
 from envpipe.schedules.ours import compute_r
 
-__all__ = ["SCHEDULES", "compute_r", "get_schedule"]
+__all__ = ["SCHEDULES", "VIRTUAL_STAGES", "compute_r", "get_schedule"]
 
 
 def _no_r(name: str, r: Sequence[int] | None) -> None:
@@ -51,6 +51,40 @@ def _interleaved(
     return interleaved.build(stages, micro_batches, virtual_stages or DEFAULT_VIRTUAL_STAGES)
 
 
+def _ours_w(
+    stages: int, micro_batches: int, r: Sequence[int] | None, costs: Any, virtual_stages: int | None
+) -> Schedule:
+    _one_stage_per_rank("ours-w", virtual_stages)
+    if r is None:
+        r = compute_r(stages, micro_batches, costs)
+    return ours_w.build(stages, micro_batches, r)
+
+
+def _zb_h1(
+    stages: int, micro_batches: int, r: Sequence[int] | None, costs: Any, virtual_stages: int | None
+) -> Schedule:
+    _no_r("zb-h1", r)
+    _one_stage_per_rank("zb-h1", virtual_stages)
+    return zero_bubble.build_h1(stages, micro_batches)
+
+
+def _zb_h2(
+    stages: int, micro_batches: int, r: Sequence[int] | None, costs: Any, virtual_stages: int | None
+) -> Schedule:
+    _no_r("zb-h2", r)
+    _one_stage_per_rank("zb-h2", virtual_stages)
+    return zero_bubble.build_h2(stages, micro_batches)
+
+
+def _zb_v(
+    stages: int, micro_batches: int, r: Sequence[int] | None, costs: Any, virtual_stages: int | None
+) -> Schedule:
+    _no_r("zb-v", r)
+    if virtual_stages not in (None, 2):
+        raise ConfigError(f"zb-v holds exactly 2 stages per rank (got virtual_stages={virtual_stages})")
+    return zb_v.build(stages, micro_batches)
+
+
 DEFAULT_VIRTUAL_STAGES = 2
 
 # Explicit registry (no auto-registration): name -> builder(stages, micro_batches, r, costs, virtual_stages).
@@ -58,7 +92,13 @@ SCHEDULES: dict[str, Callable[[int, int, Sequence[int] | None, Any, int | None],
     "1f1b": _one_f_one_b,
     "ours": _ours,
     "interleaved": _interleaved,
+    "ours-w": _ours_w,
+    "zb-h1": _zb_h1,
+    "zb-h2": _zb_h2,
+    "zb-v": _zb_v,
 }
+# Stages per rank of each schedule: ``stages`` counts model chunks, so S GPUs run S * v of them.
+VIRTUAL_STAGES: dict[str, int | None] = {"interleaved": DEFAULT_VIRTUAL_STAGES, "zb-v": 2}
 
 
 def get_schedule(
@@ -73,11 +113,14 @@ def get_schedule(
     """Build a schedule by name.
 
     Args:
-        name: ``1f1b`` (DeepSpeed TrainSchedule order), ``ours`` (EnvPipe rescheduling) or ``interleaved``
-            (Megatron-LM's interleaved 1F1B; simulator only: DeepSpeed runs one stage per rank).
+        name: ``1f1b`` (DeepSpeed TrainSchedule order), ``ours`` (EnvPipe rescheduling), ``interleaved``
+            (Megatron-LM's interleaved 1F1B), ``ours-w`` (ours with split backwards, W deferred),
+            ``zb-h1``, ``zb-h2``, ``zb-v`` (zero-bubble schedules, Qi et al.). All but 1f1b and ours are
+            simulated and planned only: DeepSpeed's engine runs one stage per rank and full backwards.
+            ``interleaved`` and ``zb-v`` put several of the ``stages`` on each rank.
         stages: number of pipeline stages S (>= 1).
         micro_batches: number of micro-batches M (>= 1).
-        r: ``ours`` only: per-stage extra warm-up forwards; None computes it with :func:`compute_r`.
+        r: ``ours``/``ours-w`` only: per-stage extra warm-up forwards; None computes it (:func:`compute_r`).
         costs: optional ``envpipe.sim.CostModel`` used by :func:`compute_r` when ``r`` is None.
         virtual_stages: ``interleaved`` only: stages per rank v (default 2); the schedule has ``stages``
             stages on ``stages / v`` ranks.

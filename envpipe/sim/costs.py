@@ -13,7 +13,7 @@ Power model (all simulated, named by :meth:`CostModel.describe`):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from envpipe_agent.dvfs import Card, DvfsModel, get_card, get_model
 
@@ -36,6 +36,8 @@ class CostModel:
         message_mb: size of one activation (= one gradient) message in MB.
         clock_switch_ms: how long a unit keeps running at the previous clock after a clock change.
         idle_clock_drop: share of idle power saved at the lowest clock (linear in between).
+        input_share: per stage, the share of the backward that is backward-input (``I``; ``W`` is the
+            rest), or None for :data:`BACKWARD_SHARE`. A profile with ``input_ms`` overrides it per clock.
     """
 
     fwd_ms: tuple[float, ...]
@@ -47,6 +49,7 @@ class CostModel:
     message_mb: float = 0.0
     clock_switch_ms: float = 1.0
     idle_clock_drop: float = 0.25
+    input_share: tuple[float, ...] | None = None
     _clocks: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -63,6 +66,13 @@ class CostModel:
         ):
             raise ConfigError(
                 "p2p latency, message size and clock-switch latency must be >= 0, bandwidth > 0"
+            )
+        if self.input_share is not None and (
+            len(self.input_share) != len(self.fwd_ms) or not all(0 < x < 1 for x in self.input_share)
+        ):
+            raise ConfigError(
+                f"input_share needs one share in (0, 1) per stage (the I part of the backward), got "
+                f"{self.input_share}"
             )
         if not 0 <= self.idle_clock_drop < 1:
             raise ConfigError(f"idle_clock_drop must be in [0, 1), got {self.idle_clock_drop}")
@@ -82,12 +92,14 @@ class CostModel:
         profile: MeasuredProfile | None = None,
         fwd_ms: Sequence[float] | float | None = None,
         bwd_ms: Sequence[float] | float | None = None,
+        input_ms: Sequence[float] | float | None = None,
         **options: float,
     ) -> CostModel:
         """Costs for ``stages`` stages: balanced 10/20 ms units unless times are given (one or per stage).
 
         With a profile and no times, the profile's top-clock times are used; given times scale the
-        profile's curve.
+        profile's curve. ``input_ms``: the backward-input (``I``) time at the top clock, one or per stage
+        (``W`` takes the rest of the backward); default half the backward.
         """
         card = get_card(gpu)
         curve: DvfsModel | MeasuredProfile = get_model(model) if isinstance(model, str) else model
@@ -96,13 +108,31 @@ class CostModel:
             top = curve.clocks_mhz[0]
             fwd_ms = fwd_ms if fwd_ms is not None else [curve.unit_ms(s, True, top) for s in range(stages)]
             bwd_ms = bwd_ms if bwd_ms is not None else [curve.unit_ms(s, False, top) for s in range(stages)]
-        return cls(
-            _per_stage(fwd_ms, 10.0, stages, "fwd_ms"),
-            _per_stage(bwd_ms, 20.0, stages, "bwd_ms"),
-            card,
-            curve,
-            **options,
-        )
+        bwd = _per_stage(bwd_ms, 20.0, stages, "bwd_ms")
+        share = None
+        if input_ms is not None:
+            share = tuple(i / b for i, b in zip(_per_stage(input_ms, 0.0, stages, "input_ms"), bwd))
+        return cls(_per_stage(fwd_ms, 10.0, stages, "fwd_ms"), bwd, card, curve, input_share=share,
+                   **options)  # type: ignore[arg-type]
+
+    def chunked(self, virtual_stages: int) -> CostModel:
+        """The same layers cut into ``virtual_stages`` times as many stages (interleaved, ZB-V).
+
+        Stage s of these costs becomes the contiguous chunks ``s*v .. s*v+v-1``, each with a v-th of its
+        forward and backward time, the same I share and (profile) the same clock response and power.
+        """
+        v = virtual_stages
+        if v == 1:
+            return self
+        curve = self.curve
+        if isinstance(curve, MeasuredProfile):
+            curve = replace(curve, stages=tuple(curve.stages[j // v] for j in range(self.stages * v)))
+        share = self.input_share
+        if share is not None:
+            share = tuple(x for x in share for _ in range(v))
+        return replace(self, fwd_ms=tuple(f / v for f in self.fwd_ms for _ in range(v)),
+                       bwd_ms=tuple(b / v for b in self.bwd_ms for _ in range(v)), curve=curve,
+                       input_share=share)
 
     @property
     def stages(self) -> int:
@@ -135,18 +165,30 @@ class CostModel:
     def unit_duration_ms(self, stage: int, kind: ActionKind | str, clock_mhz: float) -> float:
         """Duration of a ``F``, ``B``, ``I`` or ``W`` unit of ``stage`` at ``clock_mhz``.
 
-        ``I`` and ``W`` split the backward by :data:`BACKWARD_SHARE` and scale with the clock like it.
+        ``I`` and ``W`` split the backward (:meth:`backward_share`) and respond to the clock like it: the
+        same DVFS curve, or the profile's backward column (its ``input_ms`` column when it has one).
         """
         value = _unit_kind(kind)
         forward = value == "F"
-        base = self.fwd_ms[stage] if forward else self.bwd_ms[stage] * BACKWARD_SHARE[value]
+        base = self.fwd_ms[stage] if forward else self.bwd_ms[stage]
         if isinstance(self.curve, MeasuredProfile):
             self._ratio(clock_mhz)
             top = self.max_clock_mhz
-            return (
-                base * self.curve.unit_ms(stage, forward, clock_mhz) / self.curve.unit_ms(stage, forward, top)
-            )
-        return base * self.curve.time_ratio(self._ratio(clock_mhz))
+            ratio = self.curve.unit_ms(stage, forward, clock_mhz) / self.curve.unit_ms(stage, forward, top)
+        else:
+            ratio = self.curve.time_ratio(self._ratio(clock_mhz))
+        return base * ratio * self.backward_share(stage, value, clock_mhz)
+
+    def backward_share(self, stage: int, kind: str, clock_mhz: float) -> float:
+        """The share of a full backward that a ``B`` (1), ``I`` or ``W`` unit takes (a forward: 1)."""
+        if kind in ("F", "B"):
+            return 1.0
+        share = None
+        if isinstance(self.curve, MeasuredProfile):
+            share = self.curve.input_share(stage, clock_mhz)
+        if share is None:
+            share = BACKWARD_SHARE["I"] if self.input_share is None else self.input_share[stage]
+        return share if kind == "I" else 1.0 - share
 
     def unit_power_w(self, stage: int, kind: ActionKind | str, clock_mhz: float) -> float:
         """Busy power of a unit at ``clock_mhz`` (forward and backward share the shape)."""

@@ -22,6 +22,7 @@ class ProfilePoint:
     bwd_ms: float
     iteration_ms: float
     energy_j: float
+    input_ms: float | None = None  # optional: the backward-input (I) part of bwd_ms; W is the rest
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,13 @@ class MeasuredProfile:
     def unit_ms(self, stage: int, forward: bool, clock_mhz: float) -> float:
         """Forward or backward time of ``stage`` at ``clock_mhz`` (linear between profiled clocks)."""
         return self._interpolate(stage, clock_mhz, "fwd_ms" if forward else "bwd_ms")
+
+    def input_share(self, stage: int, clock_mhz: float) -> float | None:
+        """Share of the backward that is backward-input (``I``) at ``clock_mhz``, if every point of the stage
+        has ``input_ms``; else None (the cost model's default applies)."""
+        if any(p.input_ms is None for p in self.stages[stage]):
+            return None
+        return self._interpolate(stage, clock_mhz, "input_ms") / self.unit_ms(stage, False, clock_mhz)
 
     def active_power_w(self, stage: int, clock_mhz: float) -> float:
         """Busy power: ``(energy_j - idle_power_w * idle_time) / busy_time`` with busy = M (fwd + bwd)."""
@@ -143,12 +151,18 @@ def _stage_points(entry: dict[str, Any], origin: str) -> tuple[ProfilePoint, ...
             float(p["bwd_ms"]),
             float(p["iteration_ms"]),
             float(p["energy_j"]),
+            float(p["input_ms"]) if p.get("input_ms") is not None else None,
         )
         for p in entry["points"]
     )
     if not points or any(p.fwd_ms <= 0 or p.bwd_ms <= 0 or p.energy_j <= 0 for p in points):
         raise ConfigError(
             f"{origin}: stage {entry.get('stage')} needs points with positive fwd_ms, bwd_ms, energy_j"
+        )
+    if any(p.input_ms is not None and not 0 < p.input_ms < p.bwd_ms for p in points):
+        raise ConfigError(
+            f"{origin}: stage {entry.get('stage')}: input_ms (the backward-input part) must lie strictly "
+            "between 0 and bwd_ms"
         )
     if len({p.clock_mhz for p in points}) != len(points):
         raise ConfigError(f"{origin}: stage {entry.get('stage')} lists a clock twice")

@@ -128,3 +128,48 @@ def test_profile_below_the_card_top_clock_drives_r_and_baseline() -> None:
     assert costs.max_clock_mhz == 1500 and costs.fwd_ms == (12, 12, 12, 12)
     r = compute_r(4, 16, costs)
     assert r == get_schedule("ours", 4, 16, costs=costs).r and r[0] > 0
+
+
+def test_split_backward_defaults_to_halves_that_follow_the_backwards_curve() -> None:
+    costs = CostModel.build(2, fwd_ms=10, bwd_ms=[20, 30])
+    for clock in (1980, 1500, 1200):
+        b = costs.unit_duration_ms(1, "B", clock)
+        assert costs.unit_duration_ms(1, "I", clock) == pytest.approx(b / 2)
+        assert costs.unit_duration_ms(1, "W", clock) == pytest.approx(b / 2)
+        assert costs.unit_power_w(1, "W", clock) == costs.unit_power_w(1, "B", clock)
+
+
+def test_split_backward_from_given_input_times() -> None:
+    costs = CostModel.build(2, fwd_ms=10, bwd_ms=[20, 30], input_ms=[8, 18])
+    assert costs.unit_duration_ms(0, "I", 1980) == pytest.approx(8)
+    assert costs.unit_duration_ms(1, "W", 1980) == pytest.approx(12)
+    slow = costs.unit_duration_ms(1, "B", 1200) / 30
+    assert costs.unit_duration_ms(1, "I", 1200) == pytest.approx(18 * slow)
+    with pytest.raises(ConfigError, match="input_share needs one share in"):
+        CostModel.build(2, bwd_ms=20, input_ms=[8, 25])
+
+
+def test_split_backward_from_a_profile_with_input_times() -> None:
+    data = _profile_dict()
+    shares = {1980: 0.4, 1500: 0.5, 1200: 0.6}
+    for point in data["stages"][0]["points"]:  # type: ignore[index]
+        point["input_ms"] = point["bwd_ms"] * shares[point["clock_mhz"]]
+    costs = CostModel.build(2, profile=profile_from_dict(data))
+    assert costs.unit_duration_ms(1, "I", 1980) == pytest.approx(8.0)
+    assert costs.unit_duration_ms(1, "I", 1200) == pytest.approx(28 * 0.6)
+    assert costs.unit_duration_ms(1, "W", 1200) == pytest.approx(28 * 0.4)
+    data["stages"][0]["points"][0]["input_ms"] = 25.0  # type: ignore[index]
+    with pytest.raises(ConfigError, match="input_ms .* strictly between 0 and bwd_ms"):
+        profile_from_dict(data)
+
+
+def test_chunked_costs_cut_each_stage_into_v_contiguous_chunks() -> None:
+    costs = CostModel.build(2, fwd_ms=[16, 10], bwd_ms=[32, 20], input_ms=[8, 10])
+    chunks = costs.chunked(2)
+    assert chunks.fwd_ms == (8, 8, 5, 5) and chunks.bwd_ms == (16, 16, 10, 10)
+    assert chunks.unit_duration_ms(1, "I", 1980) == pytest.approx(4.0)  # stage 0's I share, halved
+    assert costs.chunked(1) is costs
+    profiled = CostModel.build(2, profile=profile_from_dict(_profile_dict())).chunked(3)
+    assert profiled.stages == 6
+    assert profiled.unit_duration_ms(5, "F", 1200) == pytest.approx(14 / 3)
+    assert profiled.unit_power_w(5, "F", 1500) == pytest.approx(480)

@@ -74,12 +74,13 @@ def test_interleaved_input_errors() -> None:
         get_schedule("interleaved", 4, 4, (1, 0, 0, 0))
 
 
-def test_planner_and_link_projection_refuse_several_stages_per_rank() -> None:
+def test_link_projection_and_the_paper_policy_refuse_several_stages_per_rank() -> None:
+    """The other planners plan it (tests/envpipe/planner/test_joint.py); the ATC'23 walk needs a chain."""
     from envpipe.planner import plan_clocks
     from envpipe.verify import link_schedule
 
     schedule = get_schedule("interleaved", 4, 4)
-    with pytest.raises(ScheduleError, match="needs one stage per rank"):
-        plan_clocks(schedule, CostModel.build(4), "greedy")
+    with pytest.raises(ConfigError, match="runs on 1f1b and ours only"):
+        plan_clocks(schedule, CostModel.build(4), "paper")
     with pytest.raises(ScheduleError, match="needs one stage per rank"):
         link_schedule(schedule, 0)
