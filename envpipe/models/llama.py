@@ -60,6 +60,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 _ALIASES = {"tiny": "llama-tiny", "160m": "llama-160m", "1b": "llama-1b", "7b": "llama-7b"}
 
 
+def preset_name(name: str) -> str | None:
+    """The preset a name means (``tiny`` -> ``llama-tiny``), or None when it names no preset."""
+    name = _ALIASES.get(name, name)
+    return name if name in PRESETS else None
+
+
 def load_config(preset_or_dir: str) -> Any:
     """A ``LlamaConfig`` from a preset name or a local HF model directory, set up for sdpa.
 
