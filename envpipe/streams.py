@@ -102,11 +102,14 @@ def lower(schedule: Schedule, transport: str = DEFAULT_TRANSPORT) -> Issue:
     stage_rank = schedule.stage_rank
     issue = Issue()
     for rank, program in enumerate(schedule.programs):
-        pending: dict[tuple[int, str, int], int] = {}  # (stage, send kind, micro-batch) -> async send op
+        # (stage, send kind, micro-batch) -> async send op; None for a local copy (nothing to wait for)
+        pending: dict[tuple[int, str, int], int | None] = {}
         for action in program:
             stage = action.stage
             if action.kind is ActionKind.WAIT:  # wait for an earlier async send
-                issue.wait(rank, pending.pop((stage, action.waits.value, action.microbatch)))
+                op = pending.pop((stage, action.waits.value, action.microbatch))
+                if op is not None:
+                    issue.wait(rank, op)
                 continue
             if action.is_compute:
                 issue.compute(rank, str(action))
@@ -114,7 +117,9 @@ def lower(schedule: Schedule, transport: str = DEFAULT_TRANSPORT) -> Issue:
             peer = stage_rank[stage + PEER_OFFSET[action.kind]]
             send = action.kind in SEND_KINDS
             src, dst = (rank, peer) if send else (peer, rank)
-            if peer == rank:  # both stages on one rank: a local copy, no stream
+            if peer == rank:  # both stages on one rank (ZB-V's turn): a local copy, no stream
+                if send and action.asynchronous:
+                    pending[(stage, action.kind.value, action.microbatch)] = None
                 continue
             comm = kind_of.stream(src, dst)
             name = f"p2p {comm[0]}{'->' if kind_of.directed else '<->'}{comm[1]}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from envpipe.errors import ConfigError
+from envpipe.errors import ConfigError, ScheduleError
 from envpipe.ir import ActionKind
 from envpipe.schedules import get_schedule
 from envpipe.schedules.zero_bubble import build_split, split_order
@@ -54,3 +54,16 @@ def test_zero_bubble_takes_no_r_and_no_virtual_stages() -> None:
         get_schedule("zb-h1", 3, 4, [1, 0, 0])
     with pytest.raises(ConfigError, match="zb-h2 holds one stage per rank"):
         get_schedule("zb-h2", 3, 4, virtual_stages=2)
+
+
+@pytest.mark.parametrize("name", ["zb-h1", "zb-h2", "ours-w", "zb-v"])
+def test_gpu_streams_run_on_link_and_hang_on_pair(name: str) -> None:
+    """envpipe.streams: one NCCL stream per link direction runs them (verify checks it by default); the
+    stock single stream per peer hangs them, as it hangs ours (a pending isend holds up the receives)."""
+    from envpipe import streams
+
+    stages = 8 if name == "zb-v" else 4
+    schedule = get_schedule(name, stages, 8)
+    streams.check(schedule, "link")
+    with pytest.raises(ScheduleError, match="hang"):
+        streams.check(schedule, "pair")
