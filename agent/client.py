@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import struct
 import threading
 import time
@@ -82,6 +83,23 @@ class EnergyWindow:
     simulated: bool
 
 
+_ENDPOINT_RE = re.compile(r"^(ipc://.+|inproc://.+|tcp://(\[[0-9a-fA-F:.]+\]|[^:/\s]+):[0-9]+)$")
+
+
+def check_endpoint(endpoint: str, *, source: str = "agent endpoint") -> str:
+    """Return ``endpoint`` if ZeroMQ can connect to it, else raise ``AgentError`` naming ``source``.
+
+    Accepted: ``ipc:///path/control.sock``, ``tcp://HOST:PORT`` (``[v6]:PORT`` too), ``inproc://name``.
+    """
+    if not isinstance(endpoint, str) or not _ENDPOINT_RE.match(endpoint):
+        raise AgentError(
+            f"{source} {endpoint!r} is not an agent address; use ipc:///run/envpipe/control.sock "
+            "(the system agent), ipc://$XDG_RUNTIME_DIR/envpipe/control.sock or tcp://HOST:PORT",
+            "bad-endpoint",
+        )
+    return endpoint
+
+
 def default_endpoint() -> str:
     """``$ENVPIPE_AGENT``, else the user agent's socket if it exists, else the system service's socket."""
     explicit = os.environ.get("ENVPIPE_AGENT")
@@ -106,7 +124,7 @@ class AgentClient:
     def __init__(
         self, endpoint: str | None = None, *, job_id: str, rank: int, timeout_s: float = 2.0
     ) -> None:
-        self.endpoint = endpoint or default_endpoint()
+        self.endpoint = check_endpoint(endpoint or default_endpoint())
         self.job_id, self.rank, self.timeout_s = job_id, rank, timeout_s
         self.pid = os.getpid()
         self.events_sent = 0

@@ -85,10 +85,12 @@ def status(
     """Show the node agent's GPUs: clocks, locks, power, energy, lease holders and event rates."""
     import json
 
-    from envpipe_agent.client import AgentClient
+    from envpipe_agent.client import AgentClient, check_endpoint
 
     console = Console()
     with user_errors():
+        if endpoint is not None:
+            check_endpoint(endpoint, source="--endpoint (or ENVPIPE_AGENT)")
         client = AgentClient(endpoint, job_id="envpipe-status", rank=-1, timeout_s=timeout_s)
         try:
             snapshot = client.status()

@@ -50,6 +50,17 @@ def test_status_without_agent_says_how_to_start_one() -> None:
     assert "envpipe-agent --backend sim" in result.output
 
 
+@pytest.mark.parametrize("endpoint", ["foo", "tcp://host-without-port", "ipc://"])
+def test_status_with_a_malformed_endpoint_is_one_error_line(endpoint) -> None:
+    result = runner.invoke(app, ["status", "--endpoint", endpoint])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        f"error: --endpoint (or ENVPIPE_AGENT) {endpoint!r} is not an agent address; use "
+        "ipc:///run/envpipe/control.sock (the system agent), ipc://$XDG_RUNTIME_DIR/envpipe/control.sock "
+        "or tcp://HOST:PORT"
+    ]
+
+
 def test_render_status_marks_read_only() -> None:
     from rich.console import Console
 
