@@ -68,7 +68,8 @@ class Context:
     baseline: Window | None = None
     profile: dict[str, Any] | None = None
     costs: Any = None
-    plan: dict[str, Any] | None = None  # the plan file's object once planned (rank 0)
+    plan: dict[str, Any] | None = None  # the plan file's object once planned (every rank)
+    plan_version: int = 0  # plans made so far (a re-plan adds one): step hooks can tell a new plan
     target_ms: float | None = None
     baseline_ms: float | None = None
     reference_units: dict[int, dict[str, float]] | None = None  # per-stage unit ms at the plan, when made

@@ -79,6 +79,12 @@ class Controller:
         """Steps run so far (each one optimizer step)."""
         return self.ctx.steps_done
 
+    @property
+    def plan(self) -> dict[str, Any] | None:
+        """The plan in use (the plan file's JSON object, fingerprint included), on every rank; None before
+        planning. ``ctx.plan_version`` (in step hooks) grows with each new plan."""
+        return self.ctx.plan
+
     def add_step_hook(self, hook: Callable[[StepResult, Context], None]) -> None:
         """Call ``hook(step_result, context)`` after every step (saving, logging: the run lifecycle's place)."""
         self._hooks.append(hook)

@@ -39,6 +39,46 @@ def plan_from_profile(ctx: Context) -> Program:
     # No plan (type baseline, or no energy): every unit at the top clock, so the agent still sees each unit.
     ctx.use(schedule, clocks or ctx.top_clocks(schedule))
     yield from reconfigure(ctx)
+    model_check(ctx)
+
+
+# A plan that the simulator, on the measured profile, puts more than this past the slowdown bound is not the
+# model's error but reconfiguration fooled by noisy timings (on a loaded 2-core machine: an online plan
+# predicted +43 % with a 1 % bound, then measured +59 % in paired rounds). A chosen tolerance, not measured.
+MODEL_CHECK_MARGIN = 0.05
+
+
+def model_check(ctx: Context) -> None:
+    """Replace an online plan that the model says breaks the bound by the offline plan on the same profile.
+
+    Rank 0 decides, every rank switches; the report keeps both predictions and a warning says why.
+    """
+    decision = None
+    if ctx.is_rank0 and ctx.costs is not None and ctx.config.reconfig != "default":
+        before = predicted_saving(ctx)
+        if before is not None and before["slowdown"] > ctx.config.slowdown_bound + MODEL_CHECK_MARGIN:
+            decision = _offline_plan(ctx, before)
+    clocks = ctx.comm.broadcast(decision)
+    if clocks is not None:
+        ctx.use(ctx.schedule, clocks)
+
+
+def _offline_plan(ctx: Context, online: dict[str, Any]) -> dict[int, dict[str, int]] | None:
+    from envpipe.clock_types import assign_clocks
+    from envpipe.planner import plan_clocks
+
+    config = ctx.config
+    offline = plan_clocks(ctx.schedule, ctx.costs, config.reconfig, slowdown_bound=config.slowdown_bound,
+                          start=assign_clocks(ctx.schedule, ctx.costs, config.type))
+    if not offline.met_bound:
+        return None
+    ctx.warn(
+        f"warning: the plan reconfiguration settled on is predicted {online['slowdown']:+.1%} slower than the "
+        f"baseline on the measured profile (bound {config.slowdown_bound:.0%}): the timings were too noisy to "
+        f"reconfigure on; the offline plan on the same profile ({config.reconfig}) is used instead"
+    )
+    ctx.phases.append({"name": "model check", "online_predicted": online, "replaced": True})
+    return offline.clocks
 
 
 def initial_plan(ctx: Context, profile: dict[str, Any] | None) -> tuple[Any, Any, Any]:
@@ -134,36 +174,39 @@ def fresh_baseline_ms(ctx: Context) -> Program:
 
 
 def finish_plan(ctx: Context, *, source: str) -> None:
-    """The plan is made: its target, the predicted saving, and the plan file (rank 0)."""
+    """The plan is made: its target, the predicted saving (rank 0), the plan file; every rank gets the plan
+    (a checkpoint stores it, whichever rank saves)."""
+    from envpipe.controller.planfile import plan_dict, write_plan
+
     if ctx.baseline_ms is None and ctx.baseline is not None:
         ctx.baseline_ms = ctx.baseline.span_iteration_ms
     if ctx.target_ms is None and ctx.baseline_ms:
         ctx.target_ms = ctx.baseline_ms * (1 + ctx.config.slowdown_bound)
     ctx.reference_units = None  # the drift guard takes its reference at its first check at this plan
-    if not ctx.is_rank0:
-        return
-    ctx.predicted = predicted_saving(ctx)
-    from envpipe.controller.planfile import plan_dict, write_plan
-
-    ctx.plan = plan_dict(
-        fingerprint=ctx.fingerprint(),
-        schedule=ctx.schedule,
-        clocks=ctx.clocks,
-        target_ms=ctx.target_ms,
-        baseline_ms=ctx.baseline_ms,
-        profile=ctx.profile,
-        simulated=ctx.simulated,
-        settings={
-            "type": ctx.config.type,
-            "scheduling": ctx.config.scheduling,
-            "reconfig": ctx.config.reconfig,
-            "slowdown_bound": ctx.config.slowdown_bound,
-            "source": source,
-        },
-    )
-    if ctx.config.plan_out:
-        write_plan(ctx.plan, ctx.config.plan_out)
-        ctx.emit("message", text=f"plan written to {ctx.config.plan_out}")
+    plan = None
+    if ctx.is_rank0:
+        ctx.predicted = predicted_saving(ctx)
+        plan = plan_dict(
+            fingerprint=ctx.fingerprint(),
+            schedule=ctx.schedule,
+            clocks=ctx.clocks,
+            target_ms=ctx.target_ms,
+            baseline_ms=ctx.baseline_ms,
+            profile=ctx.profile,
+            simulated=ctx.simulated,
+            settings={
+                "type": ctx.config.type,
+                "scheduling": ctx.config.scheduling,
+                "reconfig": ctx.config.reconfig,
+                "slowdown_bound": ctx.config.slowdown_bound,
+                "source": source,
+            },
+        )
+        if ctx.config.plan_out:
+            write_plan(plan, ctx.config.plan_out)
+            ctx.emit("message", text=f"plan written to {ctx.config.plan_out}")
+    ctx.plan = ctx.comm.broadcast(plan)
+    ctx.plan_version += 1
 
 
 def predicted_saving(ctx: Context) -> dict[str, Any] | None:

@@ -48,6 +48,7 @@ def at_plan(ctx: Context) -> Program:
         if guard and since_check > config.recheck_interval - SAMPLES:
             records.append(ctx.port.timeline_record())
         if guard and since_check >= config.recheck_interval:
+            started = time.perf_counter()
             close_segment(ctx)
             reason = check_drift(ctx, records)
             records, since_check = [], 0
@@ -55,6 +56,8 @@ def at_plan(ctx: Context) -> Program:
                 yield from replan(ctx, reason)
                 _enter(ctx)
             open_segment(ctx)
+            if reason is None:  # the check's own cost: window marks, barriers, one gather, the decision
+                ctx.drift["check_s"] = ctx.drift.get("check_s", 0.0) + time.perf_counter() - started
         if config.compare_every and since_compare >= config.compare_every:
             close_segment(ctx)
             yield from compare(ctx, 1, side_steps)

@@ -37,6 +37,8 @@ def test_every_step_is_one_engine_step_and_no_baseline_after_planning():
     predicted = result["predicted"]
     assert predicted["label"].startswith("predicted") and 0 < predicted["energy_saving"] < 0.3
     assert predicted["slowdown"] <= 0.01 + 1e-6
+    # Every rank holds the plan (a checkpoint stores it whichever rank saves).
+    assert pipeline.rank_plans[0] == pipeline.rank_plans[1] and pipeline.rank_plans[1]["format"] == "envpipe-plan/1"
 
 
 def test_compare_rounds_are_paired_at_the_end_with_an_interval():
@@ -125,3 +127,33 @@ def test_run_keys_are_exactly_the_train_configs_own_fields():
 
     own = {f.name for f in dataclasses.fields(TrainConfig)} - CONTROLLER_KEYS
     assert RUN_KEYS == own - {"deepspeed_config", "ds_config", "job_id"}
+
+
+def test_model_check_replaces_an_online_plan_the_model_says_is_far_too_slow():
+    from envpipe.controller.core import Context
+    from envpipe.controller.meter import EnergyMeter
+    from envpipe.controller.planning import model_check
+    from envpipe.controller.ports import Gpu, SingleProcessComm
+    from envpipe.schedules import get_schedule
+    from envpipe.sim import CostModel
+
+    class Port:
+        stage = 0
+
+        def set_plan(self, schedule, clocks):
+            self.clocks = clocks
+
+    costs = CostModel.build(2, fwd_ms=10.0, bwd_ms=20.0)
+    schedule = get_schedule("ours", 2, 4, costs=costs)
+    ctx = Context(config=ControllerConfig(), port=Port(), comm=SingleProcessComm(), meter=EnergyMeter(None, print),
+                  gpu=Gpu(CARD.name, CARD.clocks_mhz), simulated=True, stages=2, micro_batches=4,
+                  listener=lambda event, **fields: None, fingerprint=dict)
+    ctx.costs = costs
+    slow = ctx.top_clocks(schedule, 990)  # every unit at half the top clock: +30 % or more in the model
+    ctx.use(schedule, slow)
+    model_check(ctx)
+    assert ctx.clocks != slow and ctx.port.clocks == ctx.clocks
+    assert any("too noisy to reconfigure on" in w for w in ctx.warnings)
+    from envpipe.controller.planning import predicted_saving
+
+    assert predicted_saving(ctx)["slowdown"] <= 0.01 + 1e-6
