@@ -70,6 +70,7 @@ def rank_case(case: str, mib: int, steps: int, emulate: bool, stall_s: float, ou
     import torch
 
     from envpipe.deepspeed import build_engine, setup_distributed
+    from envpipe.deepspeed.nccl_emulation import P2PStalled
     from envpipe.schedules import get_schedule
 
     engine_kind, schedule_name, r, transport = CASES[case]
@@ -98,8 +99,10 @@ def rank_case(case: str, mib: int, steps: int, emulate: bool, stall_s: float, ou
         for _ in range(steps):
             result["losses"].append(float(engine.train_batch(data)))
         result["outcome"] = "finished"
-    except Exception as exc:  # noqa: BLE001 - recorded: an emulated stall or a transport error
-        result["outcome"] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+    except P2PStalled as exc:
+        result["outcome"], result["detail"] = "stalled (emulated NCCL stream)", str(exc)
+    except Exception as exc:  # noqa: BLE001 - recorded: a transport error
+        result["outcome"], result["detail"] = "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
     result["seconds"] = time.perf_counter() - start
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     os._exit(0)  # a stalled stream's worker (or a hung NCCL call) never returns: leave at once
@@ -121,9 +124,10 @@ def run_case(case: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         outcome = "hung" if wall_s >= args.timeout_s - 1 else "failed"
         tails = [r.stderr_tail.strip().splitlines()[-1:] for r in results]
         return {"outcome": f"{outcome} (wall {wall_s:.0f} s, timeout {args.timeout_s} s)", "stderr": tails}
-    outcomes = sorted({r["outcome"] for r in ranks})
+    outcomes = {r["outcome"] for r in ranks}  # a stall ends its rank, so its peer then sees a lost peer
     return {
-        "outcome": outcomes[0] if len(outcomes) == 1 else " / ".join(outcomes),
+        "outcome": next(o for o in ("stalled (emulated NCCL stream)", "failed", "finished") if o in outcomes),
+        "detail": sorted({r["detail"] for r in ranks if "detail" in r}),
         "losses": ranks[-1]["losses"],  # the last stage computes the loss; every rank reports it
         "activation_mib": ranks[0]["activation_mib"],
         "seconds": max(r["seconds"] for r in ranks),
@@ -134,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=64, help="activation size per micro-batch, MiB (fp32)")
     parser.add_argument("--steps", type=int, default=2, help="iterations per case")
-    parser.add_argument("--timeout-s", type=float, default=180.0, help="wall clock per case before 'hung'")
+    parser.add_argument("--timeout-s", type=float, default=120.0, help="wall clock per case before 'hung'")
     parser.add_argument("--emulate", action="store_true", help="CPU: NCCL stream emulation for EnvPipe's cases")
     parser.add_argument("--stall-s", type=float, default=20.0, help="emulation: a transfer stuck this long stalls")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
@@ -149,7 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: --cases names {unknown}; choose from {', '.join(CASES)}", file=sys.stderr)
         return 2
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor()})"
+    device = (
+        ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        if torch.cuda.is_available()
+        else f"CPU {platform.machine()}, {os.cpu_count()} cores"
+    )
     report: dict[str, Any] = {
         "command": "python benchmarks/nccl_p2p/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": device, "backend": "nccl" if torch.cuda.is_available() else "gloo",

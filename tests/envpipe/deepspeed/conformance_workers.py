@@ -141,13 +141,13 @@ def two_ranks(out_dir: str) -> dict[str, Any]:
     result: dict[str, Any] = {"rank": int(os.environ["RANK"])}
     fixed = lambda: _tokens([16])  # noqa: E731 - a fresh, identical stream per run
     result["plain_1f1b"] = _pair(llama, _config(4), one_f, fixed, 2)
-    result["plain_ours"] = {"envpipe": _run(llama, _config(4), ours, fixed, 2)}
 
     def grow(engine: Any, step: int) -> None:
         if step == 1:
             engine.set_train_batch_size(MICRO_BATCH_SIZE * 6)
 
     result["batch_size"] = _pair(llama, _config(4), ours, fixed, 2, grow)
+    result["refused"] = _refused_batch_size(llama)
 
     def dynamic() -> Any:
         module = _llama(2)
@@ -167,6 +167,23 @@ def two_ranks(out_dir: str) -> dict[str, Any]:
     result["emulated"] = _emulated(llama, 2, 4, [2, 0])
     _stall(result, out_dir, llama)
     return result
+
+
+def _refused_batch_size(build: Any) -> dict[str, Any]:
+    """A hand-written schedule cannot be rebuilt for another micro-batch count: refused, nothing changed."""
+    from envpipe.deepspeed import build_engine
+    from envpipe.errors import ConfigError
+    from envpipe.ir import schedule_from_text
+    from envpipe.schedules import get_schedule
+
+    handmade = schedule_from_text(get_schedule("1f1b", 2, 4).render(), name="handmade")
+    engine = build_engine(build(), _config(4), handmade)
+    try:
+        engine.set_train_batch_size(MICRO_BATCH_SIZE * 6)
+        error = None
+    except ConfigError as exc:
+        error = str(exc)
+    return {"error": error, "kept": [engine.micro_batches, engine.train_batch_size(), engine.schedule.name]}
 
 
 def _emulated(build: Any, stages: int, micro_batches: int, r: list[int]) -> dict[str, Any]:

@@ -34,10 +34,12 @@ def test_two_ranks_match_stock_and_emulated_nccl(tmp_path):
     values = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for v in values:
         _same(v["plain_1f1b"])
-        assert v["plain_ours"]["envpipe"]["losses"] == v["plain_1f1b"]["stock"]["losses"]
         # 4 -> 6 micro-batches after the first step: the schedule is rebuilt, the loss is a mean over 6
         _same(v["batch_size"])
         assert v["batch_size"]["envpipe"]["micro_batches"] == 6
+        # ... and a schedule no generator can rebuild is refused, leaving the batch size as it was
+        assert "schedule 'handmade' cannot be rebuilt" in v["refused"]["error"]
+        assert v["refused"]["kept"] == [4, 8, "handmade"]
         _same(v["dynamic"])
         _same(v["reset_shape"])
         _same(v["fan"])
