@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import bisect
+import importlib
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from envpipe_agent.errors import AgentConfigError
 
@@ -48,6 +49,30 @@ class GpuBackend(Protocol):
     def on_phase(self, index: int, busy: bool, at_s: float | None = None) -> None: ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class BackendEntry:
+    """A registered backend: ``factory`` is ``module:function``, the function takes the resolved config and
+    returns a :class:`GpuBackend` (the module is imported only when the backend is chosen)."""
+
+    factory: str
+    description: str
+
+
+# The one list of backends: --backend's choices, the config check and the docs table come from it.
+# Adding a backend = its module (with a ``from_config(config)`` function), its test, and one line here.
+BACKENDS: dict[str, BackendEntry] = {
+    "nvml": BackendEntry("envpipe_agent.nvml:from_config", "real GPUs through NVML (read_only: never set)"),
+    "sim": BackendEntry("envpipe_agent.sim:from_config", "simulated GPUs, labelled simulated everywhere"),
+}
+
+
+def make_backend(config: Any) -> GpuBackend:
+    """The backend the config names, built by its registered factory."""
+    module, _, function = BACKENDS[config.backend].factory.partition(":")
+    backend: GpuBackend = getattr(importlib.import_module(module), function)(config)
+    return backend
 
 
 class AllowList:

@@ -13,8 +13,10 @@ A background thread heartbeats the lease and claims it again when the agent come
 
 from __future__ import annotations
 
+import grp
 import json
 import logging
+import math
 import os
 import re
 import struct
@@ -111,6 +113,34 @@ def default_endpoint() -> str:
     return f"ipc://{SYSTEM_RUNTIME_DIR}/control.sock"
 
 
+def access_problem(endpoint: str) -> str:
+    """Why this process cannot reach an ipc endpoint's socket file ('' when it can, or for tcp).
+
+    zmq retries a refused ipc connect silently, so without this check a user outside the socket group
+    would be told to start an agent that is running.
+    """
+    if not endpoint.startswith("ipc://"):
+        return ""
+    path = endpoint[len("ipc://") :]
+    try:
+        info = os.stat(path)
+    except PermissionError:
+        info = None
+    except OSError:
+        return ""  # no such socket: no agent there
+    if info is not None and os.access(path, os.R_OK | os.W_OK):
+        return ""
+    owner = Path(path).parent if info is None else Path(path)
+    try:
+        group = grp.getgrgid(os.stat(owner).st_gid).gr_name
+    except (OSError, KeyError):
+        group = "envpipe"
+    return (
+        f"permission denied: {owner} belongs to group {group!r} and this user ({os.geteuid()}) is not in it; "
+        f"ask an administrator to run `usermod -aG {group} $USER`, then log in again"
+    )
+
+
 def _raise_for(error: dict[str, Any]) -> None:
     code, message = str(error.get("code", "")), str(error.get("message", "agent error"))
     if code in _LEASE_CODES:
@@ -184,7 +214,8 @@ class AgentClient:
                 if remaining_ms <= 0 or not sock.poll(remaining_ms, zmq.POLLIN):
                     self._drop_control()
                     raise AgentUnavailable(
-                        f"no envpipe agent answered at {self.endpoint} within {timeout_ms / 1000:.1f} s; "
+                        access_problem(self.endpoint)
+                        or f"no envpipe agent answered at {self.endpoint} within {timeout_ms / 1000:.1f} s; "
                         "start one "
                         "(`envpipe-agent --backend sim --gpus 1`, or `systemctl start envpipe-agent`) or set "
                         "ENVPIPE_AGENT to its endpoint",
@@ -280,7 +311,9 @@ class AgentClient:
         self._gpu_uuid, self._lease_id = gpu_uuid, int(result["lease_id"])
         self._wait_event_peer()
         if self._heartbeat is None:
-            interval_s = max(0.05, float(result.get("lease_timeout_s", 2.0)) / 4)
+            timeout_s = float(result.get("lease_timeout_s", 2.0))
+            # A quarter of the lease timeout, within [0.05, 10] s: an agent's nan or inf must not stop it.
+            interval_s = min(10.0, max(0.05, timeout_s / 4)) if math.isfinite(timeout_s) else 0.5
             self._heartbeat = threading.Thread(
                 target=self._heartbeat_loop, args=(interval_s,), name="envpipe-heartbeat", daemon=True
             )
@@ -344,7 +377,8 @@ class AgentClient:
         self._lease_id, self._lost_lease_id = int(result["lease_id"]), 0
         self._wait_event_peer()
         self._warned = False  # the next outage warns again
-        log.info("envpipe agent is back; GPU %s claimed again (lease %d)", self._gpu_uuid, self._lease_id)
+        # The lease id is the lease's only credential: never logged.
+        log.info("envpipe agent is back; GPU %s claimed again", self._gpu_uuid)
 
     def _reclaim_quietly(self) -> None:
         self._lease_id = 0

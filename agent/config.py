@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,32 +24,64 @@ else:  # pragma: no cover - Python 3.10
 
 SYSTEM_RUNTIME_DIR = "/run/envpipe"
 SYSTEM_CONFIG = "/etc/envpipe/agent.toml"
-BACKENDS = ("nvml", "sim")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+# Upper bounds that keep every timer finite and every loop sane (nan and inf are refused too).
+MAX_LEASE_TIMEOUT_S = 3600.0
+SAMPLE_INTERVAL_RANGE_MS = (1.0, 60_000.0)
+
+
+def key(default: Any, help: str, *, choices: Callable[[], tuple[str, ...]] | None = None) -> Any:
+    """One config key: its default and help; the flag ``--name-with-dashes`` is derived from it (agent/main.py),
+    and ``choices`` (a function, so registries load lazily) lists the allowed values."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def backend_names() -> tuple[str, ...]:
+    from envpipe_agent.backend import BACKENDS
+
+    return tuple(BACKENDS)
+
+
+def card_names() -> tuple[str, ...]:
+    from envpipe_agent.dvfs import CARDS
+
+    return tuple(CARDS)
+
+
+def model_names() -> tuple[str, ...]:
+    from envpipe_agent.dvfs import MODELS
+
+    return tuple(MODELS)
 
 
 @dataclass(frozen=True, slots=True)
 class AgentConfig:
-    """Everything the agent needs, resolved (see :func:`resolve_config`)."""
+    """Everything the agent needs, resolved (see :func:`resolve_config`). Each key is also a flag."""
 
-    backend: str = "nvml"
-    read_only: bool = False
-    gpus: int = 1  # sim only
-    card: str = "h100"  # sim only
-    model: str = "central"  # sim only
-    runtime_dir: str = ""  # "" = /run/envpipe as root, $XDG_RUNTIME_DIR/envpipe otherwise
-    endpoint: str = ""  # control endpoint; "" = ipc://<runtime_dir>/control.sock
-    event_endpoint: str = ""  # "" = derived from endpoint (events.sock, or tcp port + 1)
-    lease_timeout_s: float = 2.0
-    min_mhz: int = 0  # 0 = no lower bound beyond the supported clocks
-    max_mhz: int = 0  # 0 = no upper bound beyond the supported clocks
-    prometheus_port: int = 0  # 0 = off
-    prometheus_addr: str = "127.0.0.1"
-    socket_group: str = ""  # "" = "envpipe" if that group exists, else the agent's own group
-    sample_interval_ms: float = 100.0
-    log_level: str = "info"
-    manage: str = ""  # nvml: comma-separated NVML indices or UUID prefixes to manage ("" = every GPU)
-    # Stop (resetting clocks) once this pid is gone; embedded agents follow their parent. 0 = never.
-    exit_with_pid: int = 0
+    backend: str = key("nvml", "which GPUs: see the backend table in docs/protocol.md", choices=backend_names)
+    read_only: bool = key(False, "nvml: read clocks, power and energy, never set anything (lent GPUs)")
+    gpus: int = key(1, "sim: number of virtual GPUs")
+    card: str = key("h100", "sim: card whose clocks and power are simulated", choices=card_names)
+    model: str = key("central", "sim: DVFS model (clock -> time and power)", choices=model_names)
+    runtime_dir: str = key("", "directory of the ipc sockets ('' = /run/envpipe as root, else $XDG_RUNTIME_DIR/envpipe)")
+    endpoint: str = key("", "control endpoint, ipc://PATH or tcp://HOST:PORT ('' = <runtime_dir>/control.sock)")
+    event_endpoint: str = key("", "event endpoint ('' = next to the control endpoint)")
+    lease_timeout_s: float = key(2.0, "reset a GPU this many seconds after its holder's last heartbeat")
+    min_mhz: int = key(0, "lowest clock the agent may apply (0 = the lowest supported)")
+    max_mhz: int = key(0, "highest clock the agent may apply (0 = the highest supported)")
+    prometheus_port: int = key(0, "serve Prometheus metrics on prometheus_addr:PORT (0 = off)")
+    prometheus_addr: str = key(
+        "127.0.0.1", "address of the metrics endpoint; a non-loopback one exposes job ids and pids (README)"
+    )
+    socket_group: str = key("", "group owning the sockets ('' = envpipe if it exists, else the agent's group)")
+    sample_interval_ms: float = key(100.0, "energy counter sampling period for status (ms)")
+    log_level: str = key("info", "log level (stderr, i.e. the journal)", choices=lambda: LOG_LEVELS)
+    manage: str = key("", "nvml: only these GPUs (comma-separated NVML indices or UUID prefixes; '' = all)")
+    exit_with_pid: int = key(0, "stop (resetting clocks) once this process is gone (0 = never)")
+    max_connections_per_uid: int = key(64, "connections one uid (root excepted) may hold; more are shut down")
+    memory_guard_mb: int = key(
+        256, "above this resident memory, every connection but root's is shut down (0 = off)"
+    )
 
     def control_endpoint(self) -> str:
         return self.endpoint or f"ipc://{Path(self.resolved_runtime_dir()) / 'control.sock'}"
@@ -95,30 +129,55 @@ def _check_type(key: str, value: Any, source: str) -> Any:
 
 
 def _check_values(config: AgentConfig) -> None:
-    if config.backend not in BACKENDS:
-        raise AgentConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {config.backend!r}")
+    for name in _FIELDS:
+        choices = _FIELDS[name].metadata["choices"]
+        if choices and getattr(config, name) not in choices():
+            raise AgentConfigError(
+                f"{name} must be one of {', '.join(choices())}, got {getattr(config, name)!r}"
+            )
     if config.gpus < 1:
         raise AgentConfigError(f"gpus must be at least 1, got {config.gpus}")
-    if config.lease_timeout_s <= 0:
-        raise AgentConfigError(f"lease_timeout_s must be positive, got {config.lease_timeout_s}")
+    # nan passes every comparison and inf never expires: a lease that never ends, a sampler that spins
+    if not (math.isfinite(config.lease_timeout_s) and 0 < config.lease_timeout_s <= MAX_LEASE_TIMEOUT_S):
+        raise AgentConfigError(
+            f"lease_timeout_s must be a number of seconds in (0, {MAX_LEASE_TIMEOUT_S:.0f}], got "
+            f"{config.lease_timeout_s}"
+        )
+    low_ms, high_ms = SAMPLE_INTERVAL_RANGE_MS
+    if not (math.isfinite(config.sample_interval_ms) and low_ms <= config.sample_interval_ms <= high_ms):
+        raise AgentConfigError(
+            f"sample_interval_ms must be within [{low_ms:.0f}, {high_ms:.0f}], got {config.sample_interval_ms}"
+        )
     if config.min_mhz < 0 or config.max_mhz < 0 or (config.max_mhz and config.min_mhz > config.max_mhz):
         raise AgentConfigError(f"min_mhz={config.min_mhz} max_mhz={config.max_mhz}: need 0 <= min <= max")
     if not 0 <= config.prometheus_port <= 65535:
         raise AgentConfigError(f"prometheus_port must be 0 (off) or a port, got {config.prometheus_port}")
     try:
-        loopback = ipaddress.ip_address(config.prometheus_addr).is_loopback
+        ipaddress.ip_address(config.prometheus_addr)
     except ValueError:
-        loopback = False
-    if not loopback:
-        raise AgentConfigError(f"prometheus_addr must be a loopback address, got {config.prometheus_addr!r}")
+        raise AgentConfigError(
+            f"prometheus_addr must be an IP address (127.0.0.1 = this node only), got {config.prometheus_addr!r}"
+        ) from None
     if config.exit_with_pid < 0:
         raise AgentConfigError(f"exit_with_pid must be a pid or 0 (never), got {config.exit_with_pid}")
-    if config.sample_interval_ms <= 0:
-        raise AgentConfigError(f"sample_interval_ms must be positive, got {config.sample_interval_ms}")
+    if config.max_connections_per_uid < 4:
+        raise AgentConfigError(
+            f"max_connections_per_uid must be at least 4 (a rank uses 2), got {config.max_connections_per_uid}"
+        )
+    if config.memory_guard_mb < 0:
+        raise AgentConfigError(f"memory_guard_mb must be 0 (off) or positive, got {config.memory_guard_mb}")
     for name in ("endpoint", "event_endpoint"):
         value = getattr(config, name)
         if value and not value.startswith(("ipc://", "tcp://")):
             raise AgentConfigError(f"{name} must start with ipc:// or tcp://, got {value!r}")
+
+
+def is_loopback(address: str) -> bool:
+    """Whether ``address`` reaches this node only."""
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
 def load_toml(path: str) -> dict[str, Any]:

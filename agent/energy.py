@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 from envpipe_agent.backend import GpuBackend
 
@@ -24,6 +25,13 @@ log = logging.getLogger("envpipe_agent.energy")
 COUNTER_PERIOD_S = 0.1  # NVML's energy counter steps about this often (H100: median 99.8 ms, p90 116 ms)
 MARK_POLL_S = 0.001  # pause between back-to-back reads at a mark (a real read itself takes ~3 ms)
 MARK_WAIT_S = 4 * COUNTER_PERIOD_S  # longest a mark waits for two steps (an idle card's counter may stall)
+# Marks (and window results) queued per GPU at most: each takes up to MARK_WAIT_S, so a holder flooding
+# window begin/end grew the queue (and the agent, ~10 MiB/s) without bound. 64 marks = up to ~26 s of work.
+MAX_PENDING_MARKS = 64
+
+
+class MarksBusy(Exception):
+    """Too many window marks of one GPU are still being estimated."""
 
 
 def interpolate_mark(mark_s: float, steps: list[tuple[float, float]]) -> float:
@@ -53,6 +61,8 @@ class EnergySampler:
         self._marks = {
             index: ThreadPoolExecutor(1, thread_name_prefix=f"envpipe-mark{index}") for index in indices
         }
+        self._pending = dict.fromkeys(indices, 0)  # queued marks per GPU (changed under _pending_lock)
+        self._pending_lock = threading.Lock()
         self._stop = threading.Event()
         self._indices = indices
         for index in indices:
@@ -99,11 +109,28 @@ class EnergySampler:
                 energy_at_mj(index, mark_s) if energy_at_mj else float(self.backend.read_energy_mj(index))
             )
             return done
-        return self._marks[index].submit(self.estimate_at, index, mark_s)
+        return self._submit(index, self.estimate_at, index, mark_s)
 
-    def after(self, index: int, work: Callable[[], dict]) -> Future[dict]:
-        """Run ``work`` on the GPU's mark thread, after every mark queued before it."""
-        return self._marks[index].submit(work)
+    def _submit(self, index: int, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        """Queue ``fn`` on the GPU's mark thread; raises :class:`MarksBusy` when MAX_PENDING_MARKS wait."""
+        with self._pending_lock:
+            if self._pending[index] >= MAX_PENDING_MARKS:
+                raise MarksBusy(
+                    f"{self._pending[index]} window marks of GPU {index} are still being measured; "
+                    "end windows less often"
+                )
+            self._pending[index] += 1
+        future = self._marks[index].submit(fn, *args)
+        future.add_done_callback(lambda _done: self._done(index))
+        return future
+
+    def _done(self, index: int) -> None:
+        with self._pending_lock:
+            self._pending[index] -= 1
+
+    def pending(self, index: int) -> int:
+        """Marks of GPU ``index`` queued or running."""
+        return self._pending[index]
 
     def _timed_read(self, index: int) -> tuple[float, int]:
         start_s = time.monotonic()

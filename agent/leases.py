@@ -7,6 +7,7 @@ which resets its clocks (DESIGN invariant 2). Holder pids are only checked when 
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import time
@@ -34,14 +35,21 @@ class Lease:
     # False when the pid named no live process at claim time: a rank in a container (its own pid namespace)
     # reports a pid the agent cannot see, and checking it would end its lease at every tick.
     pid_checked: bool = True
+    # The caller's uid (SO_PEERCRED) and the pid whose death ends the lease; None / the claimed pid over tcp.
+    uid: int | None = None
+    watch_pid: int = 0
+
+    def __post_init__(self) -> None:
+        self.watch_pid = self.watch_pid or self.pid
 
     def holder(self) -> dict[str, object]:
         """Who holds it, for refusals and status."""
-        return {"job_id": self.job_id, "rank": self.rank, "pid": self.pid}
+        return {"job_id": self.job_id, "rank": self.rank, "pid": self.pid, "uid": self.uid}
 
     def describe(self) -> str:
         age_s = time.monotonic() - self.created_s
-        return f"job {self.job_id!r} rank {self.rank} pid {self.pid} (lease age {age_s:.1f} s)"
+        uid = "" if self.uid is None else f" uid {self.uid}"
+        return f"job {self.job_id!r} rank {self.rank} pid {self.pid}{uid} (lease age {age_s:.1f} s)"
 
 
 def pid_alive(pid: int) -> bool:
@@ -89,7 +97,15 @@ class LeaseManager:
         self.by_gpu: dict[int, Lease] = {}
 
     def claim(
-        self, gpu_index: int, gpu_uuid: str, job_id: str, rank: int, pid: int, lease_id: int = 0
+        self,
+        gpu_index: int,
+        gpu_uuid: str,
+        job_id: str,
+        rank: int,
+        pid: int,
+        lease_id: int = 0,
+        uid: int | None = None,
+        watch_pid: int = 0,
     ) -> tuple[Lease, bool]:
         """Grant a lease, or return the caller's own lease again (a claim is idempotent).
 
@@ -113,8 +129,8 @@ class LeaseManager:
         lease_id = new_lease_id()
         while lease_id in self.by_id:
             lease_id = new_lease_id()
-        lease = Lease(lease_id, gpu_index, gpu_uuid, job_id, rank, pid)
-        lease.pid_checked = self.check_pids and pid_alive(pid)  # else heartbeats alone end it
+        lease = Lease(lease_id, gpu_index, gpu_uuid, job_id, rank, pid, uid=uid, watch_pid=watch_pid)
+        lease.pid_checked = self.check_pids and pid_alive(lease.watch_pid)  # else heartbeats alone end it
         self.by_id[lease_id] = lease
         self.by_token[lease_token(lease_id)] = lease
         self.by_gpu[gpu_index] = lease
@@ -140,10 +156,52 @@ class LeaseManager:
         for lease in list(self.by_id.values()):
             if now_s - lease.heartbeat_s > self.timeout_s:
                 reason = f"no heartbeat for {now_s - lease.heartbeat_s:.1f} s"
-            elif lease.pid_checked and not pid_alive(lease.pid):
-                reason = f"holder pid {lease.pid} is gone"
+            elif lease.pid_checked and not pid_alive(lease.watch_pid):
+                reason = f"holder pid {lease.watch_pid} is gone"
             else:
                 continue
             self.release(lease.lease_id)
             ended.append((lease, reason))
         return ended
+
+
+class Reservations:
+    """GPUs whose holders an agent restart lost, kept for the holder's uid for one lease timeout.
+
+    The agent writes who holds which GPU (uid only: no lease id, which is a credential) to a file of its
+    runtime directory on every grant and release; the next agent reads it at start. Until the timeout,
+    only that uid (or root) may claim the GPU, so a claim queued by another user cannot win the race
+    against the job that was using it (that job's client claims again by itself within a heartbeat).
+    """
+
+    def __init__(self, holders: dict[str, int], timeout_s: float) -> None:
+        until_s = time.monotonic() + timeout_s
+        self.by_uuid: dict[str, tuple[int, float]] = {uuid: (uid, until_s) for uuid, uid in holders.items()}
+
+    def blocks(self, gpu_uuid: str, uid: int | None) -> int | None:
+        """The uid the GPU is reserved for when ``uid`` may not claim it now, else None."""
+        entry = self.by_uuid.get(gpu_uuid)
+        if entry is None:
+            return None
+        owner, until_s = entry
+        if time.monotonic() > until_s or uid == owner:
+            del self.by_uuid[gpu_uuid]
+            return None
+        return None if uid == 0 else owner
+
+
+def holders_record(leases: LeaseManager) -> bytes:
+    """The lease state file's content: GPU UUID -> holder uid (leases with a known uid)."""
+    holders = {lease.gpu_uuid: lease.uid for lease in leases.by_gpu.values() if lease.uid is not None}
+    return json.dumps({"holders": holders}).encode()
+
+
+def parse_holders(data: bytes | None) -> dict[str, int]:
+    """GPU UUID -> uid from a lease state file (anything unreadable is no reservation)."""
+    try:
+        holders = json.loads(data or b"{}").get("holders", {})
+    except (ValueError, AttributeError, RecursionError):
+        return {}
+    if not isinstance(holders, dict):
+        return {}
+    return {str(k): v for k, v in holders.items() if isinstance(v, int) and not isinstance(v, bool)}

@@ -40,6 +40,11 @@ def select_gpus(descs: list[GpuDesc], manage: str) -> list[GpuDesc]:
     return sorted(chosen, key=lambda d: d.index)
 
 
+def from_config(config: Any) -> NvmlBackend:
+    """The nvml backend of the agent's config (registered in envpipe_agent.backend)."""
+    return NvmlBackend(read_only=config.read_only, manage=config.manage)
+
+
 class NvmlBackend:
     """All NVIDIA GPUs of the node, by NVML index."""
 

@@ -25,9 +25,21 @@ from typing import Any
 # (16 bytes in event frames); 1 had 32-bit ids, guessable by a flooder in the socket group within hours.
 PROTOCOL_VERSION = 3
 
-# Control frames above this size are answered with ``too_large`` (zmq drops frames above MAX_FRAME_BYTES).
+# Control frames above this size are answered with ``too_large``; zmq drops (by closing the connection) a
+# control frame above MAX_CONTROL_FRAME_BYTES and an event frame above MAX_EVENT_FRAME_BYTES.
 MAX_CONTROL_BYTES = 64 * 1024
-MAX_FRAME_BYTES = 1024 * 1024
+MAX_CONTROL_FRAME_BYTES = MAX_CONTROL_BYTES + 8 * 1024
+MAX_FRAME_BYTES = MAX_CONTROL_FRAME_BYTES  # the largest frame either socket accepts
+# zmq bounds the size of one frame, not the number of frames of a message, and delivers a message only when
+# it is complete: a request has at most this many frames (identity, REQ delimiter, payload, and slack for a
+# proxy's envelope); longer messages are dropped and counted. The agent's memory guard bounds what an
+# incomplete message can hold (docs/reliability.md, "Hostile group member").
+MAX_CONTROL_FRAMES = 8
+# Messages queued per control connection (zmq's default, 1 000 each way, let one connection that never
+# read its replies hold ~3.4 MiB of status replies). AgentClient has one request in flight at a time; a
+# tool that pipelines more than CONTROL_SNDHWM requests without reading may lose replies (zmq drops them).
+CONTROL_HWM = 16  # requests queued per connection (the agent reads at most this many per loop turn)
+CONTROL_SNDHWM = 4 * CONTROL_HWM  # replies queued per connection
 
 # Event frame: magic, version, kind, lease token, target clock (0 = keep), the sender's time.monotonic_ns()
 # (CLOCK_MONOTONIC, system-wide on Linux: comparable across processes of one node), then the unit name.
@@ -47,6 +59,9 @@ EVENT_SEND_HWM = 100  # client PUSH
 EVENT_RECV_HWM = 100  # agent PULL
 EVENT_SOCKET_BUFFER_BYTES = 4096  # SO_SNDBUF / SO_RCVBUF of the event connection
 EVENT_KINDS = {"begin": EVENT_BEGIN, "end": EVENT_END}
+# Events of one lease that can be in transit at once: both HWMs plus what the two kernel buffers hold. A
+# request whose ``events_sent`` is further ahead than this cannot be waited for (a forged count).
+MAX_EVENTS_IN_FLIGHT = EVENT_SEND_HWM + EVENT_RECV_HWM + 2 * (EVENT_SOCKET_BUFFER_BYTES // 16)
 
 # A sender stamp in the future or older than this is not trusted (another node's clock over tcp, a bug):
 # the agent uses its receive time instead and counts the event (``events_stamp_fallback``).
@@ -66,6 +81,8 @@ class ErrorCode:
     LEASE_HELD = "lease_held"
     UNKNOWN_LEASE = "unknown_lease"
     UNKNOWN_WINDOW = "unknown_window"
+    NOT_PERMITTED = "not_permitted"  # the caller's uid may not act on this lease or pid
+    BUSY = "busy"  # a bounded queue is full (window marks still being estimated); retry later
     INTERNAL = "internal"
 
 

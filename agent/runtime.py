@@ -12,6 +12,8 @@ import logging
 import os
 import resource
 import socket
+import stat
+import struct
 from pathlib import Path
 
 from envpipe_agent.errors import AgentConfigError
@@ -40,11 +42,71 @@ def resolve_group(name: str) -> int:
 
 
 def prepare_dir(path: str, gid: int) -> None:
-    """Create the socket directory (0750, group ``gid``)."""
+    """Create the socket directory (0750, group ``gid``), or check the one that is there.
+
+    The agent runs as root and writes into this directory (lock, lease state, sockets): one made by another
+    user, or a symlink, would let that user point root's writes anywhere (an ``agent.lock`` symlink made
+    root truncate any file) or delete the sockets. Such a directory is refused, never followed or fixed.
+    """
     directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
+    parent = directory.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    info = os.lstat(parent)
+    shared = info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX  # others may rename entries in it
+    if info.st_uid not in (os.geteuid(), 0) or shared:
+        raise AgentConfigError(
+            f"runtime_dir {path}: its parent {parent} can be changed by others (owner uid {info.st_uid}, mode "
+            f"{stat.S_IMODE(info.st_mode):o}), who could replace the directory; "
+            "pick a directory under one that only you or root can write (e.g. /run or $XDG_RUNTIME_DIR)"
+        )
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(directory)
+    if not stat.S_ISDIR(info.st_mode):
+        raise AgentConfigError(
+            f"runtime_dir {path} is a symlink or not a directory; remove it (the agent never follows one)"
+        )
+    if info.st_uid != os.geteuid():
+        raise AgentConfigError(
+            f"runtime_dir {path} belongs to uid {info.st_uid}, not to the agent (uid {os.geteuid()}); "
+            "remove it and start again (another user's directory could redirect the agent's files)"
+        )
     _set_group(str(directory), gid)
     os.chmod(directory, DIR_MODE)
+
+
+def open_private(path: Path, flags: int, mode: int = 0o600) -> int:
+    """Open a file of the runtime directory without following a symlink; it must be the agent's own."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    if os.fstat(fd).st_uid != os.geteuid():
+        os.close(fd)
+        raise AgentConfigError(f"{path} belongs to another user; remove it and start again")
+    return fd
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Replace ``path`` atomically with ``data`` (0600, via a temporary file of the same directory)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+
+
+def read_private(path: Path, limit_bytes: int = 1 << 16) -> bytes | None:
+    """The agent's own file ``path`` (None when missing, not ours, or a symlink)."""
+    try:
+        fd = open_private(path, os.O_RDONLY)
+    except (OSError, AgentConfigError):
+        return None
+    try:
+        return os.read(fd, limit_bytes)
+    finally:
+        os.close(fd)
 
 
 def _set_group(path: str, gid: int) -> None:
@@ -93,7 +155,7 @@ class InstanceLock:
         self._fd = -1
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)
+        fd = open_private(self.path, os.O_RDWR | os.O_CREAT, 0o640)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -111,6 +173,58 @@ class InstanceLock:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+class GpuLocks:
+    """One abstract Unix socket per GPU UUID (``@envpipe-agent-gpu/<uuid>``): two clock-setting agents on
+    one node (different runtime dirs) would fight over the same GPUs; the second is refused.
+
+    Abstract names need no file (nothing to clean up after a crash: the kernel frees the name with the
+    process) but anyone may bind one. A name held by a root process is another agent (refused); a name held
+    by anyone else cannot be an agent that sets clocks (that needs root), so it is logged and ignored
+    rather than letting any user keep the agent from starting.
+    """
+
+    PREFIX = "envpipe-agent-gpu/"
+
+    def __init__(self) -> None:
+        self._sockets: list[socket.socket] = []
+
+    def acquire(self, uuids: list[str]) -> None:
+        for uuid in uuids:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                sock.bind("\0" + self.PREFIX + uuid)
+                sock.listen(1)
+            except OSError:
+                sock.close()
+                self._check_holder(uuid)
+                continue
+            self._sockets.append(sock)
+
+    def _check_holder(self, uuid: str) -> None:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        probe.settimeout(0.5)
+        try:
+            probe.connect("\0" + self.PREFIX + uuid)
+            pid, uid, _gid = struct.unpack("3i", probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        except OSError as exc:
+            log.warning("GPU %s: its agent lock is taken and the holder does not answer (%s); going on", uuid, exc)
+            return
+        finally:
+            probe.close()
+        if uid == 0:
+            self.release()
+            raise AgentConfigError(
+                f"another envpipe-agent (pid {pid}) already drives GPU {uuid}; stop it "
+                "(systemctl stop envpipe-agent) or give each agent its own GPUs with --manage"
+            )
+        log.warning("GPU %s: agent lock held by uid %d pid %d (not root, so no agent); going on", uuid, uid, pid)
+
+    def release(self) -> None:
+        for sock in self._sockets:
+            sock.close()
+        self._sockets = []
 
 
 def sd_notify(state: str) -> bool:

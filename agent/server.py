@@ -17,19 +17,34 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message as _parse_monitor
 
 from envpipe_agent import __version__
 from envpipe_agent.backend import AllowList, GpuBackend, GpuDesc
 from envpipe_agent.config import AgentConfig
-from envpipe_agent.energy import EnergySampler
-from envpipe_agent.leases import Lease, LeaseManager, pid_alive
+from envpipe_agent.energy import EnergySampler, MarksBusy
+from envpipe_agent.leases import (
+    Lease,
+    LeaseManager,
+    Reservations,
+    holders_record,
+    parse_holders,
+    pid_alive,
+)
+from envpipe_agent.peers import ConnectionGuard, Peer, peer_of, process_uid, rss_bytes
 from envpipe_agent.protocol import (
+    CONTROL_HWM,
+    CONTROL_SNDHWM,
     EVENT_BEGIN,
     EVENT_RECV_HWM,
     EVENT_SOCKET_BUFFER_BYTES,
+    MAX_CONTROL_FRAME_BYTES,
+    MAX_CONTROL_FRAMES,
+    MAX_EVENTS_IN_FLIGHT,
     MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
     ErrorCode,
@@ -41,7 +56,7 @@ from envpipe_agent.protocol import (
     request_id_of,
     stamp_or_now_ns,
 )
-from envpipe_agent.runtime import prepare_dir, resolve_group, secure_socket
+from envpipe_agent.runtime import prepare_dir, read_private, resolve_group, secure_socket, write_private
 from envpipe_agent.worker import RESET, GpuWorker
 
 log = logging.getLogger("envpipe_agent.server")
@@ -50,6 +65,11 @@ TICK_S = 0.1  # lease expiry and rate bookkeeping period
 MAX_WINDOWS_PER_LEASE = 4096
 MAX_JOB_ID_CHARS = 256
 CATCH_UP_S = 0.1  # longest a request waits for the events its client sent before it
+CATCH_UP_BUDGET_S = 0.1  # ... and all requests of one uid together per second (a forged count stalls no one)
+GUARD_MARGIN_MB = 64  # after a memory-guard trip, the next trips above what stayed resident plus this
+LEASE_STATE_FILE = "leases.json"  # GPU -> holder uid, for the next agent after a restart (Reservations)
+_MONITOR_EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
+_Handler = Callable[[dict[str, Any], Peer | None], "dict[str, Any] | Future[dict[str, Any]]"]
 _EVENT_BATCH = 4096  # events drained per loop turn before control gets a look
 
 
@@ -99,6 +119,13 @@ class Agent:
         self.workers = {gpu.index: GpuWorker(backend, gpu.index) for gpu in self.gpus}
         self.stats = {gpu.index: GpuStats() for gpu in self.gpus}
         self.leases = LeaseManager(config.lease_timeout_s, check_pids=config.is_local())
+        self.guard = ConnectionGuard(config.max_connections_per_uid)
+        self._state_path = Path(config.resolved_runtime_dir()) / LEASE_STATE_FILE if config.is_local() else None
+        holders = parse_holders(read_private(self._state_path)) if self._state_path else {}
+        self.reservations = Reservations(holders, config.lease_timeout_s)
+        self._catch_up_spent: dict[int | None, float] = {}
+        self._guard_limit = config.memory_guard_mb << 20
+        self._guard_rearm_s = 0.0  # seconds waited per uid in the current second
         self.sampler = EnergySampler(backend, [gpu.index for gpu in self.gpus], config.sample_interval_ms)
         self.counters = dict.fromkeys(
             (
@@ -117,12 +144,22 @@ class Agent:
                 # events and window marks whose sender stamp was in the future or too old (another node's
                 # clock over tcp): timed at the agent's receive time instead
                 "events_stamp_fallback",
+                # a hostile socket-group member (docs/reliability.md, "Hostile group member"):
+                "requests_not_permitted",  # lease ops from another uid, claims naming another user's pid
+                "claims_reserved",  # claims refused: the GPU is kept for the uid an agent restart lost
+                "control_messages_too_long",  # more than MAX_CONTROL_FRAMES frames: dropped unanswered
+                "catch_up_skipped",  # events_sent beyond what can be in flight, or the uid's wait budget spent
+                "marks_busy",  # window marks refused: MAX_PENDING_MARKS of that GPU still being measured
+                "connections_refused",  # shut down at accept: the uid holds max_connections_per_uid
+                "connections_shed",  # shut down by the memory guard
+                "memory_guard_trips",
             ),
             0,
         )
         self.started_s = time.monotonic()
         self.stopping = False  # set when the process named by exit_with_pid is gone
         self._events_sock: zmq.Socket | None = None
+        self.control_sock: zmq.Socket | None = None  # while serving
         # Replies still being computed off the loop: (envelope, request id, future). A done future writes a
         # byte into the pipe, which the loop polls next to its sockets.
         self._pending: list[tuple[list[bytes], int, Future[dict[str, Any]]]] = []
@@ -131,7 +168,7 @@ class Agent:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._next_window_id = 1
         self._last_rate_s = self.started_s
-        self.handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any] | Future[dict[str, Any]]]] = {
+        self.handlers: dict[str, _Handler] = {
             "hello": self.op_hello,
             "claim": self.op_claim,
             "heartbeat": self.op_heartbeat,
@@ -143,11 +180,12 @@ class Agent:
         }
 
     # -- lifecycle -------------------------------------------------------------------------------------
-    def reset_all(self, why: str) -> None:
-        """Reset every managed GPU synchronously (agent start = crash recovery, and shutdown)."""
+    def reset_all(self, why: str, final: bool = False) -> None:
+        """Reset every managed GPU synchronously (agent start = crash recovery, and shutdown: ``final``,
+        after any set still in flight and with none after it)."""
         for index, worker in self.workers.items():
             try:
-                worker.reset_now()
+                worker.reset_now(final)
                 self.stats[index].target_mhz = None
             except Exception as exc:  # noqa: BLE001 - keep resetting the other GPUs; logged
                 log.error("GPU %d: reset at %s failed: %s", index, why, exc)
@@ -174,6 +212,9 @@ class Agent:
         for sock in (control, events):
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+        control.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_FRAME_BYTES)
+        control.setsockopt(zmq.RCVHWM, CONTROL_HWM)
+        control.setsockopt(zmq.SNDHWM, CONTROL_SNDHWM)
         events.setsockopt(zmq.RCVHWM, EVENT_RECV_HWM)  # bounded: senders see zmq.Again, not a backlog
         events.setsockopt(zmq.RCVBUF, EVENT_SOCKET_BUFFER_BYTES)
         control.bind(control_endpoint)
@@ -192,12 +233,12 @@ class Agent:
         """Run the event loop until ``stop`` is set; resets every GPU on the way out."""
         context = context or zmq.Context.instance()
         control, events = self.bind(context)
-        self._events_sock = events
+        self._events_sock, self.control_sock = events, control
         poller = zmq.Poller()
         poller.register(control, zmq.POLLIN)
         poller.register(events, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        monitors = [sock.get_monitor_socket(zmq.EVENT_DISCONNECTED) for sock in (control, events)]
+        monitors = [sock.get_monitor_socket(_MONITOR_EVENTS) for sock in (control, events)]
         for monitor in monitors:
             poller.register(monitor, zmq.POLLIN)
         self.start_threads()
@@ -216,7 +257,7 @@ class Agent:
                         self._send_done(control)
                     for monitor in monitors:
                         if monitor in ready:
-                            self._count_disconnects(monitor)
+                            self._connection_events(monitor)
                     if time.monotonic() - last_tick_s >= TICK_S:
                         last_tick_s = time.monotonic()
                         self.tick()
@@ -225,7 +266,7 @@ class Agent:
                     log.exception("event loop error (the agent keeps serving)")
         finally:
             self.stop_threads()
-            self.reset_all("shutdown")
+            self.reset_all("shutdown", final=True)
             for sock, monitor in zip((control, events), monitors, strict=True):
                 sock.disable_monitor()
                 monitor.close(0)
@@ -234,13 +275,22 @@ class Agent:
             os.close(self._wake_r)
             os.close(self._wake_w)
 
-    def _count_disconnects(self, monitor: zmq.Socket) -> None:
-        while True:
+    def _connection_events(self, monitor: zmq.Socket) -> None:
+        """Accepts (per-uid cap, read at accept) and disconnects, from a socket's monitor."""
+        for _ in range(4096):
             try:
-                monitor.recv_multipart(zmq.NOBLOCK)  # one message per event: only disconnects are asked for
+                frames = monitor.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self.counters["peer_disconnects"] += 1
+            message = _parse_monitor(frames)
+            event, fd = message["event"], message["value"]
+            if event == zmq.EVENT_ACCEPTED:
+                refused = self.guard.refused
+                self.guard.accepted(fd)
+                self.counters["connections_refused"] += self.guard.refused - refused
+            elif event == zmq.EVENT_DISCONNECTED:
+                self.guard.disconnected(fd)
+                self.counters["peer_disconnects"] += 1
 
     # -- event path ------------------------------------------------------------------------------------
     def _drain_events(self, sock: zmq.Socket) -> None:
@@ -310,27 +360,42 @@ class Agent:
 
     def _catch_up(self, lease: Lease, args: dict[str, Any]) -> None:
         """Process the lease's events sent before this request (``events_sent``): events and requests
-        travel on two sockets, so a release or window mark could otherwise overtake the last events."""
+        travel on two sockets, so a release or window mark could otherwise overtake the last events.
+
+        The wait is bounded three ways, so a forged count cannot stall the loop for everyone: at most
+        CATCH_UP_S per request, not at all when more events are claimed than can be in flight
+        (MAX_EVENTS_IN_FLIGHT), and at most CATCH_UP_BUDGET_S per second for all requests of one uid.
+        """
         sent = args.get("events_sent")
         sock = self._events_sock
-        if not isinstance(sent, int) or isinstance(sent, bool) or sock is None:
+        if not isinstance(sent, int) or isinstance(sent, bool) or sock is None or lease.events >= sent:
             return
-        deadline_s = time.monotonic() + CATCH_UP_S
-        while lease.events < sent:
-            remaining_ms = int(1000 * (deadline_s - time.monotonic()))
-            if remaining_ms <= 0 or not sock.poll(remaining_ms, zmq.POLLIN):
-                log.debug("lease %d: %d of %d events arrived", lease.lease_id, lease.events, sent)
-                return
-            self._drain_events(sock)
+        spent_s = self._catch_up_spent.get(lease.uid, 0.0)
+        left_s = min(CATCH_UP_S, CATCH_UP_BUDGET_S - spent_s)
+        if sent - lease.events > MAX_EVENTS_IN_FLIGHT or left_s < 0.001:
+            self.counters["catch_up_skipped"] += 1
+            return
+        start_s = time.monotonic()
+        deadline_s = start_s + left_s
+        try:
+            while lease.events < sent:
+                remaining_ms = int(1000 * (deadline_s - time.monotonic()))
+                if remaining_ms <= 0 or not sock.poll(remaining_ms, zmq.POLLIN):
+                    log.debug("job %r rank %d: %d of %d events arrived", lease.job_id, lease.rank, lease.events, sent)
+                    return
+                self._drain_events(sock)
+        finally:
+            self._catch_up_spent[lease.uid] = spent_s + time.monotonic() - start_s
 
     # -- control path ----------------------------------------------------------------------------------
     def _drain_control(self, sock: zmq.Socket) -> None:
-        for _ in range(64):
+        for _ in range(CONTROL_HWM):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            reply = self.handle_control(frames)
+            # Who sent it, as the kernel saw the connection (SO_PEERCRED via libzmq's Peer-Address).
+            reply = self.handle_control([part.bytes for part in parts], peer_of(parts[-1]))
             if reply is not None:
                 try:
                     sock.send_multipart(reply, zmq.NOBLOCK)
@@ -373,13 +438,16 @@ class Agent:
             log.error("deferred reply to request %d failed: %s", request_id, exc)
             return encode_error(request_id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
-    def handle_control(self, frames: list[bytes]) -> list[bytes] | None:
-        """Answer one ROUTER message; the envelope (identity and REQ delimiter) is echoed back.
+    def handle_control(self, frames: list[bytes], peer: Peer | None = None) -> list[bytes] | None:
+        """Answer one ROUTER message from ``peer``; the envelope (identity and REQ delimiter) is echoed back.
 
-        Returns None when there is nothing to send now: no payload to answer, or a reply still being
-        computed (sent by the loop when done).
+        Returns None when there is nothing to send now: no payload to answer, a message of more than
+        MAX_CONTROL_FRAMES frames (dropped, counted), or a reply still being computed (sent when done).
         """
         self.counters["control_requests"] += 1
+        if len(frames) > MAX_CONTROL_FRAMES:
+            self.counters["control_messages_too_long"] += 1
+            return None
         if len(frames) < 2:
             self.counters["control_errors"] += 1
             return None  # nothing to answer to: no payload after the identity
@@ -393,7 +461,7 @@ class Agent:
             return envelope + [
                 encode_error(0, ErrorCode.BAD_REQUEST, f"expected 1 payload frame, got {len(payload)}")
             ]
-        reply = self.dispatch(payload[0])
+        reply = self.dispatch(payload[0], peer)
         if isinstance(reply, tuple):
             request_id, future = reply
             self._pending.append((envelope, request_id, future))
@@ -401,16 +469,18 @@ class Agent:
             return None
         return envelope + [reply]
 
-    def dispatch(self, frame: bytes) -> bytes | tuple[int, Future[dict[str, Any]]]:
-        """Decode, run the handler, encode the reply (errors included); a deferred result comes back as
-        ``(request id, future)``."""
+    def dispatch(
+        self, frame: bytes, peer: Peer | None = None
+    ) -> bytes | tuple[int, Future[dict[str, Any]]]:
+        """Decode, run the handler for ``peer`` (None: unknown, e.g. tcp), encode the reply (errors
+        included); a deferred result comes back as ``(request id, future)``."""
         try:
             request = decode_request(frame)
         except ProtocolError as exc:
             self.counters["control_errors"] += 1
             return encode_error(request_id_of(frame), exc.code, str(exc))
         try:
-            result = self.handlers[request.op](request.args)
+            result = self.handlers[request.op](request.args, peer)
             if isinstance(result, Future):
                 return request.id, result
             return encode_reply(request.id, result)
@@ -422,12 +492,19 @@ class Agent:
             log.exception("handler %s failed", request.op)
             return encode_error(request.id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
-    def _lease(self, args: dict[str, Any]) -> Lease:
+    def _lease(self, args: dict[str, Any], peer: Peer | None) -> Lease:
+        """The lease named by ``lease_id``, if ``peer`` may use it: its holder's uid, or root."""
         lease_id = _arg(args, "lease_id", int)
         lease = self.leases.by_id.get(lease_id)
         if lease is None:
             raise ProtocolError(
-                ErrorCode.UNKNOWN_LEASE, f"lease {lease_id} is not held (expired or released); claim again"
+                ErrorCode.UNKNOWN_LEASE, "that lease is not held (expired or released); claim again"
+            )
+        if peer is not None and not peer.is_root and lease.uid is not None and peer.uid != lease.uid:
+            self.counters["requests_not_permitted"] += 1
+            raise ProtocolError(
+                ErrorCode.NOT_PERMITTED,
+                f"that lease belongs to uid {lease.uid}; only its holder's user (or root) may use it",
             )
         return lease
 
@@ -452,7 +529,7 @@ class Agent:
             "read_only": self.backend.read_only,
         }
 
-    def op_hello(self, args: dict[str, Any]) -> dict[str, Any]:
+    def op_hello(self, args: dict[str, Any], peer: Peer | None = None) -> dict[str, Any]:
         return {
             **self._identity(),
             "event_endpoint": self.config.events_endpoint(),
@@ -460,7 +537,27 @@ class Agent:
             "gpus": [self.gpu_info(gpu) for gpu in self.gpus],
         }
 
-    def op_claim(self, args: dict[str, Any]) -> dict[str, Any]:
+    def _watch_pid(self, pid: int, peer: Peer | None) -> int:
+        """The pid whose death ends a lease claimed for ``pid`` by ``peer``; refuses another user's pid.
+
+        The claimed pid must be the caller's own or a process of the caller's uid (root may name any). A
+        pid the agent cannot see (a rank in its own pid namespace, or a process hidden by ProtectProc) is
+        not checked: the lease then follows the caller's own process.
+        """
+        if peer is None or peer.is_root or pid == peer.pid:
+            return pid
+        owner = process_uid(pid)
+        if owner is None:
+            return peer.pid
+        if owner != peer.uid:
+            self.counters["requests_not_permitted"] += 1
+            raise ProtocolError(
+                ErrorCode.NOT_PERMITTED,
+                f"pid {pid} is not a process of uid {peer.uid}; claim with your own pid (os.getpid())",
+            )
+        return pid
+
+    def op_claim(self, args: dict[str, Any], peer: Peer | None = None) -> dict[str, Any]:
         gpu_uuid = _arg(args, "gpu_uuid", str)
         job_id, rank, pid = _arg(args, "job_id", str), _arg(args, "rank", int), _arg(args, "pid", int)
         if len(job_id) > MAX_JOB_ID_CHARS:
@@ -468,39 +565,61 @@ class Agent:
                 ErrorCode.BAD_REQUEST,
                 f"job_id has {len(job_id)} characters; at most {MAX_JOB_ID_CHARS} (it is shown by status)",
             )
-        # No range check on pid: one no process can have is simply dead, and the lease ends at the next tick.
         gpu = self.by_uuid.get(gpu_uuid)
         if gpu is None:
             raise ProtocolError(
                 ErrorCode.NO_SUCH_GPU,
                 f"no GPU {gpu_uuid!r} on this agent; it manages {', '.join(self.by_uuid)}",
             )
+        watch_pid = self._watch_pid(pid, peer)
+        uid = peer.uid if peer is not None else None
+        reserved_for = self.reservations.blocks(gpu.uuid, uid) if peer is not None else None
+        if reserved_for is not None and gpu.index not in self.leases.by_gpu:
+            self.counters["claims_reserved"] += 1
+            raise ProtocolError(
+                ErrorCode.LEASE_HELD,
+                f"GPU {gpu.uuid} is kept for uid {reserved_for}, whose job held it before the agent restarted, "
+                f"for up to {self.config.lease_timeout_s} s; try again then",
+            )
         try:
             held_id = _arg(args, "lease_id", int) if "lease_id" in args else 0  # proof for a repeated claim
-            lease, new = self.leases.claim(gpu.index, gpu.uuid, job_id, rank, pid, held_id)
+            lease, new = self.leases.claim(
+                gpu.index, gpu.uuid, job_id, rank, pid, held_id, uid=uid, watch_pid=watch_pid
+            )
         except LookupError as exc:
             raise ProtocolError(ErrorCode.LEASE_HELD, str(exc)) from None
         if new:
             self.counters["leases_granted"] += 1
-            log.info("GPU %d leased to job %r rank %d pid %d", gpu.index, job_id, rank, pid)
+            self._save_holders()
+            log.info("GPU %d leased to %s", gpu.index, lease.describe())
         return {"lease_id": lease.lease_id, "gpu_index": gpu.index, "lease_timeout_s": self.leases.timeout_s}
 
-    def op_heartbeat(self, args: dict[str, Any]) -> dict[str, Any]:
-        lease = self._lease(args)
+    def _save_holders(self) -> None:
+        """Record who holds which GPU for the next agent (see Reservations); a failed write is logged."""
+        if self._state_path is None:
+            return
+        try:
+            write_private(self._state_path, holders_record(self.leases))
+        except OSError as exc:
+            log.warning("cannot record lease holders in %s: %s", self._state_path, exc)
+
+    def op_heartbeat(self, args: dict[str, Any], peer: Peer | None = None) -> dict[str, Any]:
+        lease = self._lease(args, peer)
         lease.heartbeat_s = time.monotonic()
         return {"lease_id": lease.lease_id}
 
-    def op_release(self, args: dict[str, Any]) -> dict[str, Any]:
-        lease = self._lease(args)
+    def op_release(self, args: dict[str, Any], peer: Peer | None = None) -> dict[str, Any]:
+        lease = self._lease(args, peer)
         self._catch_up(lease, args)
         self.leases.release(lease.lease_id)
         self.counters["leases_released"] += 1
         self._reset_gpu(lease.gpu_index)
+        self._save_holders()
         log.info("GPU %d released by job %r rank %d; clocks reset", lease.gpu_index, lease.job_id, lease.rank)
         return {}
 
-    def op_set_clock(self, args: dict[str, Any]) -> dict[str, Any]:
-        lease = self._lease(args)
+    def op_set_clock(self, args: dict[str, Any], peer: Peer | None = None) -> dict[str, Any]:
+        lease = self._lease(args, peer)
         self._catch_up(lease, args)
         clock_mhz = _arg(args, "clock_mhz", int)
         target = self._queue_clock(lease.gpu_index, clock_mhz, time.monotonic_ns())
@@ -518,8 +637,8 @@ class Agent:
             at_ns = now_ns
         return at_ns / 1e9
 
-    def op_window_begin(self, args: dict[str, Any]) -> dict[str, Any]:
-        lease = self._lease(args)
+    def op_window_begin(self, args: dict[str, Any], peer: Peer | None = None) -> dict[str, Any]:
+        lease = self._lease(args, peer)
         self._catch_up(lease, args)
         if len(lease.windows) >= MAX_WINDOWS_PER_LEASE:
             raise ProtocolError(
@@ -529,20 +648,28 @@ class Agent:
         # The mark is the requester's timestamp (checked like an event's), after the catch-up; its energy is
         # estimated off the loop (the reply need not wait).
         mark_s = self._mark_s(args)
-        lease.windows[window_id] = (self.sampler.mark(lease.gpu_index, mark_s), mark_s)
+        lease.windows[window_id] = (self._mark(lease.gpu_index, mark_s), mark_s)
         return {"window_id": window_id}
 
-    def op_window_end(self, args: dict[str, Any]) -> dict[str, Any] | Future[dict[str, Any]]:
-        lease = self._lease(args)
+    def _mark(self, index: int, mark_s: float) -> Future[float]:
+        try:
+            return self.sampler.mark(index, mark_s)
+        except MarksBusy as exc:
+            self.counters["marks_busy"] += 1
+            raise ProtocolError(ErrorCode.BUSY, str(exc)) from None
+
+    def op_window_end(
+        self, args: dict[str, Any], peer: Peer | None = None
+    ) -> dict[str, Any] | Future[dict[str, Any]]:
+        lease = self._lease(args, peer)
         self._catch_up(lease, args)
         window_id = _arg(args, "window_id", int)
-        start = lease.windows.pop(window_id, None)
+        start = lease.windows.get(window_id)
         if start is None:
-            raise ProtocolError(
-                ErrorCode.UNKNOWN_WINDOW, f"window {window_id} is not open on lease {lease.lease_id}"
-            )
+            raise ProtocolError(ErrorCode.UNKNOWN_WINDOW, f"window {window_id} is not open on this lease")
         (begin_energy, begin_s), end_s = start, self._mark_s(args)
-        end_energy = self.sampler.mark(lease.gpu_index, end_s)
+        end_energy = self._mark(lease.gpu_index, end_s)  # busy: the window stays open, the client may retry
+        del lease.windows[window_id]
         simulated = self.backend.simulated
 
         def result() -> dict[str, Any]:
@@ -554,9 +681,19 @@ class Agent:
 
         if begin_energy.done() and end_energy.done():
             return result()
-        return self.sampler.after(lease.gpu_index, result)
+        # The end mark is queued behind the begin mark on the GPU's one mark thread: once it is done, both are.
+        reply: Future[dict[str, Any]] = Future()
 
-    def op_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        def finish(_done: Future[float]) -> None:
+            try:
+                reply.set_result(result())
+            except Exception as exc:  # noqa: BLE001 - sent as an error reply by the loop
+                reply.set_exception(exc)
+
+        end_energy.add_done_callback(finish)
+        return reply
+
+    def op_status(self, args: dict[str, Any], peer: Peer | None = None) -> dict[str, Any]:
         return self.status()
 
     # -- bookkeeping -----------------------------------------------------------------------------------
@@ -565,6 +702,7 @@ class Agent:
         if self.config.exit_with_pid and not pid_alive(self.config.exit_with_pid):
             log.warning("process %d is gone: stopping (exit_with_pid)", self.config.exit_with_pid)
             self.stopping = True
+        self._guard_memory()
         for lease, reason in self.leases.expire():
             self.counters["leases_expired"] += 1
             self._reset_gpu(lease.gpu_index)
@@ -577,10 +715,41 @@ class Agent:
             )
         now_s = time.monotonic()
         if now_s - self._last_rate_s >= 1.0:
+            self._catch_up_spent.clear()
             for stats in self.stats.values():
                 stats.events_per_s = (stats.events - stats._rate_events) / (now_s - self._last_rate_s)
                 stats._rate_events = stats.events
             self._last_rate_s = now_s
+
+    def _guard_memory(self) -> None:
+        """Above memory_guard_mb, shut down every connection but root's (their buffers are freed with them).
+
+        zmq delivers a message only once it is complete and bounds a frame's size but not the number of
+        frames, so one connection can make the agent buffer gigabytes (an OOM kill is a SIGKILL: no reset).
+        Which connection holds the half-received message is invisible from here, so all non-root
+        connections go; clients reconnect by themselves and their leases stay (shorter than a timeout).
+        """
+        limit_mb = self.config.memory_guard_mb
+        if not limit_mb:
+            return
+        rss = rss_bytes()
+        now_s = time.monotonic()
+        if self._guard_rearm_s and now_s >= self._guard_rearm_s:
+            # Memory the allocator kept after the last trip is not a new attack: trip above it only.
+            self._guard_limit = max(limit_mb << 20, rss + (GUARD_MARGIN_MB << 20))
+            self._guard_rearm_s = 0.0
+        if rss <= self._guard_limit or self._guard_rearm_s:
+            return
+        shed = self.guard.shed_all_but_root()
+        self._guard_rearm_s = now_s + 1.0
+        self.counters["memory_guard_trips"] += 1
+        self.counters["connections_shed"] += shed
+        log.warning(
+            "resident memory %d MiB over the guard (%d MiB): shut down %d non-root connection(s)",
+            rss >> 20,
+            self._guard_limit >> 20,
+            shed,
+        )
 
     def gpu_status(self, gpu: GpuDesc) -> dict[str, Any]:
         index, stats, worker = gpu.index, self.stats[gpu.index], self.workers[gpu.index]

@@ -22,9 +22,11 @@ import socket
 import threading
 import time
 import uuid
+from typing import Any
 
 from envpipe_agent.backend import GpuDesc
 from envpipe_agent.dvfs import Card, DvfsModel, get_card, get_model
+from envpipe_agent.errors import AgentConfigError
 
 
 def _at_s(point: list) -> float:
@@ -64,6 +66,15 @@ class _SimGpu:
         self.points: list[list] = [
             [time.monotonic(), _CLOCK, card.max_clock_mhz, False, card.max_clock_mhz, 0.0]
         ]
+
+
+def from_config(config: Any) -> SimBackend:
+    """The sim backend of the agent's config (registered in envpipe_agent.backend)."""
+    if config.manage:
+        raise AgentConfigError("manage applies to the nvml backend; the sim backend has --gpus N")
+    if config.read_only:
+        raise AgentConfigError("read_only applies to the nvml backend; the sim backend changes nothing real")
+    return SimBackend(gpus=config.gpus, card=config.card, model=config.model)
 
 
 class SimBackend:

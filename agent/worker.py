@@ -6,6 +6,7 @@ not taken yet (only the latest clock matters), and a target equal to the applied
 
 from __future__ import annotations
 
+import bisect
 import collections
 import logging
 import threading
@@ -16,6 +17,9 @@ from envpipe_agent.backend import GpuBackend
 log = logging.getLogger("envpipe_agent.worker")
 
 RESET = -1  # mailbox value: reset the GPU's clocks
+# Bucket bounds (seconds) of the event-to-apply latency histogram: NVML sets take ~0.1-1 ms, a loaded agent
+# several ms.
+APPLY_LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 _STOP = -2
 
 
@@ -56,6 +60,14 @@ class GpuWorker:
         self.failures = 0
         self.last_error = ""
         self.apply_latency_ns: collections.deque[int] = collections.deque(maxlen=2048)
+        # Cumulative counts per APPLY_LATENCY_BUCKETS_S bucket (+Inf last) and their sum: the Prometheus
+        # histogram, kept as the worker applies (the deque above only holds the latest samples).
+        self.latency_buckets = [0] * (len(APPLY_LATENCY_BUCKETS_S) + 1)
+        self.latency_sum_s = 0.0
+        # Held around every setter call: the shutdown reset waits for a set still in flight (an NVML call
+        # can outlast stop()'s join) and then closes the worker, so no set can land after the final reset.
+        self._apply_lock = threading.Lock()
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"envpipe-gpu{index}", daemon=True)
 
     def start(self) -> None:
@@ -84,6 +96,11 @@ class GpuWorker:
                 log.error("GPU %d: applying %s failed: %s", self.index, value, exc)
 
     def _apply(self, value: int, received_ns: int) -> None:
+        with self._apply_lock:
+            if not self._closed:
+                self._apply_locked(value, received_ns)
+
+    def _apply_locked(self, value: int, received_ns: int) -> None:
         if value == RESET:
             self.backend.reset_clocks(self.index)
             self.applied_mhz = None
@@ -95,8 +112,15 @@ class GpuWorker:
         self.backend.set_locked_clock(self.index, value)
         self.applied_mhz = value
         self.clock_changes += 1
-        self.apply_latency_ns.append(time.monotonic_ns() - received_ns)
+        latency_ns = time.monotonic_ns() - received_ns
+        self.apply_latency_ns.append(latency_ns)
+        latency_s = latency_ns / 1e9
+        self.latency_sum_s += latency_s
+        self.latency_buckets[bisect.bisect_left(APPLY_LATENCY_BUCKETS_S, latency_s)] += 1
 
-    def reset_now(self) -> None:
-        """Reset synchronously from the caller's thread (startup and shutdown, when no worker runs)."""
-        self._apply(RESET, 0)
+    def reset_now(self, final: bool = False) -> None:
+        """Reset synchronously from the caller's thread (startup, and shutdown with ``final``: after a set
+        still in flight, and no set after it)."""
+        with self._apply_lock:
+            self._apply_locked(RESET, 0)
+            self._closed = final

@@ -65,7 +65,7 @@ class Driver:
         """PATH gets shims for ``envpipe`` / ``envpipe-agent`` that run the package from the tree."""
         bin_dir = self.tmp / "bin"
         bin_dir.mkdir()
-        for name, module in (("envpipe", "envpipe_cli.main"), ("envpipe-agent", "envpipe_cli.agent")):
+        for name, module in (("envpipe", "envpipe_cli.main"), ("envpipe-agent", "envpipe_agent.main")):
             shim = bin_dir / name
             shim.write_text(f"#!{sys.executable}\nimport sys\nfrom {module} import main\nsys.exit(main())\n")
             shim.chmod(0o755)

@@ -78,7 +78,9 @@ def fake_nvml(gpus: int = 2, lib_dir: str | None = None) -> Iterator[FakeNvml]:
         lib = lib_dir or build_fake_nvml(directory)
         state_path = os.path.join(directory, "nvml.state")
         env = dict(os.environ, LD_LIBRARY_PATH=lib, ENVPIPE_FAKE_NVML_STATE=state_path,
-                   ENVPIPE_FAKE_NVML_GPUS=str(gpus))
+                   ENVPIPE_FAKE_NVML_GPUS=str(gpus),
+                   # UUIDs of their own: agents lock GPUs by UUID node-wide (runs in parallel stay apart)
+                   ENVPIPE_FAKE_NVML_UUID_TAG=os.urandom(4).hex())
         yield FakeNvml(lib, agent_test_helpers().FakeNvmlState(state_path), env)
     finally:
         shutil.rmtree(directory, ignore_errors=True)

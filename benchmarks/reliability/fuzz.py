@@ -29,6 +29,7 @@ from envpipe_agent.protocol import (
     EVENT_MAGIC,
     EVENT_STRUCT,
     MAX_CONTROL_BYTES,
+    MAX_CONTROL_FRAME_BYTES,
     MAX_FRAME_BYTES,
     OPS,
     PROTOCOL_VERSION,
@@ -117,7 +118,10 @@ class _Gen:
         return (opener * self.rng.randrange(1_200, 20_000))[:MAX_CONTROL_BYTES]
 
     def oversize(self) -> bytes:
-        return self.request("hello", {"pad": "x" * (MAX_CONTROL_BYTES + self.rng.randrange(1, 200_000))})
+        # over the agent's JSON limit but within zmq's frame limit: answered ``too_large`` (larger frames end
+        # the connection: _transport_oversize)
+        slack = MAX_CONTROL_FRAME_BYTES - MAX_CONTROL_BYTES - 64
+        return self.request("hello", {"pad": "x" * (MAX_CONTROL_BYTES + self.rng.randrange(1, slack))})
 
     def event_random(self) -> bytes:
         return os.urandom(self.rng.randrange(0, 80))

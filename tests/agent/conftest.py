@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import grp
 import os
+import pwd
 import shutil
 import struct
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -174,6 +177,8 @@ def fake_nvml(fake_nvml_dir: str, short_dir: str) -> tuple[FakeNvmlState, dict[s
         LD_LIBRARY_PATH=fake_nvml_dir,
         ENVPIPE_FAKE_NVML_STATE=state_path,
         ENVPIPE_FAKE_NVML_GPUS="2",
+        # UUIDs of this test's own (agents lock GPUs by UUID node-wide; parallel runs must not collide)
+        ENVPIPE_FAKE_NVML_UUID_TAG=os.urandom(4).hex(),
     )
     return FakeNvmlState(state_path), env
 
@@ -190,3 +195,67 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
 @pytest.fixture
 def waiter() -> Callable[..., None]:
     return wait_for
+
+
+# -- a second real Unix user (access control) ---------------------------------------------------------------
+SECOND_USER = "envpipe-peer"
+
+
+@pytest.fixture(scope="session")
+def second_user() -> pwd.struct_passwd:
+    """A real second Unix user (created with useradd once; kept), whose processes run this checkout's Python.
+
+    Skips where that cannot be: not root (useradd and switching uid need root), no useradd/setpriv, or the
+    checkout not readable by other users.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("access control needs a second Unix user: run the tests as root (useradd, setpriv)")
+    if shutil.which("useradd") is None or shutil.which("setpriv") is None:
+        pytest.skip("needs useradd and setpriv (passwd, util-linux) to run a client as a second user")
+    try:
+        pwd.getpwnam(SECOND_USER)
+    except KeyError:
+        # --user-group: its own group, which the tests make the socket group. A concurrent run may win.
+        subprocess.run(
+            ["useradd", "--system", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin", SECOND_USER],
+            capture_output=True,
+            check=False,
+        )
+    user = pwd.getpwnam(SECOND_USER)
+    probe = run_as(user, "import envpipe_agent.client", groups=())
+    if probe.returncode != 0:
+        pytest.skip(f"user {SECOND_USER} cannot import this checkout (file permissions): {probe.stderr[-200:]}")
+    return user
+
+
+def run_as(
+    user: pwd.struct_passwd,
+    code: str,
+    *args: str,
+    groups: tuple[int, ...] | None = None,
+    timeout_s: float = 60,
+    background: bool = False,
+) -> Any:
+    """Run ``python -c code args...`` as ``user`` (its own group, plus ``groups``; None = only its group);
+    the CompletedProcess, or with ``background`` the running Popen."""
+    group_args = ["--groups", ",".join(str(g) for g in groups)] if groups else ["--clear-groups"]
+    command = ["setpriv", "--reuid", str(user.pw_uid), "--regid", str(user.pw_gid), *group_args]
+    env = {k: v for k, v in os.environ.items() if k not in ("XDG_RUNTIME_DIR", "ENVPIPE_AGENT")}
+    if background:
+        return subprocess.Popen(
+            [*command, sys.executable, "-c", code, *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd="/",
+        )
+    return subprocess.run(
+        [*command, sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env=env,
+        cwd="/",
+    )

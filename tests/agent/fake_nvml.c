@@ -176,7 +176,11 @@ int nvmlDeviceGetUUID(void *device, char *uuid, unsigned int length) {
     struct fake_gpu *gpu = gpu_of(device);
     if (!gpu) return bad(NULL);
     char text[64];
-    snprintf(text, sizeof text, "GPU-fa4e0000-0000-4000-8000-%012u", ((struct fake_device *)device)->index);
+    /* ENVPIPE_FAKE_NVML_UUID_TAG (8 hex digits) tells concurrent fake nodes apart: agents lock GPUs by UUID
+       node-wide, so two test runs of one machine must not share UUIDs. */
+    const char *tag = getenv("ENVPIPE_FAKE_NVML_UUID_TAG");
+    snprintf(text, sizeof text, "GPU-%.8s-0000-4000-8000-%012u", tag && *tag ? tag : "fa4e0000",
+             ((struct fake_device *)device)->index);
     return copy_string(text, uuid, length);
 }
 

@@ -74,7 +74,7 @@ def test_client_claims_again_when_the_agent_comes_back(short_dir: str) -> None:
             time.sleep(0.05)
         assert client.lease_id not in (0, first_lease)
         holder = client.status()["gpus"][0]["holder"]
-        assert holder == {"job_id": "j", "rank": 0, "pid": os.getpid()}
+        assert holder == {"job_id": "j", "rank": 0, "pid": os.getpid(), "uid": os.getuid()}
     finally:
         client.close()
         agent.stop()

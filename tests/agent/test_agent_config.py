@@ -30,8 +30,17 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
         ('gpus = "two"\n', "gpus"),
         ('backend = "cuda"\n', "backend"),
         ("min_mhz = 1500\nmax_mhz = 900\n", "min_mhz"),
-        ('prometheus_addr = "0.0.0.0"\n', "prometheus_addr"),
+        ('prometheus_addr = "everywhere"\n', "prometheus_addr"),
         ("lease_timeout_s = -1\n", "lease_timeout_s"),
+        # issue 12 item 8: nan passes every comparison, inf never expires (and killed the client's heartbeat)
+        ("lease_timeout_s = nan\n", "lease_timeout_s"),
+        ("lease_timeout_s = inf\n", "lease_timeout_s"),
+        ("sample_interval_ms = nan\n", "sample_interval_ms"),
+        ("sample_interval_ms = inf\n", "sample_interval_ms"),
+        ("sample_interval_ms = 0.001\n", "sample_interval_ms"),
+        ('log_level = "verbose"\n', "log_level"),
+        ('card = "h200x"\n', "card"),
+        ("max_connections_per_uid = 1\n", "max_connections_per_uid"),
         ("gpus = [\n", "not valid TOML"),
     ],
 )
@@ -65,3 +74,8 @@ def test_allow_list_outside_the_supported_clocks_exits_2(tmp_path: Path, capsys)
 def test_manage_needs_nvml(tmp_path: Path, capsys) -> None:
     assert main(["--config", "", "--backend", "sim", "--manage", "0", "--runtime-dir", str(tmp_path)]) == 2
     assert "manage applies to the nvml backend" in capsys.readouterr().err
+
+
+def test_a_non_loopback_metrics_address_is_allowed(tmp_path: Path) -> None:
+    config = resolve_config(_toml(tmp_path, 'backend = "sim"\nprometheus_addr = "0.0.0.0"\n'), {})
+    assert config.prometheus_addr == "0.0.0.0"  # the risk is logged at start and documented (README)

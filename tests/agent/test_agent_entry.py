@@ -1,33 +1,58 @@
-"""The ``envpipe-agent`` console script (typer front of envpipe_agent.main): version, exit codes."""
+"""The ``envpipe-agent`` command (envpipe_agent.main): flags derived from the config, version, exit codes."""
 
 from __future__ import annotations
 
+import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
-from typer.testing import CliRunner
+import pytest
 
-from envpipe_cli.agent import app
-
-runner = CliRunner()
-
-
-def test_version() -> None:
-    result = runner.invoke(app, ["--version"])
-    assert result.exit_code == 0 and result.output.startswith("envpipe-agent ")
+from envpipe_agent.backend import BACKENDS
+from envpipe_agent.config import AgentConfig
+from envpipe_agent.main import build_parser, main
 
 
-def test_bad_config_key_exits_2_naming_it(tmp_path: Path) -> None:
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("envpipe-agent ")
+
+
+def test_every_config_key_is_a_flag_and_nothing_else() -> None:
+    flags = {action.dest for action in build_parser()._actions} - {"help", "version", "config"}
+    assert flags == {field.name for field in dataclasses.fields(AgentConfig)}
+
+
+def test_backend_choices_come_from_the_registry() -> None:
+    backend = next(action for action in build_parser()._actions if action.dest == "backend")
+    assert tuple(backend.choices) == tuple(BACKENDS)
+
+
+def test_bad_config_key_exits_2_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "agent.toml"
     config.write_text('backend = "sim"\nlease_timeout = 3\n')
-    result = runner.invoke(app, ["--config", str(config)])
-    assert result.exit_code == 2
-    assert "lease_timeout" in result.output
+    assert main(["--config", str(config)]) == 2
+    assert "lease_timeout" in capsys.readouterr().err
 
 
 def test_unknown_flag_exits_2() -> None:
-    assert runner.invoke(app, ["--colour", "blue"]).exit_code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--colour", "blue"])
+    assert exit_info.value.code == 2
 
 
-def test_bad_flag_value_exits_2(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["--config", "", "--backend", "cuda", "--runtime-dir", str(tmp_path)])
-    assert result.exit_code == 2 and "backend must be one of" in result.output
+def test_bad_flag_value_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", "", "--backend", "cuda", "--runtime-dir", str(tmp_path)])
+    assert exit_info.value.code == 2 and "invalid choice: 'cuda'" in capsys.readouterr().err
+
+
+def test_the_daemon_loads_neither_typer_nor_rich() -> None:
+    code = (
+        "import sys\nfrom envpipe_agent.main import build_parser, main\nbuild_parser()\n"
+        "bad = [m for m in ('typer', 'rich', 'click') if m in sys.modules]\nprint(bad)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"

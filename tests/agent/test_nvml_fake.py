@@ -39,9 +39,10 @@ def test_gpus_come_from_nvml(fake_nvml, short_dir) -> None:
     with _start(fake_nvml, short_dir) as agent, AgentClient(agent.endpoint, job_id="j", rank=0) as client:
         info = client.hello()
     assert info.backend == "nvml" and not info.simulated
+    tag = fake_nvml[1]["ENVPIPE_FAKE_NVML_UUID_TAG"]
     assert [g.uuid for g in info.gpus] == [
-        "GPU-fa4e0000-0000-4000-8000-000000000000",
-        "GPU-fa4e0000-0000-4000-8000-000000000001",
+        f"GPU-{tag}-0000-4000-8000-000000000000",
+        f"GPU-{tag}-0000-4000-8000-000000000001",
     ]
     # Supported clocks at the highest memory clock (2619 MHz): 1980..345 in 15 MHz steps.
     assert info.gpus[0].clocks_mhz[0] == 1980 and len(info.gpus[0].clocks_mhz) == 110
@@ -160,7 +161,8 @@ def test_energy_window_reads_the_counter(fake_nvml, short_dir) -> None:
 def test_manage_leaves_other_gpus_untouched(fake_nvml, short_dir) -> None:
     state, _env = fake_nvml
     state.seed_locked(ngpus=2, clock_mhz=900)
-    with _start(fake_nvml, short_dir, "--manage", "GPU-fa4e0000-0000-4000-8000-000000000001") as agent:
+    uuid = f"GPU-{fake_nvml[1]['ENVPIPE_FAKE_NVML_UUID_TAG']}-0000-4000-8000-000000000001"
+    with _start(fake_nvml, short_dir, "--manage", uuid) as agent:
         with AgentClient(agent.endpoint, job_id="j", rank=0) as client:
             info = client.hello()
     assert [g.index for g in info.gpus] == [1]
