@@ -161,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "command": "python benchmarks/nccl_p2p/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": device, "backend": "nccl" if torch.cuda.is_available() else "gloo",
+        "torch": torch.__version__,
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None,
         "emulated_nccl_streams": args.emulate, "stages": 2, "micro_batches": MICRO_BATCHES, "cases": {},
     }
     with tempfile.TemporaryDirectory(prefix="nccl-p2p-") as tmp:
