@@ -134,20 +134,58 @@ RecheckOpt = Annotated[
 ]
 
 
+_LIFE = "Checkpoints, evaluation, logs"
+LrOpt = Annotated[
+    Optional[float],
+    _opt(help="Learning rate (replaces the DeepSpeed config's optimizer lr; default SGD 0.05).", panel=_RUN),
+]
+SeedOpt = Annotated[Optional[int], _opt(help="Seed of the initialisation and synthetic data. \\[default: 1234]", panel=_RUN)]
+Bf16Opt = Annotated[bool, _opt("--bf16", help="Train in bf16 (DeepSpeed's bf16 block).", panel=_RUN)]
+Fp16Opt = Annotated[bool, _opt("--fp16", help="Train in fp16 with loss scaling (DeepSpeed's fp16 block).", panel=_RUN)]
+SlowdownOpt = Annotated[
+    Optional[float],
+    _opt(min=0.0, max=1.0, help="Allowed iteration-time slowdown of the plan (0.01 = 1%). \\[default: 0.01]", panel=_RUN),
+]
+DvfsModelOpt = Annotated[
+    Optional[str],
+    _opt("--dvfs-model", help=f"DVFS curve of the sim agent and emulation: {', '.join(_CHOICES['dvfs_model'])}. \\[default: central]", panel=_RUN),
+]
+LogIntervalOpt = Annotated[Optional[int], _opt(min=1, help="Steps between log lines. \\[default: 10]", panel=_LIFE)]
+LogDirOpt = Annotated[
+    Optional[Path], _opt(help="Ranks' logs. \\[default: SAVE_DIR/logs or next to --report, else kept only on failure]", panel=_LIFE)
+]
+SaveDirOpt = Annotated[Optional[Path], _opt(help="Save DeepSpeed checkpoints here (with plan, data position, RNG).", panel=_LIFE)]
+SaveIntervalOpt = Annotated[
+    Optional[int], _opt(min=0, help="Steps between checkpoints (0: at the end and on SIGTERM/SIGINT only). \\[default: 0]", panel=_LIFE)
+]
+ResumeOpt = Annotated[
+    Optional[str],
+    _opt(metavar="[DIR]", help="Continue from a checkpoint folder (bare --resume: --save-dir's latest); skips profiling.", panel=_LIFE),
+]
+KeepLastOpt = Annotated[Optional[int], _opt(min=1, help="Keep only the newest K checkpoints.", panel=_LIFE)]
+ExportHfOpt = Annotated[Optional[Path], _opt("--export-hf", help="Write the trained model as a Hugging Face folder here.", panel=_LIFE)]
+EvalDataOpt = Annotated[Optional[Path], _opt(help="Held-out data (.txt, .jsonl or .bin) for eval loss and perplexity.", panel=_LIFE)]
+EvalIntervalOpt = Annotated[
+    Optional[int], _opt(min=0, help="Steps between evaluations (0: at the end only). \\[default: 0]", panel=_LIFE)
+]
+
+
 class TrainCommand(TyperCommand):
-    """``envpipe train``'s command: ``--compare`` takes an optional value (typer has no such option)."""
+    """``envpipe train``'s command: ``--compare`` and ``--resume`` take optional values (typer has none)."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        """Give a bare ``--compare`` its default number of rounds, then parse as usual."""
-        return super().parse_args(ctx, optional_value(args, "--compare", str(DEFAULT_COMPARE_ROUNDS)))
+        """Give a bare ``--compare`` its default rounds and a bare ``--resume`` "" (= --save-dir)."""
+        args = optional_value(args, "--compare", str(DEFAULT_COMPARE_ROUNDS), lambda v: v.lstrip("-").isdigit())
+        return super().parse_args(ctx, optional_value(args, "--resume", "", lambda v: not v.startswith("-")))
 
 
-def optional_value(args: list[str], flag: str, default: str) -> list[str]:
-    """``args`` with ``default`` inserted after each ``flag`` that is not followed by a number."""
+def optional_value(args: list[str], flag: str, default: str, is_value: Any = None) -> list[str]:
+    """``args`` with ``default`` inserted after each ``flag`` not followed by a value (default: a number)."""
+    is_value = is_value or (lambda v: v.lstrip("-").isdigit())
     out = []
     for i, arg in enumerate(args):
         out.append(arg)
-        if arg == flag and (i + 1 == len(args) or not args[i + 1].lstrip("-").isdigit()):
+        if arg == flag and (i + 1 == len(args) or not is_value(args[i + 1])):
             out.append(default)
     return out
 
@@ -176,18 +214,52 @@ def train(
     plan: PlanOpt = None,
     plan_out: PlanOutOpt = None,
     recheck_interval: RecheckOpt = None,
+    lr: LrOpt = None,
+    seed: SeedOpt = None,
+    bf16: Bf16Opt = False,
+    fp16: Fp16Opt = False,
+    slowdown_bound: SlowdownOpt = None,
+    dvfs_model: DvfsModelOpt = None,
+    save_dir: SaveDirOpt = None,
+    save_interval: SaveIntervalOpt = None,
+    resume: ResumeOpt = None,
+    keep_last: KeepLastOpt = None,
+    export_hf: ExportHfOpt = None,
+    eval_data: EvalDataOpt = None,
+    eval_interval: EvalIntervalOpt = None,
+    log_interval: LogIntervalOpt = None,
+    log_dir: LogDirOpt = None,
 ) -> None:
     """Train --steps optimizer steps; the first plan the clocks (warm-up, baseline window, profiling,
     reconfiguration), every later one runs at the plan. --compare measures the saving in pairs."""
     flags = collect_flags(locals())  # first statement: locals() is exactly the options here
     flags["compare_rounds"] = flags.pop("compare")
+    flags["precision"] = precision_flag(flags.pop("bf16"), flags.pop("fp16"))
     from rich.console import Console
 
     from envpipe.train.launch import train as run_train
+    from envpipe.train.ranks import RunStopped
 
     with user_errors():
         config = resolve_flags(flags, deepspeed_config)
-        run_train(config, console=Console())
+        console = Console(soft_wrap=True)  # off a terminal rich would wrap at 80 columns: lines stay whole
+        if not console.is_terminal:
+            console.width = max(console.width, 200)
+        try:
+            run_train(config, console=console)
+        except RunStopped as stopped:  # SIGTERM / SIGINT: one line, exit 143 / 130
+            typer.echo(str(stopped), err=True)
+            raise typer.Exit(code=stopped.exit_code) from None
+
+
+def precision_flag(bf16: bool, fp16: bool) -> str | None:
+    """``--bf16``/``--fp16`` as the ``precision`` option (None: neither flag, the block or fp32 decides)."""
+    if bf16 and fp16:
+        from envpipe.errors import ConfigError
+
+        with user_errors():
+            raise ConfigError("--bf16 and --fp16 exclude each other; give one of them")
+    return "bf16" if bf16 else "fp16" if fp16 else None
 
 
 def collect_flags(values: dict[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ and LR scheduler), plus, written by EnvPipe into the same tag folder:
 * ``envpipe.json`` — :data:`FORMAT`, the step, the data position (micro-batches each pipeline has consumed),
   the topology it was saved with, the schedule and clock plan with its fingerprint, the run's settings;
 * ``rng/rank<R>.pt`` — every rank's RNG states (torch CPU/CUDA, Python, NumPy);
+* ``plan.json`` — the plan in use (a plan file, fingerprint included), when one was made;
 * ``config.json`` and the tokenizer files of the model it was trained from, so that a tag folder alone
   can be exported to a Hugging Face folder (``envpipe export``).
 
@@ -28,6 +29,7 @@ from envpipe.errors import ConfigError
 
 FORMAT = "envpipe-checkpoint/1"
 SIDE_FILE = "envpipe.json"
+PLAN_FILE = "plan.json"  # the plan in use, as a plan file (``--plan``): a resumed run skips profiling
 LATEST = "latest"
 TAG_PREFIX = "global_step"
 # Files a Hugging Face model folder may carry besides weights and config.json: copied along with a checkpoint.

@@ -34,6 +34,19 @@ RUN_KEYS = frozenset(
         "plot",
         "lr",
         "seed",
+        "precision",
+        "save_dir",
+        "save_interval",
+        "keep_last",
+        "resume",
+        "export_hf",
+        "log_interval",
+        "log_dir",
+        "eval_data",
+        "eval_interval",
+        "eval_micro_batches",
+        "grace_s",
+        "start_step",
     }
 )
 

@@ -91,6 +91,10 @@ def save(
             "settings": settings or {},
             "model_files": checkpoints.copy_model_files(model_dir, tag_path),
         }
+        if plan is not None and plan.get("format"):  # a plan file's object: a resumed run adopts it
+            from envpipe.controller.planfile import write_plan
+
+            write_plan(plan, tag_path / checkpoints.PLAN_FILE)
         checkpoints.write_meta(tag_path, meta)
         checkpoints.mark_latest(save_dir, tag)
         checkpoints.prune(save_dir, keep_last)

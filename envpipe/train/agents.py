@@ -28,14 +28,30 @@ class AgentForRun:
 
 @contextlib.contextmanager
 def agent_for_run(
-    endpoint: str | None, *, gpus: int, console: Any, dvfs_model: str = "central", multi_node: bool = False
+    endpoint: str | None,
+    *,
+    gpus: int,
+    console: Any,
+    dvfs_model: str = "central",
+    multi_node: bool = False,
+    explicit: bool = False,
 ) -> Iterator[AgentForRun]:
     """The agent at ``endpoint`` (or the default endpoints); none reachable: start the embedded sim agent.
 
     The embedded agent is stopped when the block exits, also on errors. Ranks on other nodes cannot reach
-    an embedded agent, so a multi-node run needs the node agents running.
+    an embedded agent, so a multi-node run needs the node agents running. An ``explicit`` endpoint (the
+    user named it: ``--agent``) that does not answer is an error, never replaced by the sim agent.
     """
+    if explicit:
+        from envpipe_agent.client import check_endpoint
+
+        check_endpoint(endpoint, source="--agent")
     found = probe_agent(endpoint)
+    if found is None and explicit:
+        raise RunError(
+            f"--agent {endpoint}: no agent answered there; start it (`envpipe-agent --backend sim --gpus N`, "
+            "or `systemctl start envpipe-agent`), fix the address, or drop --agent to use an embedded sim agent"
+        )
     if found is not None:
         console.print(f"agent: {found.description} at {found.endpoint}")
         if found.read_only:

@@ -117,3 +117,50 @@ def check_monitors(ds_config: dict[str, Any], *, source: str) -> list[str]:
             )
         enabled.append(block)
     return enabled
+
+
+def validate_lifecycle(config: Any, sources: Any) -> None:
+    """Checkpoint, resume, export, evaluation and log settings that fit together (``config``: a TrainConfig).
+
+    Raises:
+        ConfigError: naming the flag or block key that was given (``sources``) and the fix.
+    """
+    from envpipe import checkpoints
+
+    for name in ("save_interval", "keep_last"):
+        if getattr(config, name) and config.save_dir is None:
+            raise ConfigError(f"{sources[name]} needs --save-dir (where to save); add --save-dir DIR")
+    if config.eval_interval and config.eval_data is None:
+        raise ConfigError(f"{sources['eval_interval']} needs --eval-data (what to evaluate); add --eval-data FILE")
+    for name in ("save_dir", "log_dir", "export_hf"):
+        value = getattr(config, name)
+        if value is None:
+            continue
+        path = Path(value)
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{sources[name]} {value}: exists and is not a folder; give a folder path")
+        if not path.resolve().parent.is_dir():
+            raise ConfigError(f"{sources[name]} {value}: its parent folder does not exist; create it first")
+    if config.export_hf is not None and Path(config.export_hf).is_dir() and any(Path(config.export_hf).iterdir()):
+        raise ConfigError(
+            f"{sources['export_hf']} {config.export_hf}: already has files; give an empty or new folder "
+            "(nothing is overwritten)"
+        )
+    if config.resume is None:
+        return
+    where = config.resume_dir
+    if where is None:
+        raise ConfigError(f"{sources['resume']} without a folder resumes from --save-dir; add --save-dir DIR")
+    info = checkpoints.find(where, source=sources["resume"])
+    saved = info.meta.get("settings", {})
+    for name in ("stages", "micro_batches", "micro_batch_size", "seq_len", "model", "data"):
+        if name in saved and saved[name] != getattr(config, name):
+            raise ConfigError(
+                f"{sources['resume']} {info.path} was trained with {name}={saved[name]!r}, this run has "
+                f"{sources[name]} {getattr(config, name)!r}; resume with the same value"
+            )
+    if info.step >= config.steps:
+        raise ConfigError(
+            f"{sources['resume']} {info.path} is at step {info.step}, --steps is {config.steps}: nothing left to "
+            f"train; raise {sources['steps']} (the total, as in Hugging Face's max_steps)"
+        )

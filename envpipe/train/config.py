@@ -14,9 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from envpipe.controller.config import CONTROLLER_KEYS, ControllerConfig, choices_by_key
+from envpipe.data import check_source
 from envpipe.errors import ConfigError
+from envpipe.train.checks import check_monitors, check_stages, model_shape, validate_lifecycle
+from envpipe.train.sources import Sources, block_source, check_types, flag_name
 
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 # DeepSpeed keys that EnvPipe derives from the resolved config; the user's values are read, then replaced.
 _DS_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -46,9 +50,24 @@ class TrainConfig(ControllerConfig):
         report: where to write the JSON report.
         plot: where to draw the measured Gantt chart of the last measured step.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
-        lr: learning rate of the default optimizer (SGD), used when the DeepSpeed config names none.
+        lr: learning rate: of the default optimizer (SGD) when the DeepSpeed config names none, else it
+            replaces the config's optimizer ``lr`` when given as a flag or in the block.
         seed: seed of the model initialisation and the synthetic data.
+        precision: ``fp32``, ``bf16`` or ``fp16`` (DeepSpeed's ``bf16``/``fp16`` blocks; ``--bf16``/``--fp16``).
+        save_dir: checkpoint folder (DeepSpeed's layout plus EnvPipe's files, :mod:`envpipe.checkpoints`).
+        save_interval: save every this many steps (0: only at the end and when stopped by a signal).
+        keep_last: keep only the newest K checkpoints (None: all).
+        resume: a save folder (its ``latest``) or a tag folder to continue from; ``""`` = ``save_dir``.
+        export_hf: write the trained model as a Hugging Face folder here at the end.
+        log_interval: one log record every this many steps (a plain line off a terminal).
+        log_dir: where the ranks' logs go (default: ``<save_dir or report folder>/logs``, else a temporary
+            folder removed after a successful run).
+        eval_data: held-out text or token file, evaluated through the engine's ``eval_batch``.
+        eval_interval: evaluate every this many steps (0: only at the end).
+        eval_micro_batches: micro-batches per evaluation (None: as many as a training step).
+        grace_s: after SIGTERM/SIGINT, how long the ranks get to save and exit before they are killed.
         job_id: names the run's leases at the agent (set by the launcher).
+        start_step: the step a resumed run starts at (set by the launcher from the checkpoint).
 
     """
 
@@ -69,7 +88,20 @@ class TrainConfig(ControllerConfig):
     device: str = "auto"
     lr: float = 0.05
     seed: int = 1234
+    precision: str = "fp32"
+    save_dir: str | None = None
+    save_interval: int = 0
+    keep_last: int | None = None
+    resume: str | None = None
+    export_hf: str | None = None
+    log_interval: int = 10
+    log_dir: str | None = None
+    eval_data: str | None = None
+    eval_interval: int = 0
+    eval_micro_batches: int | None = None
+    grace_s: float = 30.0
     job_id: str = ""
+    start_step: int = 0
 
     @property
     def global_batch_size(self) -> int:
@@ -81,11 +113,18 @@ class TrainConfig(ControllerConfig):
         """Tokens one pipeline replica trains on per iteration."""
         return self.global_batch_size * self.seq_len
 
+    @property
+    def resume_dir(self) -> str | None:
+        """The checkpoint to resume from (a bare ``--resume`` means ``--save-dir``), or None."""
+        if self.resume is None:
+            return None
+        return self.resume or self.save_dir
+
     def controller_block(self) -> dict[str, Any]:
         """The ``"envpipe"`` block the ranks hand to ``envpipe.deepspeed.initialize`` (the controller's keys,
         with ``max_steps`` = ``steps`` so that paired rounds land at the end of the run)."""
         block = {name: getattr(self, name) for name in CONTROLLER_KEYS}
-        block["max_steps"] = self.steps
+        block["max_steps"] = self.steps - self.start_step
         return block
 
     def controller_config(self) -> ControllerConfig:
@@ -104,7 +143,7 @@ class TrainConfig(ControllerConfig):
 
 _FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 # Keys that only the resolver sets; a user must not put them in the "envpipe" block.
-_INTERNAL = {"deepspeed_config", "ds_config", "job_id", "mode", "max_steps"}
+_INTERNAL = {"deepspeed_config", "ds_config", "job_id", "mode", "max_steps", "start_step"}
 _INT_MIN = {
     "stages": 1,
     "micro_batches": 1,
@@ -113,7 +152,13 @@ _INT_MIN = {
     "steps": 1,
     "num_gpus": 1,
     "num_nodes": 1,
+    "save_interval": 0,
+    "keep_last": 1,
+    "log_interval": 1,
+    "eval_interval": 0,
+    "eval_micro_batches": 1,
 }
+_OPTIONAL_INTS = {"num_gpus", "num_nodes", "keep_last", "eval_micro_batches"}
 
 
 def resolve(flags: dict[str, Any], deepspeed_config: str | Path | None = None) -> TrainConfig:
@@ -134,14 +179,23 @@ def resolve(flags: dict[str, Any], deepspeed_config: str | Path | None = None) -
     if unknown:
         raise ConfigError(f"unknown option(s) {sorted(unknown)}; valid: {sorted(_FIELDS - _INTERNAL)}")
     ds_config, block = _load_deepspeed_config(deepspeed_config)
-    values: dict[str, Any] = _from_ds_batch_keys(ds_config)
-    values.update(block)
-    values.update({k: v for k, v in flags.items() if v is not None})
+    sources = Sources()
+    values: dict[str, Any] = _from_ds_batch_keys(ds_config, deepspeed_config, sources)
+    for key, (name, value) in block.items():
+        values[name] = value
+        sources[name] = block_source(Path(deepspeed_config), key)
+    for name, value in flags.items():
+        if value is not None:
+            values[name] = value
+            sources[name] = flag_name(name)
     if deepspeed_config is not None:
         values["deepspeed_config"] = str(deepspeed_config)
+    check_types(TrainConfig, values, sources)
     config = TrainConfig(**values)
-    _validate(config)
-    return dataclasses.replace(config, ds_config=_engine_ds_config(ds_config, config))
+    _validate(config, sources)
+    if deepspeed_config is not None:
+        check_monitors(ds_config, source=str(deepspeed_config))
+    return dataclasses.replace(config, ds_config=_engine_ds_config(ds_config, config, sources))
 
 
 def _load_deepspeed_config(path: str | Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -162,51 +216,65 @@ def _load_deepspeed_config(path: str | Path | None) -> tuple[dict[str, Any], dic
     return ds_config, _normalise_block(block, path)
 
 
-def _normalise_block(block: dict[str, Any], path: Path) -> dict[str, Any]:
-    """Accept ``micro-batches`` and ``micro_batches`` alike; refuse keys that are not options."""
+def _normalise_block(block: dict[str, Any], path: Path) -> dict[str, tuple[str, Any]]:
+    """Accept ``micro-batches`` and ``micro_batches`` alike; refuse keys that are not options.
+
+    Returns:
+        The block's key as written -> (field name, value).
+    """
     out = {}
     for key, value in block.items():
         name = str(key).replace("-", "_")
         if name not in _FIELDS or name in _INTERNAL:
             valid = ", ".join(sorted(_FIELDS - _INTERNAL))
             raise ConfigError(f'{path}: unknown key "{key}" in the "envpipe" block; valid keys: {valid}')
-        out[name] = value
+        out[str(key)] = (name, value)
     return out
 
 
-def _from_ds_batch_keys(ds_config: dict[str, Any]) -> dict[str, Any]:
+def _from_ds_batch_keys(ds_config: dict[str, Any], path: Any, sources: Sources) -> dict[str, Any]:
     values = {}
-    if "train_micro_batch_size_per_gpu" in ds_config:
-        values["micro_batch_size"] = ds_config["train_micro_batch_size_per_gpu"]
-    if "gradient_accumulation_steps" in ds_config:
-        values["micro_batches"] = ds_config["gradient_accumulation_steps"]
+    for ds_key, name in (("train_micro_batch_size_per_gpu", "micro_batch_size"), ("gradient_accumulation_steps", "micro_batches")):
+        if ds_key in ds_config:
+            values[name] = ds_config[ds_key]
+            sources[name] = f"{Path(path).name}: {ds_key}"
     return values
 
 
-def _engine_ds_config(ds_config: dict[str, Any], config: TrainConfig) -> dict[str, Any]:
-    """DeepSpeed's config with the batch keys EnvPipe resolved (train_batch_size is left to DeepSpeed)."""
+def _engine_ds_config(ds_config: dict[str, Any], config: TrainConfig, sources: Sources) -> dict[str, Any]:
+    """DeepSpeed's config with the batch keys, precision and learning rate EnvPipe resolved.
+
+    ``train_batch_size`` is left to DeepSpeed. A given ``lr`` (flag or block) replaces the optimizer's; the
+    default SGD is used when the file names no optimizer.
+    """
     out = {k: v for k, v in ds_config.items() if k not in _DS_BATCH_KEYS}
     out["train_micro_batch_size_per_gpu"] = config.micro_batch_size
     out["gradient_accumulation_steps"] = config.micro_batches
-    out.setdefault("optimizer", {"type": "SGD", "params": {"lr": config.lr}})
+    optimizer = out.setdefault("optimizer", {"type": "SGD", "params": {"lr": config.lr}})
+    if "lr" in sources and isinstance(optimizer, dict):
+        out["optimizer"] = {**optimizer, "params": {**(optimizer.get("params") or {}), "lr": config.lr}}
+    if config.precision != "fp32" or "precision" in sources:
+        for kind in ("bf16", "fp16"):
+            out[kind] = {**(out.get(kind) or {}), "enabled": config.precision == kind}
     out.setdefault("steps_per_print", 10**9)  # our progress display replaces DeepSpeed's prints
     return out
 
 
-def _validate(config: TrainConfig) -> None:
-    for name, choices in {**choices_by_key(), "device": DEVICES}.items():
+def _validate(config: TrainConfig, sources: Sources) -> None:
+    for name, choices in {**choices_by_key(), "device": DEVICES, "precision": PRECISIONS}.items():
         value = getattr(config, name)
         if value not in choices:
-            raise ConfigError(f"{name} = {value!r} is not one of {', '.join(choices)}; pick one of them")
+            raise ConfigError(f"{sources[name]} = {value!r} is not one of {', '.join(choices)}; pick one of them")
     for name, low in _INT_MIN.items():
         value = getattr(config, name)
-        if value is None and name in ("num_gpus", "num_nodes"):
+        if value is None and name in _OPTIONAL_INTS:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"{_flag(name)} must be an integer >= {low}, got {value!r}")
-    _validate_lr(config)
-    _validate_paths(config)
-    config.controller_config().validate(None, name_of=_flag)
+            raise ConfigError(f"{sources[name]} must be an integer >= {low}, got {value!r}")
+    _validate_numbers(config, sources)
+    config.controller_config().validate(None, name_of=sources.name_of)
+    _validate_paths(config, sources)
+    validate_lifecycle(config, sources)
     if config.micro_batches < config.stages and config.scheduling == "ours":
         # ours fills the warm-up bubble with extra forwards; with M < S there is none to fill.
         raise ConfigError(
@@ -217,34 +285,33 @@ def _validate(config: TrainConfig) -> None:
         raise ConfigError("--num-nodes > 1 needs --hostfile listing the nodes (DeepSpeed hostfile format)")
 
 
-def _validate_lr(config: TrainConfig) -> None:
-    value = config.lr
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 10.0:
-        raise ConfigError(f"--lr must be a number in [0.0, 10.0], got {value!r}")
+def _validate_numbers(config: TrainConfig, sources: Sources) -> None:
+    for name, (low, high) in {"lr": (0.0, 10.0), "grace_s": (0.0, 3600.0)}.items():
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise ConfigError(f"{sources[name]} must be a number in [{low}, {high}], got {value!r}")
 
 
-def _validate_paths(config: TrainConfig) -> None:
-    if config.data is not None:
-        data = Path(config.data)
-        if not data.is_file():
-            raise ConfigError(
-                f"--data {data}: no such file; give a .txt or .jsonl file, or omit it for synthetic tokens"
-            )
-        if data.suffix not in (".txt", ".jsonl"):
-            raise ConfigError(f"--data {data}: unsupported type {data.suffix!r}; use a .txt or .jsonl file")
+def _validate_paths(config: TrainConfig, sources: Sources) -> None:
+    """Files and folders the run reads, looked into (a few KiB each): model, data, hostfile, plan, outputs."""
+    shape = model_shape(config.model, source=sources["model"])
+    check_stages(shape, config.stages, model_source=sources["model"], stages_source=sources["stages"])
+    for name in ("data", "eval_data"):
+        check_source(
+            getattr(config, name), vocab_size=shape.vocab_size, model_dir=shape.model_dir, flag=sources[name]
+        )
     if config.hostfile is not None and not Path(config.hostfile).is_file():
-        raise ConfigError(f"--hostfile {config.hostfile}: no such file; give a DeepSpeed hostfile")
+        raise ConfigError(f"{sources['hostfile']} {config.hostfile}: no such file; give a DeepSpeed hostfile")
     if config.plan is not None:
         _check_plan(config)
     for name in ("report", "plot", "plan_out"):
         value = getattr(config, name)
         if value is not None and not Path(value).resolve().parent.is_dir():
-            raise ConfigError(f"{_flag(name)} {value}: its folder does not exist; create it first")
+            raise ConfigError(f"{sources[name]} {value}: its folder does not exist; create it first")
     if config.plot is not None and Path(config.plot).suffix.lower() not in (".png", ".svg", ".pdf"):
-        raise ConfigError(f"--plot {config.plot}: use a .png, .svg or .pdf file name")
+        raise ConfigError(f"{sources['plot']} {config.plot}: use a .png, .svg or .pdf file name")
     if config.report is not None and Path(config.report).suffix.lower() != ".json":
-        raise ConfigError(f"--report {config.report}: use a .json file name")
-    _validate_model(config.model)
+        raise ConfigError(f"{sources['report']} {config.report}: use a .json file name")
 
 
 def _check_plan(config: TrainConfig) -> None:
@@ -262,26 +329,3 @@ def _check_plan(config: TrainConfig) -> None:
         "envpipe_version": envpipe.__version__,
     }
     check_fingerprint(plan, known, source=f"--plan {config.plan}")
-
-
-def _validate_model(model: str) -> None:
-    """A model is a preset name or a local directory with a config.json; never a hub id."""
-    from envpipe.models import llama  # no torch at import time
-
-    path = Path(model)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ConfigError(
-                f"--model {model}: the folder has no config.json; give a Hugging Face model folder"
-            )
-        return
-    presets = set(llama.PRESETS) | set(getattr(llama, "_ALIASES", {}))
-    if model not in presets:
-        raise ConfigError(
-            f"--model {model}: not a preset and not a local model folder (EnvPipe never downloads models); "
-            f"give a preset ({', '.join(llama.PRESETS)}) or a local folder with config.json"
-        )
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")

@@ -31,8 +31,19 @@ def train(config: TrainConfig, *, console: Any) -> dict[str, Any]:
     from envpipe.train import report as report_mod
 
     result = _run_with_agent(config, console)
-    report = report_mod.build_report(result.pop("run_config"), result)
+    run_config = result.pop("run_config")
+    records = result.pop("records", {})
+    report = report_mod.build_report(run_config, result)
+    report.update(run_facts(run_config, records))
     report_mod.print_summary(report, console)
+    if report["eval"]:
+        last = report["eval"][-1]
+        console.print(
+            f"eval at step {last['step']}: loss {last['loss']:.4f}, perplexity {last['perplexity']:.2f}",
+            highlight=False,
+        )
+    if config.export_hf:
+        _export(run_config, config.export_hf, console)
     if config.report:
         report_mod.write_json(report, config.report)
         console.print(f"report written to {config.report}")
@@ -46,6 +57,49 @@ def train(config: TrainConfig, *, console: Any) -> dict[str, Any]:
             ) from None
         console.print(f"Gantt chart of the last iteration drawn to {config.plot}")
     return report
+
+
+def run_facts(config: TrainConfig, records: dict[str, list]) -> dict[str, Any]:
+    """What the report adds to the controller's result: the log, eval and checkpoint records, the effective
+    optimizer and learning rate, and the versions of the software that trained."""
+    import importlib.metadata
+
+    versions = {}
+    for name in ("envpipe", "torch", "deepspeed", "transformers"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    optimizer = config.ds_config.get("optimizer") or {}
+    return {
+        "log": records.get("log", []),
+        "eval": records.get("eval", []),
+        "checkpoints": records.get("checkpoint", []),
+        "optimizer": {
+            "type": optimizer.get("type"),
+            "lr": (optimizer.get("params") or {}).get("lr"),
+            "scheduler": (config.ds_config.get("scheduler") or {}).get("type"),
+            "precision": config.precision,
+        },
+        "software": versions,
+    }
+
+
+def _export(config: TrainConfig, out_dir: str, console: Any) -> None:
+    """``--export-hf``: the final checkpoint as a Hugging Face folder (a temporary checkpoint is removed)."""
+    import shutil
+
+    from envpipe.export import export_hf
+
+    try:
+        result = export_hf(config.save_dir, out_dir, source="--save-dir")
+    finally:
+        if config.save_dir and Path(config.save_dir).name.startswith(_EXPORT_TMP):
+            shutil.rmtree(config.save_dir, ignore_errors=True)
+    console.print(f"model of step {result.step} exported to {result.path} (Hugging Face folder)", highlight=False)
+
+
+_EXPORT_TMP = "envpipe-export-"
 
 
 def profile(config: TrainConfig, output: str | Path, *, console: Any) -> dict[str, Any]:
@@ -77,7 +131,12 @@ def _run_with_agent(config: TrainConfig, console: Any) -> dict[str, Any]:
     world_size = _local_world_size(config, device)
     multi_node = config.hostfile is not None and (config.num_nodes or 2) > 1
     with agent_for_run(
-        config.agent, gpus=world_size, console=console, dvfs_model=config.dvfs_model, multi_node=multi_node
+        config.agent,
+        gpus=world_size,
+        console=console,
+        dvfs_model=config.dvfs_model,
+        multi_node=multi_node,
+        explicit=config.agent is not None,
     ) as agent:
         emulate = config.emulate_dvfs if config.emulate_dvfs is not None else agent.simulated
         run_config = dataclasses.replace(
@@ -86,6 +145,7 @@ def _run_with_agent(config: TrainConfig, console: Any) -> dict[str, Any]:
             emulate_dvfs=emulate,
             device=device,
             job_id=f"envpipe-{config.mode}-{os.getpid()}-{int(time.time())}",
+            **_lifecycle_settings(config, console),
         )
         how = (
             f"{config.stages} CPU ranks (gloo over loopback)"
@@ -98,7 +158,7 @@ def _run_with_agent(config: TrainConfig, console: Any) -> dict[str, Any]:
         )
         if device == "cpu":
             warn_shared_cores(config.stages, console)
-        result = run_ranks(run_config, console=console)
+        result = run_ranks(run_config, console=console, log_dir=_log_dir(run_config))
     result["agent"] = {
         "endpoint": agent.endpoint,
         "simulated": agent.simulated,
@@ -107,6 +167,39 @@ def _run_with_agent(config: TrainConfig, console: Any) -> dict[str, Any]:
     }
     result["run_config"] = run_config
     return result
+
+
+def _lifecycle_settings(config: TrainConfig, console: Any) -> dict[str, Any]:
+    """Resume (start step, the checkpoint's plan) and a temporary checkpoint for ``--export-hf`` alone."""
+    import tempfile
+
+    from envpipe import checkpoints
+
+    changes: dict[str, Any] = {}
+    if config.resume_dir is not None:
+        info = checkpoints.find(config.resume_dir, source="--resume")
+        changes["start_step"] = info.step
+        changes["resume"] = str(info.path)
+        plan = info.path / checkpoints.PLAN_FILE
+        if config.plan is None and plan.is_file():
+            changes["plan"] = str(plan)
+        console.print(
+            f"resuming from {info.path} at step {info.step}"
+            + (" with its plan (no profiling)" if "plan" in changes else ""),
+            highlight=False,
+        )
+    if config.export_hf and config.save_dir is None:
+        changes["save_dir"] = tempfile.mkdtemp(prefix=_EXPORT_TMP)
+    return changes
+
+
+def _log_dir(config: TrainConfig) -> str | None:
+    """The ranks' log folder: ``--log-dir``, else ``<--save-dir>/logs`` (None: a temporary folder)."""
+    if config.log_dir:
+        return config.log_dir
+    if config.save_dir and not Path(config.save_dir).name.startswith(_EXPORT_TMP):
+        return str(Path(config.save_dir) / "logs")
+    return None
 
 
 def resolve_device(config: TrainConfig) -> str:

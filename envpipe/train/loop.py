@@ -20,13 +20,20 @@ StepHook = Callable[[Any, Any, Any], None]  # hook(step_result, controller_conte
 
 
 def run_steps(
-    engine: Any, data_iter: Any, config: TrainConfig, hooks: list[StepHook] | None = None
+    engine: Any,
+    data_iter: Any,
+    config: TrainConfig,
+    hooks: list[StepHook] | None = None,
+    lifecycle: Any = None,
 ) -> dict[str, Any] | None:
-    """Train ``config.steps`` steps (``mode == "profile"``: until profiling is done); rank 0's result.
+    """Train up to ``config.steps`` steps (``mode == "profile"``: until profiling is done); rank 0's result.
+
+    With a ``lifecycle`` (:class:`envpipe.train.lifecycle.Lifecycle`) the run starts at its step (a resumed
+    run), saves, evaluates and logs after each step, and ends early on SIGTERM/SIGINT.
 
     Returns:
-        On global rank 0 the controller's result with the loss curve and the engine's optimizer step count;
-        None on other ranks.
+        On global rank 0 the controller's result with the loss curve and the engine's optimizer step count
+        (or ``{"stopped": signal, ...}`` when a signal ended the run); None on other ranks.
     """
     controller = engine.controller
     losses: list[tuple[int, float]] = []
@@ -38,16 +45,28 @@ def run_steps(
         while not controller.finished:
             engine.train_batch(data_iter)
     else:
-        for step in range(config.steps):
+        for step in range(config.start_step, config.steps):
             loss = engine.train_batch(data_iter)
             if step % LOSS_EVERY == 0 or step == config.steps - 1:
                 losses.append((step, float(loss)))
+            signum = lifecycle.after_step(loss) if lifecycle is not None else 0
+            if signum:
+                return _stopped(engine, lifecycle, signum)
+        if lifecycle is not None:
+            lifecycle.finish()
     result = controller.finish()
     if result is None:
         return None
     result["optimizer_steps"] = int(engine.global_steps)
     result["losses"] = [{"step": s, "loss": v} for s, v in losses]
     return result
+
+
+def _stopped(engine: Any, lifecycle: Any, signum: int) -> dict[str, Any] | None:
+    """The run was stopped by a signal after a step (a checkpoint of it saved if --save-dir)."""
+    if engine.controller.ctx.is_rank0:
+        return {"stopped": signum, "step": lifecycle.step, "checkpoint": lifecycle.last_tag}
+    return None
 
 
 class _Progress:

@@ -69,22 +69,56 @@ def warn_shared_cores(ranks: int, console: Any) -> None:
         )
 
 
-def run_ranks(config: TrainConfig, *, console: Any) -> dict[str, Any]:
-    """Spawn the ranks, show their progress and return rank 0's result dict.
+class RunStopped(RunError):
+    """SIGTERM/SIGINT stopped the run: every rank was stopped (after saving a checkpoint when asked)."""
 
-    The run folder (config, one log per rank) is removed on success and kept, and named, on failure.
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+def run_ranks(config: TrainConfig, *, console: Any, log_dir: str | Path | None = None) -> dict[str, Any]:
+    """Spawn the ranks, show their progress and return rank 0's result dict (with the log/eval records).
+
+    The ranks' logs go to ``log_dir`` (kept); without one to a temporary folder that is removed on success
+    and kept, and named, on failure. SIGTERM/SIGINT are passed to every rank's process group, which saves a
+    checkpoint (with ``--save-dir``) and exits; after ``config.grace_s`` what is left is killed.
+
+    Raises:
+        RunError: a rank failed (the message names the root cause and the log folder).
+        RunStopped: a signal stopped the run.
     """
-    run_dir = Path(tempfile.mkdtemp(prefix="envpipe-train-"))
+    run_dir = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="envpipe-train-"))
+    run_dir.mkdir(parents=True, exist_ok=True)
     ok = False
     try:
         ranks, progress_stream = _start(config, run_dir)
-        with ProgressDisplay(console) as display:
-            result = _follow(ranks, progress_stream, display, run_dir)
+        with ProgressDisplay(console) as display, _Signals() as signals:
+            result = _follow(ranks, progress_stream, display, run_dir, signals, config.grace_s)
+        result["records"] = display.records
         ok = "shutdown_warning" not in result  # keep the logs that the warning points to
         return result
     finally:
-        if ok:
+        if ok and log_dir is None:
             shutil.rmtree(run_dir, ignore_errors=True)
+
+
+class _Signals:
+    """While following the ranks, SIGTERM and SIGINT are recorded instead of ending the launcher."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, lambda signum, frame: self.received.append(signum))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
 
 
 def _start(config: TrainConfig, run_dir: Path) -> tuple[list[_Rank], IO[str]]:
@@ -169,48 +203,93 @@ def _spawn_deepspeed(config: TrainConfig, encoded: str, run_dir: Path) -> tuple[
     return [_Rank("DeepSpeed launcher", process, log_path)], process.stdout
 
 
-def _follow(ranks: list[_Rank], stream: IO[str], display: ProgressDisplay, run_dir: Path) -> dict[str, Any]:
+def _follow(
+    ranks: list[_Rank],
+    stream: IO[str],
+    display: ProgressDisplay,
+    run_dir: Path,
+    signals: _Signals | None = None,
+    grace_s: float = 30.0,
+) -> dict[str, Any]:
     """Feed markers to the display until every rank exits; the first failure stops the others.
 
     Once rank 0 has sent the result, a rank that fails or hangs while shutting down no longer costs the
     run: it is stopped, the result is kept and a warning names its log (the run folder is then kept).
     """
+    signals = signals or _Signals()  # not entered: no signal handling (tests)
     events: queue.Queue = queue.Queue()
     reader = threading.Thread(target=_read_markers, args=(stream, ranks[0].log_path, events), daemon=True)
     reader.start()
     result: dict[str, Any] | None = None
     result_at = 0.0
-    try:
-        while True:
-            had_result = result is not None
-            result = _drain(events, display, result)
-            if result is not None and not had_result:
-                result_at = time.monotonic()
-            failed = [r for r in ranks if r.process.poll() not in (None, 0)]
-            late = result is not None and time.monotonic() - result_at > _SHUTDOWN_GRACE_S
-            if failed or late:
-                _stop_all(ranks)
-                if result is None:
-                    raise RunError(_failure_message(failed[0], run_dir))
-                what = _failure_message(failed[0], run_dir) if failed else "a rank did not exit after the run"
-                from rich.markup import escape  # a rank's error line may quote "[/path.cc:78]"
+    stop_deadline: float | None = None
+    while True:
+        had_result = result is not None
+        result = _drain(events, display, result)
+        if result is not None and not had_result:
+            result_at = time.monotonic()
+        if signals.received and stop_deadline is None:
+            for rank in ranks:  # every rank's process group: the ranks save, release their lease, exit
+                _signal_group(rank.process, signals.received[0])
+            stop_deadline = time.monotonic() + grace_s
+        if stop_deadline is not None and (len(signals.received) > 1 or time.monotonic() > stop_deadline):
+            _kill_all(ranks)
+        failed = [r for r in ranks if r.process.poll() not in (None, 0)]
+        if stop_deadline is not None and all(r.process.poll() is not None for r in ranks):
+            reader.join(timeout=5.0)
+            raise RunStopped(*_stop_message(signals.received[0], _drain(events, display, result), run_dir))
+        late = result is not None and time.monotonic() - result_at > _SHUTDOWN_GRACE_S
+        if (failed or late) and stop_deadline is None:
+            root = _root_cause(ranks, failed) if failed else None
+            _stop_all(ranks)
+            if result is None:
+                raise RunError(_failure_message(root, run_dir))
+            what = _failure_message(root, run_dir) if root else "a rank did not exit after the run"
+            from rich.markup import escape  # a rank's error line may quote "[/path.cc:78]"
 
-                display.console.print(
-                    f"[yellow]warning: the run finished, but {escape(what)}[/]", highlight=False
-                )
-                result["shutdown_warning"] = what
-                return result
-            if all(r.process.poll() == 0 for r in ranks):
-                reader.join(timeout=5.0)
-                result = _drain(events, display, result)
-                break
-            time.sleep(0.05)
-    except KeyboardInterrupt:
-        _stop_all(ranks)
-        raise RunError(f"interrupted: every rank was stopped; their logs are kept in {run_dir}") from None
+            display.console.print(f"[yellow]warning: the run finished, but {escape(what)}[/]", highlight=False)
+            result["shutdown_warning"] = what
+            return result
+        if all(r.process.poll() == 0 for r in ranks):
+            reader.join(timeout=5.0)
+            result = _drain(events, display, result)
+            break
+        time.sleep(0.05)
+    if result is not None and "stopped" in result:  # a signal reached the ranks, not this process
+        raise RunStopped(*_stop_message(int(result["stopped"]), result, run_dir))
     if result is None:
         raise RunError(f"the ranks exited without a result; their logs are kept in {run_dir}")
     return result
+
+
+def _stop_message(signum: int, stopped: dict[str, Any] | None, run_dir: Path) -> tuple[str, int]:
+    """The one line a stopped run prints, and the signal."""
+    name = signal.Signals(signum).name
+    if stopped and "stopped" in stopped:
+        saved = f"; checkpoint saved to {stopped['checkpoint']} (continue with --resume)" if stopped.get("checkpoint") else ""
+        return f"stopped by {name} after step {stopped['step']}{saved}; every rank has exited", signum
+    return f"stopped by {name}: every rank was stopped (no checkpoint was saved); logs in {run_dir}", signum
+
+
+def _kill_all(ranks: list[_Rank]) -> None:
+    for rank in ranks:
+        if rank.process.poll() is None:
+            _signal_group(rank.process, signal.SIGKILL)
+
+
+# A rank that only lost a peer is a consequence: the root cause is the rank that failed first for itself.
+_PEER_LOST = ("connection closed", "connection reset", "peerlosterror", "broken pipe", "another rank has probably died")
+
+
+def _root_cause(ranks: list[_Rank], failed: list[_Rank], wait_s: float = 3.0) -> _Rank:
+    """The failed rank whose error is its own (not a lost peer), waiting briefly for it to exit."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        failed = [r for r in ranks if r.process.poll() not in (None, 0)] or failed
+        own = [r for r in failed if not any(h in _last_error_line(r.log_path).lower() for h in _PEER_LOST)]
+        if own or time.monotonic() > deadline or all(r.process.poll() is not None for r in ranks):
+            return own[0] if own else failed[0]
+        time.sleep(0.05)
 
 
 def _read_markers(stream: IO[str], log_path: Path, events: queue.Queue) -> None:
@@ -233,6 +312,8 @@ def _drain(events: queue.Queue, display: ProgressDisplay, result: dict | None) -
             return result
         if event.get("event") == "result":
             result = event["data"]
+        elif event.get("event") == "stopped":
+            result = {k: v for k, v in event.items() if k != "event"}
         else:
             display.handle(event)
 

@@ -60,9 +60,11 @@ def run(config: TrainConfig) -> None:
     setup_distributed(timeout_s=_DIST_TIMEOUT_S)
     engine = None
     try:
-        engine, data_iter = _build(config)
-        result = run_steps(engine, data_iter, config)
-        if result is not None:
+        engine, data_iter, lifecycle = _build(config)
+        result = run_steps(engine, data_iter, config, lifecycle=lifecycle)
+        if result is not None and "stopped" in result:
+            emit("stopped", **result)
+        elif result is not None:
             emit("result", data=result)
     finally:
         if engine is not None:
@@ -70,13 +72,15 @@ def run(config: TrainConfig) -> None:
         _destroy_process_group()
 
 
-def _build(config: TrainConfig) -> tuple[Any, Any]:
-    """This rank's engine (the controller inside) and data iterator (first and last stage only)."""
+def _build(config: TrainConfig) -> tuple[Any, Any, Any]:
+    """This rank's engine (the controller inside, resumed from a checkpoint when asked), its data iterator
+    (first and last stage only) and its :class:`~envpipe.train.lifecycle.Lifecycle`."""
     import torch.distributed as dist
     from envpipe_agent.client import AgentClient
 
     from envpipe.deepspeed import initialize, placement
     from envpipe.models.llama import build_pipeline, load_config
+    from envpipe.train.lifecycle import Lifecycle
     from envpipe.train.progress import emit
 
     model_dir = config.model if Path(config.model).is_dir() else None
@@ -97,22 +101,49 @@ def _build(config: TrainConfig) -> tuple[Any, Any]:
             f"the agent at {client.endpoint} did not answer or refused this rank's GPU; "
             "check `envpipe status` and that no other job holds the GPU"
         )
+    data_position = 0
+    if config.resume_dir is not None:
+        from envpipe.deepspeed import checkpoint
+
+        data_position = checkpoint.load(engine, config.resume_dir).data_position
     stage, dp_index, dp_size = placement(engine)
-    data_iter = None
+    data_iter = eval_batches = None
     if stage in (0, config.stages - 1):
         from envpipe.data import batches
 
-        data_iter = batches(
-            config.data,
-            vocab_size=llama.vocab_size,
-            micro_batch_size=config.micro_batch_size,
-            seq_len=config.seq_len,
-            dp_index=dp_index,
-            dp_size=dp_size,
-            seed=config.seed,
-            model_dir=model_dir,
-        )
-    return engine, data_iter
+        def make(source: Any, start: int, flag: str) -> Any:
+            return batches(
+                source,
+                vocab_size=llama.vocab_size,
+                micro_batch_size=config.micro_batch_size,
+                seq_len=config.seq_len,
+                dp_index=dp_index,
+                dp_size=dp_size,
+                seed=config.seed,
+                model_dir=model_dir,
+                start=start,
+                cache_dir=_token_cache(config),
+                flag=flag,
+            )
+
+        data_iter = make(config.data, data_position, "--data")
+        if config.eval_data:
+            eval_batches = lambda: make(config.eval_data, 0, "--eval-data")  # noqa: E731 - same batches each time
+    lifecycle = Lifecycle(
+        config,
+        engine,
+        start_step=config.start_step,
+        data_position=data_position,
+        eval_batches=eval_batches,
+        model_dir=model_dir,
+        emit=listener,
+    )
+    return engine, data_iter, lifecycle
+
+
+def _token_cache(config: TrainConfig) -> str | None:
+    """Tokenised text is kept beside the checkpoints (reused by a resume), else in a private temporary file."""
+    return str(Path(config.save_dir) / "tokens") if config.save_dir else None
 
 
 def _destroy_process_group() -> None:

@@ -156,6 +156,28 @@ def test_bad_input_is_one_error_line_and_exit_1(calls, args, needle, tmp_path: P
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize(
+    ("block", "message"),
+    [
+        ({"data": 5}, "error: ds.json: envpipe.data must be a string or null, got 5 (int); fix that value"),
+        ({"model": None}, "error: ds.json: envpipe.model must be a string, got None (NoneType); fix that value"),
+        ({"plot": True}, "error: ds.json: envpipe.plot must be a string or null, got True (bool); fix that value"),
+        ({"seed": "x"}, "error: ds.json: envpipe.seed must be an integer, got 'x' (str); fix that value"),
+        ({"micro-batches": 0}, "error: ds.json: envpipe.micro-batches must be an integer >= 1, got 0"),
+        ({"scheduling": "zigzag"}, "error: ds.json: envpipe.scheduling = 'zigzag' is not one of"),
+        ({"data": "missing.txt"}, "error: ds.json: envpipe.data missing.txt: no such file"),
+        ({"keep_last": 2}, "error: ds.json: envpipe.keep_last needs --save-dir"),
+        ({"stages": 9}, "error: ds.json: envpipe.stages 9: the model (--model) has 4 decoder layers"),
+    ],
+)
+def test_each_bad_block_value_is_one_error_line_naming_the_block_key(calls, tmp_path: Path, monkeypatch, block, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ds.json").write_text(json.dumps({"envpipe": block}))
+    result = _invoke("train", "--deepspeed-config", "ds.json")
+    assert result.exit_code == 1 and calls == []
+    assert result.output.count("\n") == 1 and result.output.startswith(message), result.output
+
+
 def test_bad_envpipe_block(calls, tmp_path: Path):
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"envpipe": {"stagez": 2}}))
@@ -164,7 +186,7 @@ def test_bad_envpipe_block(calls, tmp_path: Path):
     assert 'unknown key "stagez"' in _one_line(result.output) and calls == []
     ds.write_text(json.dumps({"envpipe": {"stages": "two"}}))
     result = _invoke("train", "--deepspeed-config", str(ds))
-    assert result.exit_code == 1 and "--stages must be an integer" in _one_line(result.output)
+    assert result.exit_code == 1 and "ds.json: envpipe.stages must be an integer" in _one_line(result.output)
     ds.write_text("{not json")
     result = _invoke("train", "--deepspeed-config", str(ds))
     assert result.exit_code == 1 and "not valid JSON" in _one_line(result.output)

@@ -38,7 +38,7 @@ def test_resolve_rejects_internal_keys_in_block(tmp_path: Path):
 def test_resolve_checks_floats_and_choices():
     with pytest.raises(ConfigError, match="--slowdown-bound must be a number"):
         resolve({"slowdown_bound": 2.0})
-    with pytest.raises(ConfigError, match="dvfs_model = 'steep'"):
+    with pytest.raises(ConfigError, match="--dvfs-model = 'steep'"):
         resolve({"dvfs_model": "steep"})
 
 
@@ -50,7 +50,7 @@ def test_markers_survive_launcher_prefixes():
 
 
 def test_progress_display_accepts_every_event():
-    console = Console(file=open("/dev/null", "w"), force_terminal=False)
+    console = Console(file=open("/dev/null", "w"), force_terminal=True)
     with ProgressDisplay(console) as display:
         display.handle({"event": "phase", "phase": "p", "label": "profiling", "total": 4})
         display.handle({"event": "advance", "phase": "p", "completed": 2, "info": "1410 MHz"})
@@ -60,6 +60,33 @@ def test_progress_display_accepts_every_event():
         display.handle({"event": "from-the-future"})
         task = display._progress.tasks[0]
         assert task.completed == 4 and task.finished
+
+
+def test_off_a_terminal_every_event_is_one_whole_plain_line_and_records_are_kept():
+    import io
+
+    from envpipe.train.lifecycle import log_line
+
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=False, width=80, soft_wrap=True)
+    record = {"step": 20, "steps": 100, "loss": 4.12345, "lr": 0.05, "ms_per_it": 312.04, "tokens_per_s": 1640.2,
+              "energy_j_per_it": 41.234, "energy_label": "measured", "state": "at-plan"}
+    with ProgressDisplay(console) as display:
+        display.handle({"event": "phase", "phase": "p", "label": "profiling", "total": 4})
+        display.handle({"event": "advance", "phase": "p", "completed": 2, "info": "1410 MHz"})
+        display.handle({"event": "phase_done", "phase": "p", "info": "f_low s0: 1650 MHz"})
+        display.handle({"event": "log", "record": record, "line": log_line(record)})
+        display.handle({"event": "eval", "step": 20, "loss": 3.5, "perplexity": 33.12})
+        display.handle({"event": "checkpoint", "step": 20, "path": "ck/global_step20"})
+    assert out.getvalue().splitlines() == [
+        "profiling (4 steps)",
+        "p: f_low s0: 1650 MHz",
+        "step 20/100  loss 4.1235  lr 0.05  312.0 ms/it  1640 tokens/s  41.23 J/it (measured)  state at-plan",
+        "eval at step 20: loss 3.5000, perplexity 33.12",
+        "checkpoint of step 20 saved to ck/global_step20",
+    ]  # the log line is 98 columns: printed whole on an 80-column console
+    assert display.records["log"] == [record] and display.records["eval"][0]["perplexity"] == 33.12
+    assert display.records["checkpoint"] == [{"step": 20, "path": "ck/global_step20"}]
 
 
 def _window(energy: dict[int, float], iteration_ms: float) -> Window:
@@ -143,6 +170,24 @@ def test_one_failing_rank_stops_the_others_with_a_clear_error(tmp_path: Path):
         and str(tmp_path) in message
     )
     assert survivor.poll() is not None  # stopped, not left running
+
+
+def test_the_root_cause_is_named_not_the_peer_that_lost_its_neighbour(tmp_path: Path):
+    peer_log, root_log = tmp_path / "rank0.log", tmp_path / "rank1.log"
+    peer_log.write_text(
+        "error: rank 0: PeerLostError: stage 0: train_batch failed talking to the other ranks "
+        "([../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:4242)\n"
+    )
+    root_log.write_text("Traceback ...\nerror: rank 1: ValueError: labels out of range\n")
+    # rank 0 exits first (its peer is gone), rank 1, the root cause, a moment later
+    peer = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(1)"], start_new_session=True)
+    root = subprocess.Popen([sys.executable, "-c", "import sys, time; time.sleep(0.5); sys.exit(1)"],
+                            start_new_session=True)
+    procs = [ranks._Rank("rank 0", peer, peer_log), ranks._Rank("rank 1", root, root_log)]
+    stream = subprocess.Popen([sys.executable, "-c", "pass"], stdout=subprocess.PIPE, text=True).stdout
+    with ProgressDisplay(Console(file=open("/dev/null", "w"))) as display, pytest.raises(launch.RunError) as info:
+        ranks._follow(procs, stream, display, tmp_path)
+    assert str(info.value).startswith("rank 1 exited with code 1: ValueError: labels out of range")
 
 
 def test_rank_env_is_what_the_launchers_set():
