@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
+from envpipe.schedules import SCHEDULES
 from envpipe.transports import DEFAULT_TRANSPORT, TRANSPORTS
 from envpipe_cli._errors import user_errors
 from rich.console import Console
@@ -28,7 +29,14 @@ def simulate(
     clock_type: Annotated[
         str, typer.Option("--type", help="Clock type: baseline, uniform or envelope.")
     ] = "envelope",
-    scheduling: Annotated[str, typer.Option("--scheduling", help="Schedule: 1f1b or ours.")] = "ours",
+    scheduling: Annotated[
+        str,
+        typer.Option(
+            "--scheduling",
+            help=f"Schedule: {', '.join(SCHEDULES)}; or 'best': the joint search over all of them "
+            "(family, parameters and clocks; --reconfig picks its planner, default optimal).",
+        ),
+    ] = "ours",
     reconfig: Annotated[
         str, typer.Option("--reconfig", help="Reconfiguration policy (default = none).")
     ] = "default",
@@ -60,6 +68,33 @@ def simulate(
             "--r", help="ours only: extra warm-up forwards per stage, e.g. 4,3,1,0 (default: computed)."
         ),
     ] = None,
+    virtual_stages: Annotated[
+        Optional[int],
+        typer.Option("--virtual-stages", help="interleaved only: stages per GPU v (default 2).", min=1),
+    ] = None,
+    reference: Annotated[
+        str,
+        typer.Option(
+            "--reference",
+            help="The schedule (at the top clocks) that savings, slowdowns and the deadline are measured "
+            "against.",
+        ),
+    ] = "1f1b",
+    slowdown_bound: Annotated[
+        float,
+        typer.Option("--slowdown-bound", help="Deadline = reference time x (1 + this); e.g. 0.01 for 1%."),
+    ] = 0.01,
+    memory_cap: Annotated[
+        Optional[float],
+        typer.Option(
+            "--memory-cap",
+            help="Most activations per GPU, in micro-batches of a GPU's share of the model (1F1B holds S).",
+        ),
+    ] = None,
+    frontier: Annotated[
+        bool,
+        typer.Option("--frontier", help="Energy against deadline for every schedule family (table, --json, --plot)."),
+    ] = False,
     p2p_transport: Annotated[
         str,
         typer.Option(
@@ -70,9 +105,17 @@ def simulate(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a Gantt chart PNG here.")] = None,
 ) -> None:
-    """Simulate one training iteration and compare it with 1F1B at the maximum clock (simulated)."""
+    """Simulate one training iteration and compare it with the reference (1F1B) at the top clock (simulated)."""
     with user_errors():
         costs = _costs(stages, gpu, model, model_params, profile, fwd_ms, bwd_ms)
+        _check_choice(reference, "--reference", SCHEDULES)
+        if frontier or scheduling == "best":
+            from envpipe_cli import _search
+
+            _search.run(frontier, stages, micro_batches, costs, reference=reference, bound=slowdown_bound,
+                        memory_cap=memory_cap, policy=reconfig, as_json=as_json, plot=plot)
+            return
+        _check_choice(scheduling, "--scheduling", (*SCHEDULES, "best"))
         report = run_simulation(
             costs,
             stages,
@@ -82,6 +125,10 @@ def simulate(
             reconfig,
             _int_list(r, "--r") if r else None,
             transport=p2p_transport,
+            virtual_stages=virtual_stages,
+            reference=reference,
+            slowdown_bound=slowdown_bound,
+            memory_cap=memory_cap,
         )
         if plot is not None:
             from envpipe.render import gantt_png
@@ -100,20 +147,31 @@ def run_simulation(
     r: list[int] | None,
     *,
     transport: str = DEFAULT_TRANSPORT,
+    virtual_stages: int | None = None,
+    reference: str = "1f1b",
+    slowdown_bound: float = 0.01,
+    memory_cap: float | None = None,
 ) -> dict[str, Any]:
-    """Build, verify (also on ``transport``'s GPU streams) and simulate the schedule and the 1F1B baseline;
-    return the report (JSON-ready)."""
+    """Build, verify (also on ``transport``'s GPU streams) and simulate the schedule and the reference;
+    return the report (JSON-ready). ``stages`` counts GPUs; a schedule with v stages per GPU runs on
+    ``costs.chunked(v)``."""
     from envpipe.clock_types import assign_clocks
-    from envpipe.schedules import get_schedule
+    from envpipe.planner.joint import reference_run
+    from envpipe.schedules import VIRTUAL_STAGES, get_schedule
     from envpipe.sim import simulate as run
     from envpipe.verify import verify
 
-    schedule = get_schedule(scheduling, stages, micro_batches, r, costs=costs)
-    verify(schedule, transport=transport)
-    clocks = reconfigure(reconfig, schedule, costs, assign_clocks(schedule, costs, clock_type))
-    result = run(schedule, costs, clocks)
-    baseline_schedule = get_schedule("1f1b", stages, micro_batches)
-    baseline = run(baseline_schedule, costs, assign_clocks(baseline_schedule, costs, "baseline"))
+    v = virtual_stages or VIRTUAL_STAGES.get(scheduling) or 1
+    chunked = costs.chunked(v)
+    schedule = get_schedule(scheduling, stages * v, micro_batches, r, costs=chunked, virtual_stages=virtual_stages)
+    peak = [n / v for n in verify(schedule, transport=transport).max_in_flight]
+    if memory_cap is not None and max(peak) > memory_cap + 1e-9:
+        raise ValueError(f"--memory-cap {memory_cap:g}: {scheduling} holds {max(peak):g} activations on a GPU; "
+                         "raise the cap or try --scheduling best --memory-cap to find a schedule that fits")
+    ref_schedule, ref_costs, baseline = reference_run(reference, stages, micro_batches, costs)
+    clocks = reconfigure(reconfig, schedule, chunked, assign_clocks(schedule, chunked, clock_type),
+                         reference=(ref_schedule, ref_costs), slowdown_bound=slowdown_bound)
+    result = run(schedule, chunked, clocks)
     return {
         "simulated": True,
         "model": costs.describe(),
@@ -127,8 +185,11 @@ def run_simulation(
         "stage_energy_j": list(result.stage_energy_j),
         "stage_busy_ms": list(result.stage_busy_ms),
         "stage_idle_ms": list(result.stage_idle_ms),
+        "reference": reference,
+        "virtual_stages": v,
+        "peak_activations": peak,
         "baseline": {
-            "scheduling": "1f1b",
+            "scheduling": reference,
             "type": "baseline",
             "iteration_time_s": baseline.iteration_time_s,
             "energy_j": baseline.energy_j,
@@ -137,14 +198,17 @@ def run_simulation(
         "slowdown": result.iteration_time_ms / baseline.iteration_time_ms - 1.0,
         "r": list(schedule.r),
         "f_low_mhz": [costs.f_low_mhz(s) for s in range(stages)],
-        "order": [[u.unit for u in schedule.units(s)] for s in range(stages)],
-        "clocks_mhz": [[clocks[s][u.unit] for u in schedule.units(s)] for s in range(stages)],
+        "order": [[u.unit if v == 1 else f"{u.stage}{u.unit}" for u in schedule.units(g)] for g in range(stages)],
+        "clocks_mhz": [[clocks[u.stage][u.unit] for u in schedule.units(g)] for g in range(stages)],
         "critical_path": [[s, u] for s, u in result.critical_path],
+        "critical_units": [sum(1 for s, _ in result.critical_path if schedule.stage_rank[s] == g)
+                           for g in range(stages)],
         "_result": result,
     }
 
 
-def reconfigure(policy: str, schedule: Schedule, costs: CostModel, clocks: ClockPlan) -> ClockPlan:
+def reconfigure(policy: str, schedule: Schedule, costs: CostModel, clocks: ClockPlan, *,
+                reference: tuple[Schedule, CostModel] | None = None, slowdown_bound: float = 0.01) -> ClockPlan:
     """Apply ``--reconfig`` to the clock type's plan: ``default`` keeps it, the others run the planner on it."""
     if policy not in RECONFIG_CHOICES:
         raise ValueError(
@@ -154,7 +218,13 @@ def reconfigure(policy: str, schedule: Schedule, costs: CostModel, clocks: Clock
         return clocks
     from envpipe.planner import plan_clocks
 
-    return plan_clocks(schedule, costs, policy, start=clocks).clocks
+    return plan_clocks(schedule, costs, policy, start=clocks, reference=reference,
+                       slowdown_bound=slowdown_bound).clocks
+
+
+def _check_choice(value: str, option: str, choices: Any) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown schedule {value!r} for {option}; choose one of {', '.join(choices)}")
 
 
 def _costs(
@@ -221,7 +291,7 @@ def _print(report: dict[str, Any], as_json: bool) -> None:
         table.add_column(header, justify="left" if header == "run" else "right", no_wrap=True)
     base = report["baseline"]
     table.add_row(
-        "baseline (1f1b, max clock)",
+        f"baseline ({report['reference']}, max clock)",
         f"{base['iteration_time_s'] * 1e3:.2f}",
         f"{base['energy_j']:.1f}",
         "-",
@@ -237,15 +307,18 @@ def _print(report: dict[str, Any], as_json: bool) -> None:
     console.print(table)
     console.print(_stage_table(report))
     console.print(f"r = {report['r']}", highlight=False)
+    console.print(f"peak activations per GPU = {[round(x, 2) for x in report['peak_activations']]}",
+                  highlight=False)
     console.print(f"model (simulated): {report['model']}", highlight=False)
 
 
 def _stage_table(report: dict[str, Any]) -> Table:
-    """Per stage: busy and idle time, energy, f_low and how many units lie on the critical path."""
-    table = Table(title="per stage (simulated)")
-    for header in ("stage", "busy (ms)", "idle (ms)", "energy (J)", "f_low (MHz)", "critical units"):
+    """Per GPU: busy and idle time, energy, f_low and how many units lie on the critical path."""
+    table = Table(title="per stage (simulated)" if report["virtual_stages"] == 1 else "per GPU (simulated)")
+    first = "stage" if report["virtual_stages"] == 1 else "GPU"
+    for header in (first, "busy (ms)", "idle (ms)", "energy (J)", "f_low (MHz)", "critical units"):
         table.add_column(header, justify="right", no_wrap=True)
-    on_path = [sum(1 for s, _ in report["critical_path"] if s == stage) for stage in range(report["stages"])]
+    on_path = report["critical_units"]
     for stage in range(report["stages"]):
         table.add_row(
             str(stage),

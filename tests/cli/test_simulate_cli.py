@@ -148,3 +148,41 @@ def test_a_schedule_that_hangs_on_the_chosen_transport_is_refused_with_its_cycle
     assert "rank 0 p2p 0<->1: 0iSA" in result.output and "Traceback" not in result.output
     unknown = _run(*args, "--p2p-transport", "nccl")
     assert unknown.exit_code == 1 and "unknown p2p transport 'nccl'; choose one of link, pair" in unknown.output
+
+
+def test_a_zero_bubble_schedule_on_gpus_holding_two_stages() -> None:
+    data = json.loads(_run("-S", "2", "-M", "4", "--scheduling", "zb-v", "--reconfig", "balanced", "--json").output)
+    assert data["virtual_stages"] == 2 and data["reference"] == "1f1b"
+    assert len(data["stage_energy_j"]) == 2 and data["peak_activations"] == [2.0, 2.0]
+    assert data["order"][0][:3] == ["0F0", "0F1", "0F2"] and data["order"][0][3] == "3F0"
+    assert data["energy_saving"] > 0.1 and data["slowdown"] <= 0.01 + 1e-9
+
+
+def test_reference_and_memory_cap() -> None:
+    data = json.loads(_run("-S", "4", "-M", "8", "--scheduling", "1f1b", "--reference", "zb-h1", "--json").output)
+    assert data["baseline"]["scheduling"] == "zb-h1" and data["slowdown"] > 0.1  # 1f1b is slower than zb-h1
+    result = _run("-S", "4", "-M", "8", "--scheduling", "zb-h2", "--memory-cap", "5")
+    assert result.exit_code == 1 and "zb-h2 holds 7 activations on a GPU" in result.output
+
+
+def test_best_is_the_joint_search_with_runner_ups() -> None:
+    data = json.loads(_run("-S", "2", "-M", "4", "--scheduling", "best", "--memory-cap", "2",
+                           "--reconfig", "balanced", "--json").output)
+    assert data["simulated"] and data["best"] == data["ranked"][0]["label"]
+    assert all(max(c["peak_activations"]) <= 2 for c in data["ranked"])
+    assert [c["energy_j"] for c in data["ranked"]] == sorted(c["energy_j"] for c in data["ranked"])
+    assert any("over the memory cap 2" in r["why"] for r in data["rejected"])
+
+
+def test_frontier_table_json_and_plot(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "frontier.png"
+    result = _run("-S", "2", "-M", "2", "--frontier", "--json", "--plot", str(out))
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    families = {p["family"] for p in data["points"]}
+    assert {"1f1b", "zb-v", "zb-h1"} <= families and data["simulated"]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = _run("-S", "2", "-M", "3", "--frontier", "--memory-cap", "2").output
+    assert "planned / LP bound" in table
+    assert "left out: zb-h2: holds 3 activations on a GPU, over the memory cap 2" in table
