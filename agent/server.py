@@ -57,7 +57,7 @@ from envpipe_agent.protocol import (
     stamp_or_now_ns,
 )
 from envpipe_agent.runtime import prepare_dir, read_private, resolve_group, secure_socket, write_private
-from envpipe_agent.worker import RESET, GpuWorker
+from envpipe_agent.worker import APPLY_LATENCY_BUCKETS_S, RESET, GpuWorker
 
 log = logging.getLogger("envpipe_agent.server")
 
@@ -777,6 +777,11 @@ class Agent:
             "resets": worker.resets,
             "apply_failures": worker.failures,
             "apply_latency_p99_ms": round(p99_ms, 4) if p99_ms is not None else None,
+            "apply_latency_histogram": {
+                "bounds_s": list(APPLY_LATENCY_BUCKETS_S),
+                "counts": list(worker.latency_buckets),  # per bucket, the last one above every bound
+                "sum_s": round(worker.latency_sum_s, 6),
+            },
             "simulated": self.backend.simulated,
         }
 
@@ -787,6 +792,7 @@ class Agent:
             **self._identity(),
             "model": describe() if describe else "",
             "uptime_s": round(time.monotonic() - self.started_s, 3),
+            "rss_mb": round(rss_bytes() / (1 << 20), 1),
             "lease_timeout_s": self.leases.timeout_s,
             "control_endpoint": self.config.control_endpoint(),
             "counters": dict(self.counters),

@@ -54,7 +54,7 @@ def test_prometheus_serves_the_status_on_loopback(short_dir: str) -> None:
     port = _free_port()
     with start_agent(gpus=2, runtime_dir=short_dir, extra_args=["--prometheus-port", str(port)]):
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    assert 'envpipe_gpu_sm_clock_mhz{gpu="1"' in body and 'simulated="true"' in body
+    assert 'envpipe_gpu_sm_clock_hertz{gpu="1"' in body and 'simulated="true"' in body
     assert "envpipe_agent_events_received_total" in body
 
 

@@ -90,9 +90,61 @@ def test_render_status_marks_read_only() -> None:
         ],
     }
     console = Console(width=200, record=True)
-    console.print(render_status(snapshot))
+    console.print(render_status(snapshot, wide=True))
     text = console.export_text()
     assert "nvml read-only" in text and "12345678" in text and "1980/-" in text
+
+
+def _eight_busy_gpus() -> dict:
+    gpu = {
+        "uuid": "GPU-5f1e2d3c-aaaa-bbbb-cccc-0123456789ab",
+        "name": "NVIDIA H100 80GB HBM3",
+        "clock_mhz": 1980,
+        "target_mhz": 1410,
+        "locked": True,
+        "power_w": 699.6,
+        "energy_j": 12345678.9,
+        "holder": {"job_id": "llama-7b-run-12", "rank": 7, "pid": 4194303, "uid": 1000},
+        "lease_age_s": 86399.0,
+        "events_per_s": 12000.0,
+        "clock_changes": 123456789,
+        "apply_latency_p99_ms": 0.25,
+    }
+    return {
+        "version": "0.1.0",
+        "backend": "nvml",
+        "read_only": False,
+        "simulated": False,
+        "uptime_s": 86400.0,
+        "lease_timeout_s": 2.0,
+        "gpus": [dict(gpu, index=index) for index in range(8)],
+    }
+
+
+def test_status_fits_100_columns_with_a_short_card_name() -> None:
+    """Issue 15 item 9: the default table fits 100 columns, nothing cut; --wide has the rest."""
+    from rich.console import Console
+
+    console = Console(width=100, record=True)
+    console.print(render_status(_eight_busy_gpus()))
+    lines = console.export_text().splitlines()
+    assert max(len(line) for line in lines) <= 100
+    rows = [line for line in lines if line.split() and line.split()[0].isdigit()]
+    assert len(rows) == 8  # one line per GPU: nothing folded
+    assert all(" H100 " in row and "llama-7b-run-12/7/4194303" in row and "1980/1410" in row for row in rows)
+    wide = Console(width=250, record=True)
+    wide.print(render_status(_eight_busy_gpus(), wide=True))
+    text = wide.export_text()
+    assert "GPU-5f1e2d3c-aaaa-bbbb-cccc-0123456789ab" in text and "NVIDIA H100 80GB HBM3" in text
+
+
+def test_short_card_names() -> None:
+    from envpipe_cli.status import short_card
+
+    assert short_card("NVIDIA H100 80GB HBM3") == "H100"
+    assert short_card("NVIDIA GeForce RTX 3090") == "3090"
+    assert short_card("h100 (simulated)") == "h100"
+    assert short_card("Tesla V100-SXM2-16GB") == "V100-SXM2-16GB"
 
 
 def test_watch_json_prints_one_snapshot_per_line_until_interrupted(agent, monkeypatch) -> None:
