@@ -72,7 +72,7 @@ class Context:
     plan_version: int = 0  # plans made so far (a re-plan adds one): step hooks can tell a new plan
     target_ms: float | None = None
     baseline_ms: float | None = None
-    reference_units: dict[int, dict[str, float]] | None = None  # per-stage unit ms at the plan, when made
+    unit_history: list[dict[int, dict[str, float]]] = field(default_factory=list)  # per check at this plan
     predicted: dict[str, Any] | None = None
     at_plan: list[Window] = field(default_factory=list)
     rounds: list[tuple[Window, Window]] = field(default_factory=list)

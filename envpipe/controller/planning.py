@@ -182,7 +182,8 @@ def finish_plan(ctx: Context, *, source: str) -> None:
         ctx.baseline_ms = ctx.baseline.span_iteration_ms
     if ctx.target_ms is None and ctx.baseline_ms:
         ctx.target_ms = ctx.baseline_ms * (1 + ctx.config.slowdown_bound)
-    ctx.reference_units = None  # the drift guard takes its reference at its first check at this plan
+    ctx.unit_history = []  # the drift guard's reference: the checks at this plan
+    ctx.drift["over_bound"] = ctx.drift["moved"] = 0
     plan = None
     if ctx.is_rank0:
         ctx.predicted = predicted_saving(ctx)
