@@ -166,6 +166,9 @@ def main() -> None:
             lines = grid_table(runs, case, model)
             if len(lines) > 2:
                 out += [f"### {case}, {model} model", "", *lines, ""]
+    from families import section  # schedule families (issue 18): families.json, if it was run
+
+    out += section()
     DOC.write_text("\n".join(out) + "\n")
     print(f"wrote {DOC}")
 
