@@ -8,8 +8,9 @@ warm-up ─► baseline window ─► profiling ─► reconfiguration ─► at
 
 from __future__ import annotations
 
-from envpipe.controller import planning, steady
 from envpipe.controller.core import Context, Program
+from envpipe.controller.planning import adopt_plan, load_plan, make_plan
+from envpipe.controller.steady import at_plan
 from envpipe.controller.states import baseline as baseline_window
 from envpipe.controller.states import profiling, warm_up
 
@@ -24,10 +25,10 @@ def program(ctx: Context, *, has_agent: bool) -> Program:
     if ctx.config.mode == "profile":
         ctx.profile = yield from profiling(ctx)
         return
-    plan = planning.load_plan(ctx)
+    plan = load_plan(ctx)
     ctx.baseline = yield from baseline_window(ctx)
     if plan is not None:
-        planning.adopt_plan(ctx, plan)
+        adopt_plan(ctx, plan)
     else:
-        yield from planning.make_plan(ctx)
-    yield from steady.at_plan(ctx)
+        yield from make_plan(ctx)
+    yield from at_plan(ctx)

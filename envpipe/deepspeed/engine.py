@@ -29,7 +29,7 @@ import torch
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.utils import PartitionedTensor
 
-from envpipe.deepspeed import translate as tr
+import envpipe.deepspeed.translate as tr
 from envpipe.deepspeed.events import make_notifier
 from envpipe.deepspeed.p2p import Link, PeerLostError, Streams, as_list
 from envpipe.deepspeed.timing import gather, gather_many, make_timer
