@@ -20,6 +20,19 @@ The CPU issues everything without blocking (a CPU that blocks on a wait would on
 which the stream dependencies above already impose). A schedule hangs when some operation never
 completes; :func:`check` then names the cycle of operations waiting on each other.
 
+NCCL matches transfers FIFO per communicator and direction, so on a stream shared by several stage links
+(``pair`` with several stages per rank) the k-th send from rank a to rank b must carry the message the
+k-th receive of b from a expects; per-stage pairing does not imply it. :func:`check_routes` checks it.
+
+When the rendezvous run already passed, ``link`` cannot hang: each of its streams (one direction of one
+stage link) holds only sends on one rank and only receives on the other, both in program order. So send k starts
+once its rank's compute stream has passed the work issued before it (send k-1 completed with receive k-1,
+which precedes receive k on the peer's stream), and receive k completes exactly when the sender has
+reached send k: the rendezvous verifier's blocking receive. A send completes exactly when its receive has
+started: the verifier's "received". Receives are always blocking in the IR, so a later send waiting for an
+earlier one never delays anything the verifier lets run. ``envpipe.verify`` relies on this (the stream run
+is kept for undirected transports and for :func:`check`; tests/envpipe/test_streams.py checks agreement).
+
 Plain Python: no torch. Interleaved schedules (a rank holding several stages) are handled: peers are
 found through the schedule's stage -> rank map.
 """
@@ -52,7 +65,8 @@ class Op:
     Attributes:
         rank: the issuing rank.
         stream: ``"compute"`` or the p2p stream's name.
-        label: how messages name it (the IR action's text, or ``wait <label>``).
+        label: how messages name it: the IR action (printed only in a message) or a string; a wait is
+            named after the operation it waits for.
         parts: the transfers of a p2p operation (several for a batched group); empty otherwise.
         after: id of the compute-stream operation this p2p operation was issued behind (None: none).
         waits_for: for a wait on the compute stream: id of the p2p operation it waits for.
@@ -61,7 +75,7 @@ class Op:
 
     rank: int
     stream: str
-    label: str
+    label: object
     parts: tuple[Part, ...] = ()
     after: int | None = None
     waits_for: int | None = None
@@ -81,11 +95,11 @@ class Issue:
         self.streams[(op.rank, op.stream)].append(len(self.ops) - 1)
         return len(self.ops) - 1
 
-    def compute(self, rank: int, label: str) -> int:
+    def compute(self, rank: int, label: object) -> int:
         """A unit on ``rank``'s compute stream."""
         return self.add(Op(rank, COMPUTE, label))
 
-    def p2p(self, rank: int, stream: str, comm: tuple[int, int], label: str, parts: tuple[Part, ...]) -> int:
+    def p2p(self, rank: int, stream: str, comm: tuple[int, int], label: object, parts: tuple[Part, ...]) -> int:
         """A transfer (or a batched group of them) on ``rank``'s stream ``stream``, behind its compute work;
         transfers match (FIFO) with those of the same ``comm`` key on the peer."""
         tail = self.streams.get((rank, COMPUTE))
@@ -93,7 +107,7 @@ class Issue:
 
     def wait(self, rank: int, op_id: int) -> int:
         """Make ``rank``'s compute stream wait for operation ``op_id``."""
-        return self.add(Op(rank, COMPUTE, f"wait {self.ops[op_id].label}", waits_for=op_id))
+        return self.add(Op(rank, COMPUTE, "wait", waits_for=op_id))
 
 
 def lower(schedule: Schedule, transport: str = DEFAULT_TRANSPORT) -> Issue:
@@ -101,6 +115,7 @@ def lower(schedule: Schedule, transport: str = DEFAULT_TRANSPORT) -> Issue:
     kind_of = get_transport(transport)
     stage_rank = schedule.stage_rank
     issue = Issue()
+    routes: dict[tuple[int, int, bool], tuple[str, tuple[int, int], tuple[Part, ...]]] = {}  # by stage pair
     for rank, program in enumerate(schedule.programs):
         # (stage, send kind, micro-batch) -> async send op; None for a local copy (nothing to wait for)
         pending: dict[tuple[int, str, int], int | None] = {}
@@ -112,18 +127,24 @@ def lower(schedule: Schedule, transport: str = DEFAULT_TRANSPORT) -> Issue:
                     issue.wait(rank, op)
                 continue
             if action.is_compute:
-                issue.compute(rank, str(action))
+                issue.compute(rank, action)
                 continue
-            peer = stage_rank[stage + PEER_OFFSET[action.kind]]
+            peer_stage = stage + PEER_OFFSET[action.kind]
+            peer = stage_rank[peer_stage]
             send = action.kind in SEND_KINDS
             src, dst = (rank, peer) if send else (peer, rank)
             if peer == rank:  # both stages on one rank (ZB-V's turn): a local copy, no stream
                 if send and action.asynchronous:
                     pending[(stage, action.kind.value, action.microbatch)] = None
                 continue
-            comm = kind_of.stream(src, dst)
-            name = f"p2p {comm[0]}{'->' if kind_of.directed else '<->'}{comm[1]}"
-            op = issue.p2p(rank, name, comm, str(action), (Part(send, src, dst),))
+            src_stage, dst_stage = (stage, peer_stage) if send else (peer_stage, stage)
+            route = routes.get((src_stage, dst_stage, send))
+            if route is None:  # stream name, stream key and the transfer, shared by every op of the route
+                comm = kind_of.stream(src_stage, dst_stage, src, dst)
+                arrow = "->" if kind_of.directed else "<->"
+                name = f"p2p {'stage ' if kind_of.per_stage else ''}{comm[0]}{arrow}{comm[1]}"
+                route = routes[(src_stage, dst_stage, send)] = (name, comm, (Part(send, src, dst),))
+            op = issue.p2p(rank, route[0], route[1], action, route[2])
             if send and action.asynchronous:
                 pending[(stage, action.kind.value, action.microbatch)] = op
             elif send or action.kind in RECV_KINDS:
@@ -164,8 +185,46 @@ def find_hang(issue: Issue) -> list[str] | None:
     return _cycle(issue, partner, started, done, heads)
 
 
+def check_routes(schedule: Schedule, transport: str = DEFAULT_TRANSPORT) -> None:
+    """Raise :class:`ScheduleError` when the k-th transfer on one of ``transport``'s streams is not the
+    message the k-th receive there expects (NCCL matches in order per communicator and direction).
+
+    Per-stage pairing (``envpipe.verify``) implies it for ``link``; on ``pair`` the stages a rank holds share
+    its streams, so their transfers must be ordered alike on both ranks.
+    """
+    kind_of = get_transport(transport)
+    sent: dict[tuple, list] = defaultdict(list)
+    received: dict[tuple, list] = defaultdict(list)
+    stage_rank = schedule.stage_rank
+    for rank, program in enumerate(schedule.programs):
+        for action in program:
+            if action.kind not in SEND_KINDS and action.kind not in RECV_KINDS:
+                continue
+            peer_stage = action.stage + PEER_OFFSET[action.kind]
+            peer = stage_rank[peer_stage]
+            if peer == rank:
+                continue
+            if action.kind in SEND_KINDS:  # message = (from stage, to stage, micro-batch)
+                message = (action.stage, peer_stage, action.microbatch)
+                sent[(kind_of.stream(*message[:2], rank, peer), rank, peer)].append((message, action))
+            else:
+                message = (peer_stage, action.stage, action.microbatch)
+                received[(kind_of.stream(*message[:2], peer, rank), peer, rank)].append((message, action))
+    for (comm, src, dst), sends in sent.items():
+        for k, ((message, send), (expected, recv)) in enumerate(zip(sends, received.get((comm, src, dst), []))):
+            if message != expected:
+                raise ScheduleError(
+                    f"{schedule.name}: on the {transport!r} transport, transfer #{k} from rank {src} to rank {dst} "
+                    f"is {send} but the receive it meets on rank {dst} (NCCL matches in order per stream) is "
+                    f"{recv}: on GPUs the data would be swapped or the streams hang; use the 'link' transport "
+                    "(one stream per stage link) or order both stages' transfers alike on the two ranks"
+                )
+
+
 def check(schedule: Schedule, transport: str = DEFAULT_TRANSPORT) -> None:
-    """Raise :class:`ScheduleError` naming the cycle when ``schedule`` can hang on ``transport`` on GPUs."""
+    """Raise :class:`ScheduleError` when ``schedule`` can go wrong on ``transport``'s GPU streams: a transfer
+    meets the wrong receive (:func:`check_routes`) or the streams hang (naming the cycle)."""
+    check_routes(schedule, transport)
     cycle = find_hang(lower(schedule, transport))
     if cycle is not None:
         raise ScheduleError(
@@ -205,7 +264,8 @@ def _partners(issue: Issue) -> list[list[int | None]]:
 
 def _describe(issue: Issue, i: int) -> str:
     op = issue.ops[i]
-    return f"rank {op.rank} {op.stream}: {op.label}"
+    label = f"wait {issue.ops[op.waits_for].label}" if op.waits_for is not None else op.label
+    return f"rank {op.rank} {op.stream}: {label}"
 
 
 def _blocker(issue: Issue, partner, started, done, heads, i: int) -> tuple[str, int | None]:

@@ -25,8 +25,8 @@ from envpipe.errors import ScheduleError
 from envpipe.grid import format_grid
 from envpipe.ir import MATCHING, Action, ActionKind, Schedule
 from envpipe.rendezvous import deadlocks, lockstep, run, talks_to
-from envpipe.streams import check as check_streams
-from envpipe.transports import DEFAULT_TRANSPORT
+from envpipe.streams import check as check_streams, check_routes
+from envpipe.transports import DEFAULT_TRANSPORT, get_transport
 
 __all__ = ["VerifyReport", "deadlocks", "link_schedule", "step_grid", "verify"]
 
@@ -79,7 +79,11 @@ def verify(
     if run(schedule.programs, buffered_sends) is not None:
         raise ScheduleError(_deadlock_message(schedule, buffered_sends))
     if transport is not None and not buffered_sends:
-        check_streams(schedule, transport)
+        kind = get_transport(transport)
+        if kind.directed and kind.per_stage:  # link's streams reduce to the run above (envpipe.streams docstring)
+            check_routes(schedule, transport)
+        else:
+            check_streams(schedule, transport)
     return report
 
 

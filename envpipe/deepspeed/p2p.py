@@ -79,7 +79,7 @@ class Streams:
         keys: list[tuple[int, int]] = []
         for ranks in pipe_groups:
             for a, b in zip(ranks, ranks[1:]):
-                for key in (self.transport.stream(a, b), self.transport.stream(b, a)):
+                for key in (self._key(a, b), self._key(b, a)):
                     if key not in keys:
                         keys.append(key)
         for key in keys:  # same order on every rank: new_group is collective over the world
@@ -99,9 +99,13 @@ class Streams:
             }
         self.rank = rank
 
+    def _key(self, src: int, dst: int) -> tuple[int, int]:
+        # One stage per rank (DeepSpeed's PipelineEngine): the stage link src -> dst is the rank pair.
+        return self.transport.stream(src, dst, src, dst)
+
     def isend(self, tensor: Any, peer: int) -> Any:
         """Post a send of ``tensor`` to global rank ``peer`` on its stream; returns a work handle."""
-        key = self.transport.stream(self.rank, peer)
+        key = self._key(self.rank, peer)
         if self.emulated:
             return self._workers[key].submit("send", tensor)
         import torch.distributed as dist
@@ -110,7 +114,7 @@ class Streams:
 
     def irecv(self, tensor: Any, peer: int) -> Any:
         """Post a receive into ``tensor`` from global rank ``peer`` on its stream; returns a work handle."""
-        key = self.transport.stream(peer, self.rank)
+        key = self._key(peer, self.rank)
         if self.emulated:
             return self._workers[key].submit("recv", tensor)
         import torch.distributed as dist

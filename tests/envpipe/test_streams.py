@@ -6,7 +6,8 @@ import pytest
 
 from envpipe.errors import ConfigError, ScheduleError
 from envpipe.schedules import get_schedule
-from envpipe.streams import Issue, Part, check, find_hang, lower
+from envpipe.ir import schedule_from_text
+from envpipe.streams import Issue, Part, check, check_routes, find_hang, lower
 from envpipe.transports import TRANSPORTS, get_transport
 from envpipe.verify import deadlocks
 from tests.envpipe.test_verify import admissible_r
@@ -40,9 +41,11 @@ def test_1f1b_passes_on_every_transport_and_ours_only_on_link() -> None:
                 assert find_hang(lower(ours, "pair")) is not None, r
 
 
-def test_verify_checks_the_default_transport_so_the_r_sweep_covers_link() -> None:
-    """``envpipe.verify.verify`` runs :func:`check` on ``link`` by default, so its sweep over every admissible
-    r (S 2..8, M S..4S, tests/envpipe/test_verify.py) is also the stream model's sweep."""
+def test_verify_checks_the_transport_and_link_reduces_to_its_rendezvous_sweep() -> None:
+    """``envpipe.verify.verify`` checks ``link`` by default: its routes, and its streams through the
+    reduction to the rendezvous run (streams module docstring), so the sweep over every admissible r
+    (S 2..8, M S..4S, tests/envpipe/test_verify.py) covers ``link``. Here the stream run itself confirms
+    it on the full pipelines at the extremes of r, and ``pair`` is simulated and refused."""
     import inspect
 
     from envpipe.verify import verify
@@ -50,6 +53,22 @@ def test_verify_checks_the_default_transport_so_the_r_sweep_covers_link() -> Non
     assert inspect.signature(verify).parameters["transport"].default == "link"
     with pytest.raises(ScheduleError, match="hangs on GPUs with the 'pair' p2p transport"):
         verify(get_schedule("ours", 3, 6, [1, 0, 0]), transport="pair")
+    for stages in range(2, 9):
+        for micro_batches in (stages, 2 * stages, 4 * stages):
+            most = [micro_batches - (stages - s) for s in range(stages - 1)] + [0]  # w_s = M everywhere
+            for r in ([0] * stages, most):
+                assert find_hang(lower(get_schedule("ours", stages, micro_batches, r), "link")) is None
+
+
+def test_routes_a_shared_stream_must_carry_messages_in_the_order_they_are_received() -> None:
+    """Two stages per rank: rank 0 sends stage 0's activation, then stage 2's, but rank 1 receives stage 2's
+    first. Per stage both pairings are fine, and on ``link`` (a stream per stage link) so is the order; on
+    ``pair`` both share one stream, NCCL matches in order, so the data would be swapped."""
+    swapped = schedule_from_text("r0: 0F0 0iSA0 2F0 2iSA0\nr1: 3RA0 3F0 1RA0 1F0")
+    check_routes(swapped, "link")
+    with pytest.raises(ScheduleError, match="transfer #0 from rank 0 to rank 1 is 0iSA0 but the receive it meets"):
+        check_routes(swapped, "pair")
+    check_routes(schedule_from_text("r0: 0F0 0iSA0 2F0 2iSA0\nr1: 1RA0 1F0 3RA0 3F0"), "pair")
 
 
 def test_on_link_the_stream_model_agrees_with_the_rendezvous_verifier() -> None:
