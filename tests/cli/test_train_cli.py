@@ -281,3 +281,42 @@ def test_an_error_quoting_brackets_is_printed_verbatim(monkeypatch):
     result = _invoke("train")
     assert result.exit_code == 1
     assert result.output.strip() == f"error: {message}"
+
+
+@pytest.mark.parametrize(
+    ("args", "rounds"),
+    [([], 0), (["--compare"], 6), (["--compare", "3"], 3), (["--compare", "--steps", "400"], 6)],
+)
+def test_compare_takes_an_optional_number_of_rounds(calls, args, rounds):
+    result = _invoke("train", *args)
+    assert result.exit_code == 0, result.output
+    (config,) = calls
+    assert config.compare_rounds == rounds
+    assert config.controller_block()["max_steps"] == config.steps  # the rounds land at the end of the run
+    if "--steps" in args:
+        assert config.steps == 400
+
+
+def test_plan_flags_reach_the_config_and_a_foreign_plan_is_refused_before_any_rank(calls, tmp_path: Path):
+    from envpipe.controller.planfile import fingerprint, plan_dict, write_plan
+    from envpipe.schedules import get_schedule
+
+    def plan_for(**changes):
+        fields = {"model": "m", "stages": 2, "micro_batches": 4, "micro_batch_size": 2, "seq_len": [64],
+                  "card": "c", "clocks_mhz": [1980], "dvfs_model": "central", "envpipe_version": "0.1.0", **changes}
+        return plan_dict(fingerprint=fingerprint(**fields), schedule=get_schedule("1f1b", 2, 4), clocks={},
+                         target_ms=1.0, baseline_ms=1.0, settings={}, profile=None, simulated=True)
+
+    ours, theirs = tmp_path / "plan.json", tmp_path / "other.json"
+    write_plan(plan_for(), ours)
+    write_plan(plan_for(micro_batches=8), theirs)
+    result = _invoke("train", "--plan", str(ours), "--plan-out", str(tmp_path / "new.json"), "--recheck-interval", "50")
+    assert result.exit_code == 0, result.output
+    (config,) = calls
+    assert config.plan == str(ours) and config.plan_out.endswith("new.json") and config.recheck_interval == 50
+    result = _invoke("train", "--plan", str(theirs))
+    text = _one_line(result.output)
+    assert result.exit_code == 1 and result.output.count("error:") == 1 and len(calls) == 1
+    assert "the plan was made for micro_batches = 8, this run has micro_batches = 4" in text
+    result = _invoke("train", "--plan", str(tmp_path / "none.json"))
+    assert result.exit_code == 1 and "no such file" in _one_line(result.output)
