@@ -19,6 +19,20 @@ from pathlib import Path
 from envpipe_agent.errors import AgentError, AgentUnavailable
 
 
+def die_with_parent() -> None:
+    """In a child before exec: get SIGTERM when the parent dies (Linux ``PR_SET_PDEATHSIG``), even by SIGKILL.
+
+    Nothing a parent starts then outlives it. Elsewhere a no-op.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
 class RunningAgent:
     """A started agent: ``endpoint`` is its control endpoint; ``stop()`` ends it (also on ``with`` exit)."""
 
@@ -97,6 +111,10 @@ def start_agent(
             agent_command(backend, gpus, directory, extra_args),
             env=env if env is not None else os.environ.copy(),
             stderr=stderr,
+            # Its own session: a signal to the caller's process group (Ctrl-C, `timeout`) does not end it
+            # before the caller's ranks have released their leases; it still ends with the caller.
+            start_new_session=True,
+            preexec_fn=die_with_parent,
         )
     finally:
         if stderr:

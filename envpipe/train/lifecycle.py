@@ -57,7 +57,7 @@ class Lifecycle:
         self.stop = StopFlag()
         self.stop.install()
         self.pending: set[str] = set()
-        self.saved_at = -1
+        self.saved_at = self.evaluated_at = -1
         self.last_tag: str | None = None
         self._log_from = (start_step, time.perf_counter())
         self._seen_window: Any = None
@@ -99,7 +99,7 @@ class Lifecycle:
     def finish(self) -> None:
         """At the end of the run: the last evaluation and the final checkpoint (collective)."""
         with self._outside_windows():
-            if self.config.eval_data:
+            if self.config.eval_data and self.evaluated_at != self.step:
                 self.evaluate()
             if self.config.save_dir is not None and self.saved_at != self.step:
                 self.save()
@@ -133,6 +133,7 @@ class Lifecycle:
 
         micro_batches = self.config.eval_micro_batches or self.config.micro_batches
         result = evaluate(self.engine, self.eval_batches(), micro_batches)
+        self.evaluated_at = self.step
         if self.emit:
             self.emit("eval", step=self.step, loss=result.loss, perplexity=result.perplexity)
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from envpipe_agent.embedded import die_with_parent
+
 from envpipe.train.agents import RunError
 from envpipe.train.config import TrainConfig
 from envpipe.train.progress import ProgressDisplay, parse_marker
@@ -139,7 +141,13 @@ def _spawn_cpu(config: TrainConfig, worker: list[str], run_dir: Path) -> tuple[l
         # Rank 0's stdout carries the progress markers; every rank's stderr goes to its own log.
         stdout = subprocess.PIPE if rank == 0 else log
         process = subprocess.Popen(
-            [sys.executable, *worker], env=env, stdout=stdout, stderr=log, text=True, start_new_session=True
+            [sys.executable, *worker],
+            env=env,
+            stdout=stdout,
+            stderr=log,
+            text=True,
+            start_new_session=True,
+            preexec_fn=die_with_parent,  # no rank outlives the launcher, even one killed with SIGKILL
         )
         log.close()
         ranks.append(_Rank(f"rank {rank}", process, log_path))
@@ -198,6 +206,7 @@ def _spawn_deepspeed(config: TrainConfig, encoded: str, run_dir: Path) -> tuple[
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        preexec_fn=die_with_parent,
     )
     log.close()
     return [_Rank("DeepSpeed launcher", process, log_path)], process.stdout

@@ -62,18 +62,27 @@ def test_sigterm_saves_stops_every_rank_and_resume_continues_to_an_export(tmp_pa
     from typer.testing import CliRunner
 
     os.chdir(tmp_path)
+    (tmp_path / "held.txt").write_text("a held-out text for evaluation\n" * 40)
+    (tmp_path / "ds.json").write_text(json.dumps({"csv_monitor": {"enabled": True, "output_path": "mon", "job_name": "j"}}))
+    more = 10  # warm-up (3) and a baseline window (5): an energy figure for the monitors
     result = CliRunner(env=env).invoke(
         app,
-        ["train", *common, "--resume", "--steps", str(step + 3), "--export-hf", "hf", "--report", "r.json",
-         "--lr", "0.01", "--seed", "7"],
+        ["train", *common, "--resume", "--steps", str(step + more), "--export-hf", "hf", "--report", "r.json",
+         "--lr", "0.01", "--eval-data", "held.txt", "--deepspeed-config", "ds.json"],
     )
     assert result.exit_code == 0, result.output
     assert f"resuming from ck/global_step{step} at step {step}" in result.output
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["summary"]["optimizer_steps"] == step + 3  # DeepSpeed's own count came back
+    assert report["summary"]["optimizer_steps"] == step + more  # DeepSpeed's own count came back
     assert report["optimizer"]["type"] == "SGD" and report["optimizer"]["lr"] == 0.01
     assert set(report["software"]) == {"envpipe", "torch", "deepspeed", "transformers"}
-    assert [c["step"] for c in report["checkpoints"]] == [step + 3]
+    assert [c["step"] for c in report["checkpoints"]] == [step + more]
+    (evaluation,) = report["eval"]
+    assert evaluation["step"] == step + more and abs(evaluation["perplexity"] - 2.718281828 ** evaluation["loss"]) < 1e-6
+    assert f"eval at step {step + more}: loss" in result.output
+    monitors = {p.name: p.read_text().splitlines() for p in (tmp_path / "mon" / "j").iterdir()}
+    for name in ("train_loss", "eval_loss", "envpipe_energy_j_per_iteration", "envpipe_power_w", "envpipe_mean_clock_mhz"):
+        assert len(monitors[f"Train_Samples_{name}.csv"]) >= 2, name  # header and at least one row
 
     import torch
     from transformers import AutoModelForCausalLM
