@@ -79,7 +79,7 @@ ModelOpt = Annotated[
     ),
 ]
 DataOpt = Annotated[
-    Optional[Path], _opt(help="Training text (.txt or .jsonl); synthetic tokens when omitted.", panel=_RUN)
+    Optional[Path], _opt(help="Training data: .txt, .jsonl or a .bin token file (nanoGPT/Megatron); synthetic tokens when omitted.", panel=_RUN)
 ]
 DeepspeedConfigOpt = Annotated[
     Optional[Path],
