@@ -300,6 +300,10 @@ def _validate_paths(config: TrainConfig, sources: Sources) -> None:
         check_source(
             getattr(config, name), vocab_size=shape.vocab_size, model_dir=shape.model_dir, flag=sources[name]
         )
+    if config.agent is not None:
+        from envpipe_agent.client import check_endpoint
+
+        check_endpoint(config.agent, source=sources["agent"])
     if config.hostfile is not None and not Path(config.hostfile).is_file():
         raise ConfigError(f"{sources['hostfile']} {config.hostfile}: no such file; give a DeepSpeed hostfile")
     if config.plan is not None:

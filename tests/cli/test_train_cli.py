@@ -178,6 +178,26 @@ def test_each_bad_block_value_is_one_error_line_naming_the_block_key(calls, tmp_
     assert result.output.count("\n") == 1 and result.output.startswith(message), result.output
 
 
+def test_common_knobs_are_flags_that_reach_the_deepspeed_config(calls, tmp_path: Path, monkeypatch):
+    from envpipe.train.config import resolve
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ds.json").write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"lr": 3e-4, "betas": [0.9, 0.95]}}}))
+    config = resolve({"lr": 1e-3, "precision": "bf16", "seed": 9, "slowdown_bound": 0.05, "dvfs_model": "optimistic",
+                      "log_interval": 3}, "ds.json")
+    assert config.ds_config["optimizer"] == {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.95]}}
+    assert config.ds_config["bf16"] == {"enabled": True} and config.ds_config["fp16"] == {"enabled": False}
+    assert (config.seed, config.slowdown_bound, config.dvfs_model, config.log_interval) == (9, 0.05, "optimistic", 3)
+    assert resolve({}, "ds.json").ds_config["optimizer"]["params"]["lr"] == 3e-4  # no --lr: the file's own
+    result = _invoke("train", "--bf16", "--fp16")
+    assert result.exit_code == 1 and result.output.startswith("error: --bf16 and --fp16 exclude each other")
+    result = _invoke("train", "--agent", "foo")
+    assert result.exit_code == 1 and calls == []
+    assert result.output.startswith("error: --agent 'foo' is not an agent address")
+    result = _invoke("train", "--save-interval", "5")
+    assert result.output.startswith("error: --save-interval needs --save-dir")
+
+
 def test_bad_envpipe_block(calls, tmp_path: Path):
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"envpipe": {"stagez": 2}}))

@@ -256,3 +256,12 @@ def test_more_cpu_ranks_than_cores_is_said(monkeypatch: pytest.MonkeyPatch):
     ranks.warn_shared_cores(2, console)
     text = console.export_text()
     assert text.count("warning") == 1 and "4 CPU ranks share 2 cores" in text and "--stages 2" in text
+
+
+def test_an_explicit_agent_that_does_not_answer_is_an_error_not_a_sim_agent(tmp_path: Path):
+    from envpipe.train.agents import agent_for_run
+
+    console = Console(file=open("/dev/null", "w"))
+    with pytest.raises(launch.RunError, match="--agent ipc://.*: no agent answered there; start it"):
+        with agent_for_run(f"ipc://{tmp_path}/none.sock", gpus=1, console=console, explicit=True):
+            pass
