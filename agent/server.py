@@ -35,7 +35,7 @@ from envpipe_agent.leases import (
     parse_holders,
     pid_alive,
 )
-from envpipe_agent.peers import ConnectionGuard, Peer, peer_of, process_uid, rss_bytes
+from envpipe_agent.peers import ConnectionGuard, Peer, peer_of, process_uid, rss_bytes, trim_heap
 from envpipe_agent.protocol import (
     CONTROL_HWM,
     CONTROL_SNDHWM,
@@ -735,6 +735,8 @@ class Agent:
         rss = rss_bytes()
         now_s = time.monotonic()
         if self._guard_rearm_s and now_s >= self._guard_rearm_s:
+            trim_heap()  # the shed connections' buffers are free by now (libzmq's I/O thread)
+            rss = rss_bytes()
             # Memory the allocator kept after the last trip is not a new attack: trip above it only.
             self._guard_limit = max(limit_mb << 20, rss + (GUARD_MARGIN_MB << 20))
             self._guard_rearm_s = 0.0

@@ -29,6 +29,36 @@ ATTACKS = ("claim_for_pid_1", "catch_up_stall", "window_flood", "unread_replies"
            "connect_flood")
 
 
+class _Prober:
+    """Another user's requests during an attack: ``hello`` every 0.2 s (2 s timeout), from this process
+    (root: never capped or shed, so it sees whether the agent serves, not the attacker's own limits)."""
+
+    def __init__(self, endpoint: str) -> None:
+        import threading
+
+        self.endpoint, self.answered, self.sent, self.worst_s = endpoint, 0, 0, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from benchmarks.reliability.hostile import Dealer
+
+        while not self._stop.wait(0.2):
+            client = Dealer(self.endpoint)
+            start_s = time.monotonic()
+            ok = isinstance(client.call("hello", 2.0), dict)
+            client.close()
+            self.sent += 1
+            self.answered += ok
+            self.worst_s = max(self.worst_s, time.monotonic() - start_s)
+
+    def stop(self) -> dict[str, object]:
+        self._stop.set()
+        self._thread.join(5)
+        return {"answered": f"{self.answered}/{self.sent}", "worst_ms": round(1000 * self.worst_s, 1)}
+
+
 def run_one(attack: str, agent_path: str, user: pwd.struct_passwd, nvml_env: dict[str, str]) -> object:
     import grp
 
@@ -46,6 +76,7 @@ def run_one(attack: str, agent_path: str, user: pwd.struct_passwd, nvml_env: dic
         while not os.path.exists(f"{directory}/control.sock") and time.monotonic() < deadline_s:
             time.sleep(0.05)
         time.sleep(0.5)
+        probe = _Prober(endpoint)
         command = ["setpriv", "--reuid", str(user.pw_uid), "--regid", str(user.pw_gid), "--clear-groups",
                    sys.executable, "-m", "benchmarks.reliability.hostile", "--endpoint", endpoint, "--only", attack,
                    "--agent-pid", str(agent.pid)]
@@ -55,7 +86,7 @@ def run_one(attack: str, agent_path: str, user: pwd.struct_passwd, nvml_env: dic
         lines = out.stdout.strip().splitlines()
         result = json.loads(lines[-1])[attack] if lines else f"attacker failed: {out.stderr[-500:]}"
         exit_code = agent.poll()
-        return {"result": result, "agent_exit": exit_code,
+        return {"result": result, "agent_exit": exit_code, "other_user": probe.stop(),
                 "agent_stderr_tail": agent.stderr.read()[-300:] if exit_code is not None else ""}
     finally:
         if agent.poll() is None:

@@ -28,7 +28,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -54,12 +53,12 @@ Environment=LD_LIBRARY_PATH=/opt/fake-nvml ENVPIPE_FAKE_NVML_STATE={FAKE_STATE} 
 ReadWritePaths=/var/lib/fake-nvml
 """
 _HOLDER = """
-import sys, time
+import os, sys, time
 from envpipe_agent.client import AgentClient
 client = AgentClient(job_id="harness", rank=0, timeout_s=5)
 client.claim(client.hello().gpus[0].uuid)
 client.set_clock(int(sys.argv[1]))
-print("locked", flush=True)
+print("locked", os.getpid(), flush=True)
 time.sleep(600)
 """
 
@@ -197,14 +196,26 @@ def wait(predicate: Any, timeout_s: float) -> float | None:
     return None
 
 
-def lock_gpu(box: Container, clock_mhz: int = 1200) -> subprocess.Popen:
+class Holder:
+    """A client process in the container holding GPU 0 locked; ``kill`` ends it inside the container (killing
+    nsenter would leave it running, and its client would claim the GPU again after an agent restart)."""
+
+    def __init__(self, box: Container, popen: subprocess.Popen, pid: int) -> None:
+        self.box, self.popen, self.pid = box, popen, pid
+
+    def kill(self) -> None:
+        self.box.run(f"kill -9 {self.pid}", check=False)
+        self.popen.wait(10)
+
+
+def lock_gpu(box: Container, clock_mhz: int = 1200) -> Holder:
     holder = box.popen(f"cd / && exec /opt/envpipe/bin/python -c '{_HOLDER}' {clock_mhz}")
     line = holder.stdout.readline()
     if "locked" not in line:
         holder.kill()
         journal = box.run("journalctl -u envpipe-agent --no-pager -o cat | tail -20", check=False)
         raise RuntimeError(f"the holder could not lock a GPU: {line} {holder.stderr.read()[-1500:]}\n{journal}")
-    return holder
+    return Holder(box, holder, int(line.split()[1]))
 
 
 def checks(box: Container) -> dict[str, Any]:
@@ -291,13 +302,12 @@ def hostile_in_container(box: Container) -> dict[str, Any]:
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(REPO / "benchmarks", target / "benchmarks")
     box.run("chmod -R a+rX /opt/hostile")
-    with tempfile.TemporaryDirectory():
-        out = box.run(
-            "cd /opt/hostile && setpriv --reuid member --regid member --init-groups "
-            "/opt/envpipe/bin/python -m benchmarks.reliability.hostile --endpoint ipc:///run/envpipe/control.sock "
-            "--victim-root",
-            timeout_s=600,
-        )
+    out = box.run(
+        "cd /opt/hostile && setpriv --reuid member --regid member --init-groups "
+        "/opt/envpipe/bin/python -m benchmarks.reliability.hostile --endpoint ipc:///run/envpipe/control.sock "
+        "--agent-pid $(systemctl show -p MainPID --value envpipe-agent)",
+        timeout_s=600,
+    )
     return json.loads(out.strip().splitlines()[-1])
 
 

@@ -56,3 +56,12 @@ def test_the_daemon_loads_neither_typer_nor_rich() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_docs_backend_table_is_the_registry() -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
+    table = text.split("<!-- backends:", 1)[1].split("\n\n", 1)[0]
+    rows = [line.split("|")[1:3] for line in table.splitlines() if line.startswith("| `")]
+    assert {name.strip(" `"): what.strip() for name, what in rows} == {
+        name: entry.description for name, entry in BACKENDS.items()
+    }

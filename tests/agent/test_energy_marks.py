@@ -64,3 +64,39 @@ def test_a_queued_mark_is_interpolated_back_to_its_own_time(stepped) -> None:
     assert abs(second_mj - counter.true_mj(second_s)) < 0.1 * 70_000
     # 2 ms at 700 W apart, each within a few reads of its step (far below one 70 J step)
     assert second_mj - first_mj == pytest.approx(700.0 * 2, abs=0.1 * 70_000)
+
+
+def test_pending_marks_per_gpu_are_bounded() -> None:
+    """Issue 12 item 4: window begin/end floods queued marks without bound (~10 MiB/s on NVML)."""
+    import threading
+
+    from envpipe_agent.energy import MAX_PENDING_MARKS, EnergySampler, MarksBusy
+    from envpipe_agent.sim import SimBackend
+
+    class SlowCounter(SimBackend):
+        energy_read_cheap = False
+
+        def __init__(self) -> None:
+            super().__init__(gpus=1)
+            self.gate = threading.Event()
+
+        def read_energy_mj(self, index: int) -> int:
+            self.gate.wait(10)
+            return super().read_energy_mj(index)
+
+    backend = SlowCounter()
+    backend.gate.set()
+    sampler = EnergySampler(backend, [0], 100.0)
+    backend.gate.clear()
+    try:
+        marks = [sampler.mark(0, 0.0) for _ in range(MAX_PENDING_MARKS)]
+        with pytest.raises(MarksBusy):
+            sampler.mark(0, 0.0)
+        backend.gate.set()
+        for mark in marks:
+            mark.result(10)
+        assert sampler.pending(0) == 0
+        sampler.mark(0, 0.0).result(10)  # free again
+    finally:
+        backend.gate.set()
+        sampler.stop()
