@@ -46,6 +46,7 @@ def is_default(cand) -> bool:
 
 def tasks(only: str | None) -> list[tuple[str, str]]:
     out = [(case, model) for model in MODELS for case in FAMILY_CASES]
+    out += [("sanity", "S4-M16")]
     out += [("timing", f"S{s}-M{m}") for s, m in TIMING_SIZES] + [("timing", "joint-S4-M16"),
                                                                   ("timing", "joint-S8-M32")]
     return [t for t in out if only is None or t[0] == only or t[1] == only]
@@ -54,7 +55,10 @@ def tasks(only: str | None) -> list[tuple[str, str]]:
 def run_task(task: tuple[str, str]) -> dict:
     case, model = task
     started = time.perf_counter()
-    row = _timing(model) if case == "timing" else _families(case, model)
+    if case == "sanity":
+        row = _sanity()
+    else:
+        row = _timing(model) if case == "timing" else _families(case, model)
     row.update({"case": case, "model": model, "wall_s": time.perf_counter() - started, "simulated": True})
     return row
 
@@ -99,6 +103,34 @@ def _families(case: str, model: str) -> dict:
                          "optimal_sim_slowdown": plan.sim.iteration_time_ms / base.iteration_time_ms - 1,
                          "met_bound": plan.met_bound})})
     return {"baseline_ms": base.iteration_time_ms, "rows": rows, "rejected": rejected}
+
+
+# Issue 18's sanity target: LP bound savings on balanced S=4, M=16, central curve, idle 0.25 of busy power,
+# deadline = 1F1B at the top clocks + 1% (the card model's own idle share is 0.18).
+SANITY_TARGET = {"1f1b": 0.04, "ours": 0.115, "interleaved": 0.17, "zb-h1": 0.17, "zb-h2": 0.19, "zb-v": 0.20}
+
+
+def _sanity() -> dict:
+    from envpipe_agent.dvfs import get_model, model_from_params
+
+    from envpipe.planner.build import build_dag
+    from envpipe.planner.lp_bound import solve_bound
+    from envpipe.schedules import VIRTUAL_STAGES, get_schedule
+    from envpipe.sim import CostModel, simulate
+
+    central = get_model("central")
+    out = {}
+    for idle in (central.idle_fraction, 0.25):
+        model = model_from_params(f"a={central.a},p0={central.p0},g={central.g},idle={idle}")
+        costs = CostModel.build(4, model=model, clock_switch_ms=0.0, idle_clock_drop=0.0)
+        base = simulate(get_schedule("1f1b", 4, 16), costs)
+        for name in SANITY_TARGET:
+            v = VIRTUAL_STAGES.get(name) or 1
+            chunked = costs.chunked(v)
+            schedule = get_schedule(name, 4 * v, 16, costs=chunked, virtual_stages=v if v > 1 else None)
+            bound = solve_bound(build_dag(schedule, chunked).dag, base.iteration_time_ms * (1 + BOUND))
+            out[f"{name}@{idle:g}"] = 1 - bound.energy_j / base.energy_j
+    return {"lp_saving": out, "idle_fractions": [central.idle_fraction, 0.25]}
 
 
 def _timing(size: str) -> dict:
@@ -186,8 +218,34 @@ def section() -> list[str]:
                            f"{100 * row['lp_saving']:.2f}% | {100 * row['optimal_dag_saving']:.2f}% | "
                            f"{100 * share:.1f}% | {sim} |")
             out += [f"\nLeft out: {label} ({why})" for label, why in run["rejected"]] + [""]
-    out += _timing_lines(runs)
+    out += _sanity_lines(runs) + _timing_lines(runs)
     return out
+
+
+def _sanity_lines(runs: dict) -> list[str]:
+    row = runs.get(("sanity", "S4-M16"))
+    if row is None:
+        return []
+    low, high = row["idle_fractions"]
+    out = ["### Issue 18's sanity target: LP bound savings, balanced S=4, M=16, central curve (simulated)", "",
+           f"`python benchmarks/energy_sim/families.py --only sanity`. Deadline 1F1B at the top clocks + 1%; DAG "
+           f"model. The issue's independent bound used idle at {high:g} of busy power; the card model here "
+           f"uses {low:g} (H100: 127 W idle, ~700 W busy).", "",
+           f"| schedule | issue 18 (idle {high:g}) | here, idle {high:g} | here, idle {low:g} |", "|---|---:|---:|---:|"]
+    for name, target in SANITY_TARGET.items():
+        out.append(f"| {name}{' v=2' if name == 'interleaved' else ''} | ~{100 * target:g}% | "
+                   f"{100 * row['lp_saving'][f'{name}@{high:g}']:.2f}% | "
+                   f"{100 * row['lp_saving'][f'{name}@{low:g}']:.2f}% |")
+    return out + ["", SANITY_NOTE, ""]
+
+
+SANITY_NOTE = (
+    "With the issue's idle share every zero-bubble and interleaved number lands within 0.1-0.8 points of "
+    "its target, ZB-H1 the farthest (+0.8: ours is torch's order, W deferred by s on stage s; the issue "
+    "does not say which ZB-H1 order its bound used); 1F1B and ours come out 0.5 points higher than the issue's ~4% and ~11.5%, which are "
+    "exactly this page's numbers at idle 0.18 (the issue quoted them from there). With idle 0.18 every "
+    "family saves 0.2-0.9 points less: a schedule that removes bubbles saves idle energy, and idle power "
+    "is smaller. 0.05 ms transfers change nothing here (checked with free transfers: within 0.25 points).")
 
 
 def _timing_lines(runs: dict) -> list[str]:

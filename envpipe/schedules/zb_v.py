@@ -42,7 +42,9 @@ def build(stages: int, micro_batches: int) -> Schedule:
         ConfigError: an odd stage count or fewer than 2 ranks.
     """
     if stages % 2 or stages < 4:
-        raise ConfigError(f"zb-v puts 2 stages on each rank: stages must be even and >= 4, got {stages}")
+        raise ConfigError(
+            f"zb-v puts 2 stages on each of at least 2 ranks: stages must be even and >= 4 (2 GPUs), got {stages}"
+        )
     ranks = stages // 2
     orders = [unit_order(rank, ranks, micro_batches) for rank in range(ranks)]
     return Schedule("zb-v", stages, micro_batches, (0,) * stages, lower(stages, orders))
