@@ -14,7 +14,7 @@ import pytest
 from envpipe.deepspeed.harness import run_ranks
 
 WORKERS = str(Path(__file__).with_name("conformance_workers.py"))
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # 2 and 4 CPU ranks; slow on a loaded machine
 
 
 def _failures(results) -> str:
