@@ -133,7 +133,14 @@ def simulate(
         if plot is not None:
             from envpipe.render import gantt_png
 
-            gantt_png(report["_result"], plot, title=_plot_title(report))
+            gantt_png(
+                report["_result"],
+                plot,
+                title=_plot_title(report),
+                clock_range_mhz=(costs.min_clock_mhz, costs.max_clock_mhz),  # the card's range: same colour, same clock
+                energy_j=report["energy_j"],
+                saving=report["energy_saving"],
+            )
         _print(report, as_json)
 
 
@@ -276,7 +283,7 @@ def _int_list(text: str, option: str) -> list[int]:
 
 def _plot_title(report: dict[str, Any]) -> str:
     return (
-        f"simulated: {report['scheduling']} / {report['type']} / reconfig {report['reconfig']}, "
+        f"{report['scheduling']} / {report['type']} / reconfig {report['reconfig']}, "
         f"S={report['stages']} M={report['micro_batches']} r={report['r']}\n{report['model']}"
     )
 

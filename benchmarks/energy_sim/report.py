@@ -115,7 +115,13 @@ def plot(case: str) -> str:
     result = plan_clocks(schedule, costs, "optimal", slowdown_bound=BOUND)
     IMG.mkdir(parents=True, exist_ok=True)
     path = IMG / f"energy_sim_{case}.png"
-    gantt_png(result.sim, path, title=f"simulated: {case}, ours + optimal, r={list(schedule.r)}, central model")
+    gantt_png(
+        result.sim,
+        path,
+        title=f"{case}, ours + optimal, r={list(schedule.r)}, central model",
+        clock_range_mhz=(costs.min_clock_mhz, costs.max_clock_mhz),
+        energy_j=result.sim.energy_j,
+    )
     return path.relative_to(DOC.parent).as_posix()
 
 

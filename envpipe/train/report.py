@@ -270,4 +270,16 @@ def draw_plot(report: dict[str, Any], path: str | Path) -> None:
         simulated=False,
         iteration_time_ms=max((s.end_ms for s in timeline), default=1.0),
     )
-    gantt_png(measured, path, title=title)
+    summary = report["summary"]
+    clocks = (report.get("gpu") or {}).get("clocks_mhz") or []
+    paired = (summary.get("paired") or {}).get("energy_saving") or {}
+    saving = paired.get("median", (summary.get("unpaired") or {}).get("energy_saving"))
+    gantt_png(
+        measured,
+        path,
+        title=title,
+        clock_range_mhz=(min(clocks), max(clocks)) if clocks else None,  # the card's: same colour, same clock
+        energy_j=(summary.get("at_plan") or {}).get("energy_j_per_iteration"),
+        saving=saving,
+        energy_label=summary["energy_label"],
+    )
