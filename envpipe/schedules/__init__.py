@@ -60,20 +60,17 @@ def _ours_w(
     return ours_w.build(stages, micro_batches, r)
 
 
-def _zb_h1(
-    stages: int, micro_batches: int, r: Sequence[int] | None, costs: Any, virtual_stages: int | None
-) -> Schedule:
-    _no_r("zb-h1", r)
-    _one_stage_per_rank("zb-h1", virtual_stages)
-    return zero_bubble.build_h1(stages, micro_batches)
+def _fixed(name: str, build: Callable[[int, int], Schedule]) -> Callable[..., Schedule]:
+    """The builder of a one-stage-per-rank schedule without parameters (``build(stages, micro_batches)``)."""
 
+    def builder(
+        stages: int, micro_batches: int, r: Sequence[int] | None, costs: Any, virtual_stages: int | None
+    ) -> Schedule:
+        _no_r(name, r)
+        _one_stage_per_rank(name, virtual_stages)
+        return build(stages, micro_batches)
 
-def _zb_h2(
-    stages: int, micro_batches: int, r: Sequence[int] | None, costs: Any, virtual_stages: int | None
-) -> Schedule:
-    _no_r("zb-h2", r)
-    _one_stage_per_rank("zb-h2", virtual_stages)
-    return zero_bubble.build_h2(stages, micro_batches)
+    return builder
 
 
 def _zb_v(
@@ -93,8 +90,8 @@ SCHEDULES: dict[str, Callable[[int, int, Sequence[int] | None, Any, int | None],
     "ours": _ours,
     "interleaved": _interleaved,
     "ours-w": _ours_w,
-    "zb-h1": _zb_h1,
-    "zb-h2": _zb_h2,
+    "zb-h1": _fixed("zb-h1", zero_bubble.build_h1),
+    "zb-h2": _fixed("zb-h2", zero_bubble.build_h2),
     "zb-v": _zb_v,
 }
 # Stages per rank of each schedule: ``stages`` counts model chunks, so S GPUs run S * v of them.
