@@ -14,7 +14,8 @@ from rich.table import Table
 
 
 def run(frontier: bool, stages: int, micro_batches: int, costs: Any, *, reference: str, bound: float,
-        memory_cap: float | None, policy: str, as_json: bool, plot: Path | None) -> None:
+        deadline_ms: float | None, memory_cap: float | None, policy: str, as_json: bool,
+        plot: Path | None) -> None:
     """Search (``--scheduling best``) or trace the frontier (``--frontier``) and print it."""
     from envpipe.planner import frontier as frontier_mod
     from envpipe.planner import joint
@@ -41,7 +42,7 @@ def run(frontier: bool, stages: int, micro_batches: int, costs: Any, *, referenc
         raise ValueError("--plot with --scheduling best is not supported; use --frontier --plot, or "
                          "simulate the chosen schedule with --plot")
     result = joint.search(stages, micro_batches, costs, reference=reference, slowdown_bound=bound,
-                          memory_cap=memory_cap, policy=policy)
+                          deadline_ms=deadline_ms, memory_cap=memory_cap, policy=policy)
     if as_json:
         console.print_json(json.dumps(search_dict(result)))
         return

@@ -84,6 +84,11 @@ def simulate(
         float,
         typer.Option("--slowdown-bound", help="Deadline = reference time x (1 + this); e.g. 0.01 for 1%."),
     ] = 0.01,
+    deadline_ms: Annotated[
+        Optional[float],
+        typer.Option("--deadline-ms", help="An absolute deadline (ms, simulated) instead of --slowdown-bound.",
+                     min=0.001),
+    ] = None,
     memory_cap: Annotated[
         Optional[float],
         typer.Option(
@@ -109,11 +114,14 @@ def simulate(
     with user_errors():
         costs = _costs(stages, gpu, model, model_params, profile, fwd_ms, bwd_ms)
         _check_choice(reference, "--reference", SCHEDULES)
+        if frontier and deadline_ms is not None:
+            raise ValueError("--deadline-ms does not apply to --frontier, which sweeps deadlines; drop one")
         if frontier or scheduling == "best":
             from envpipe_cli import _search
 
             _search.run(frontier, stages, micro_batches, costs, reference=reference, bound=slowdown_bound,
-                        memory_cap=memory_cap, policy=reconfig, as_json=as_json, plot=plot)
+                        deadline_ms=deadline_ms, memory_cap=memory_cap, policy=reconfig, as_json=as_json,
+                        plot=plot)
             return
         _check_choice(scheduling, "--scheduling", (*SCHEDULES, "best"))
         report = run_simulation(
@@ -129,6 +137,7 @@ def simulate(
             reference=reference,
             slowdown_bound=slowdown_bound,
             memory_cap=memory_cap,
+            deadline_ms=deadline_ms,
         )
         if plot is not None:
             from envpipe.render import gantt_png
@@ -158,6 +167,7 @@ def run_simulation(
     reference: str = "1f1b",
     slowdown_bound: float = 0.01,
     memory_cap: float | None = None,
+    deadline_ms: float | None = None,
 ) -> dict[str, Any]:
     """Build, verify (also on ``transport``'s GPU streams) and simulate the schedule and the reference;
     return the report (JSON-ready). ``stages`` counts GPUs; a schedule with v stages per GPU runs on
@@ -176,8 +186,15 @@ def run_simulation(
         raise ValueError(f"--memory-cap {memory_cap:g}: {scheduling} holds {max(peak):g} activations on a GPU; "
                          "raise the cap or try --scheduling best --memory-cap to find a schedule that fits")
     ref_schedule, ref_costs, baseline = reference_run(reference, stages, micro_batches, costs)
+    plan_reference: dict[str, Any] = {"reference": (ref_schedule, ref_costs), "slowdown_bound": slowdown_bound}
+    if deadline_ms is not None:  # the schedule itself is the frame; the target is the deadline
+        top_ms = run(schedule, chunked).iteration_time_ms
+        if top_ms > deadline_ms:
+            raise ValueError(f"--deadline-ms {deadline_ms:g}: {scheduling} takes {top_ms:.1f} ms even at the top "
+                             "clocks (simulated); raise the deadline or try --scheduling best")
+        plan_reference = {"reference": (schedule, chunked), "slowdown_bound": 0.0, "baseline_ms": deadline_ms}
     clocks = reconfigure(reconfig, schedule, chunked, assign_clocks(schedule, chunked, clock_type),
-                         reference=(ref_schedule, ref_costs), slowdown_bound=slowdown_bound)
+                         **plan_reference)
     result = run(schedule, chunked, clocks)
     return {
         "simulated": True,
@@ -193,6 +210,7 @@ def run_simulation(
         "stage_busy_ms": list(result.stage_busy_ms),
         "stage_idle_ms": list(result.stage_idle_ms),
         "reference": reference,
+        "deadline_ms": deadline_ms,
         "virtual_stages": v,
         "peak_activations": peak,
         "baseline": {
@@ -215,7 +233,8 @@ def run_simulation(
 
 
 def reconfigure(policy: str, schedule: Schedule, costs: CostModel, clocks: ClockPlan, *,
-                reference: tuple[Schedule, CostModel] | None = None, slowdown_bound: float = 0.01) -> ClockPlan:
+                reference: tuple[Schedule, CostModel] | None = None, slowdown_bound: float = 0.01,
+                baseline_ms: float | None = None) -> ClockPlan:
     """Apply ``--reconfig`` to the clock type's plan: ``default`` keeps it, the others run the planner on it."""
     if policy not in RECONFIG_CHOICES:
         raise ValueError(
@@ -226,7 +245,7 @@ def reconfigure(policy: str, schedule: Schedule, costs: CostModel, clocks: Clock
     from envpipe.planner import plan_clocks
 
     return plan_clocks(schedule, costs, policy, start=clocks, reference=reference,
-                       slowdown_bound=slowdown_bound).clocks
+                       slowdown_bound=slowdown_bound, baseline_ms=baseline_ms).clocks
 
 
 def _check_choice(value: str, option: str, choices: Any) -> None:

@@ -186,3 +186,17 @@ def test_frontier_table_json_and_plot(tmp_path: Path) -> None:
     table = _run("-S", "2", "-M", "3", "--frontier", "--memory-cap", "2").output
     assert "planned / LP bound" in table
     assert "left out: zb-h2: holds 3 activations on a GPU, over the memory cap 2" in table
+
+
+def test_an_absolute_deadline() -> None:
+    data = json.loads(_run("-S", "2", "-M", "4", "--scheduling", "zb-h1", "--reconfig", "balanced",
+                           "--deadline-ms", "200", "--json").output)
+    assert data["deadline_ms"] == 200 and data["iteration_time_s"] * 1e3 <= 200 * (1 + 1e-9)
+    assert data["slowdown"] > 0.1  # slower than 1F1B at the top clocks (150 ms), as the deadline allows
+    result = _run("-S", "2", "-M", "4", "--scheduling", "1f1b", "--deadline-ms", "50")
+    assert result.exit_code == 1 and "1f1b takes 150.4 ms even at the top clocks" in result.output
+    best = json.loads(_run("-S", "2", "-M", "4", "--scheduling", "best", "--deadline-ms", "140", "--json",
+                           "--reconfig", "balanced").output)
+    assert best["deadline_ms"] == 140 and all(c["iteration_ms"] <= 140 + 1e-6 for c in best["ranked"])
+    assert "1f1b" not in [c["label"] for c in best["ranked"]]  # 150 ms at the top clocks
+    assert _run("--frontier", "--deadline-ms", "140").exit_code == 1
