@@ -78,9 +78,11 @@ class AgentConfig:
     log_level: str = key("info", "log level (stderr, i.e. the journal)", choices=lambda: LOG_LEVELS)
     manage: str = key("", "nvml: only these GPUs (comma-separated NVML indices or UUID prefixes; '' = all)")
     exit_with_pid: int = key(0, "stop (resetting clocks) once this process is gone (0 = never)")
-    max_connections_per_uid: int = key(64, "connections one uid (root excepted) may hold; more are shut down")
+    max_connections_per_uid: int = key(
+        64, "connections one uid may hold (root and the agent's own uid excepted); more are shut down"
+    )
     memory_guard_mb: int = key(
-        256, "above this resident memory, every connection but root's is shut down (0 = off)"
+        256, "above this resident memory, connections of other uids than root's and the agent's are shut down (0 = off)"
     )
 
     def control_endpoint(self) -> str:

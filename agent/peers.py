@@ -120,12 +120,14 @@ class ConnectionGuard:
     """Connections by uid, fed by the sockets' ACCEPTED and DISCONNECTED monitor events (loop thread only).
 
     A uid may hold ``cap_per_uid`` connections across both sockets; the next one is shut down at accept
-    and counted. Root is never capped (root can do anything to the agent anyway). A connection whose
-    credentials cannot be read (tcp) is not capped.
+    and counted. Root and the agent's own uid are never capped or shed (root can do anything to the agent
+    anyway, and a user's own agent, e.g. ``envpipe train``'s embedded one, serves only that user's ranks).
+    A connection whose credentials cannot be read (tcp) is not capped.
     """
 
     def __init__(self, cap_per_uid: int) -> None:
         self.cap_per_uid = cap_per_uid
+        self.exempt = {ROOT_UID, os.geteuid()}
         self.uid_of_fd: dict[int, int] = {}
         self.per_uid: Counter[int] = Counter()
         self.refused = 0  # connections shut down at accept (uid over its cap)
@@ -138,7 +140,7 @@ class ConnectionGuard:
         self._forget(fd)  # an fd number reused before its disconnect was seen
         self.uid_of_fd[fd] = peer.uid
         self.per_uid[peer.uid] += 1
-        if not peer.is_root and self.per_uid[peer.uid] > self.cap_per_uid:
+        if peer.uid not in self.exempt and self.per_uid[peer.uid] > self.cap_per_uid:
             if shutdown_fd(fd):
                 self.refused += 1
                 if self.refused in (1, 10, 100) or self.refused % 1000 == 0:
@@ -160,10 +162,11 @@ class ConnectionGuard:
                 del self.per_uid[uid]
 
     def shed_all_but_root(self) -> int:
-        """Shut down every connection not of root (the memory guard's last resort); returns how many."""
+        """Shut down every connection not of root or the agent's own uid (the memory guard's last resort);
+        returns how many."""
         count = 0
         for fd, uid in list(self.uid_of_fd.items()):
-            if uid != ROOT_UID and shutdown_fd(fd):
+            if uid not in self.exempt and shutdown_fd(fd):
                 count += 1
         self.shed += count
         return count

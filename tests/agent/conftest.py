@@ -41,6 +41,8 @@ class ThreadAgent:
             "runtime_dir": runtime_dir,
             "lease_timeout_s": 0.5,
             "socket_group": grp.getgrgid(os.getegid()).gr_name,
+            # off unless a test turns it on: this agent lives in the test process, whose memory is pytest's
+            "memory_guard_mb": 0,
             **overrides,
         }
         self.config = resolve_config("", values)
