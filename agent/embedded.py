@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -114,7 +115,10 @@ def start_agent(
             # Its own session: a signal to the caller's process group (Ctrl-C, `timeout`) does not end it
             # before the caller's ranks have released their leases; it still ends with the caller.
             start_new_session=True,
-            preexec_fn=die_with_parent,
+            # PR_SET_PDEATHSIG fires when the parent *thread* ends: from another thread (a supervisor that
+            # restarts the agent) the agent would get SIGTERM as soon as that thread returns. There,
+            # --exit-with-pid (checked every 0.1 s) is what ends the agent with the caller.
+            preexec_fn=die_with_parent if threading.current_thread() is threading.main_thread() else None,
         )
     finally:
         if stderr:

@@ -164,3 +164,19 @@ def test_a_user_outside_the_group_is_told_permission_denied(
         agent.stop()
     assert refused.startswith("permission denied") and "usermod -aG root" in refused
     assert admitted.strip() == "connected"
+
+
+def test_an_agent_started_from_a_thread_outlives_that_thread(short_dir: str) -> None:
+    """PR_SET_PDEATHSIG fires when the parent *thread* ends; a supervisor thread's agent must live on."""
+    started = []
+    thread = threading.Thread(target=lambda: started.append(start_agent(gpus=1, runtime_dir=short_dir)))
+    thread.start()
+    thread.join(30)
+    agent = started[0]
+    try:
+        time.sleep(0.5)
+        assert agent.process.poll() is None
+        with AgentClient(agent.endpoint, job_id="j", rank=0) as client:
+            assert client.hello().gpus
+    finally:
+        assert agent.stop() == 0
