@@ -265,3 +265,31 @@ def test_an_explicit_agent_that_does_not_answer_is_an_error_not_a_sim_agent(tmp_
     with pytest.raises(launch.RunError, match="--agent ipc://.*: no agent answered there; start it"):
         with agent_for_run(f"ipc://{tmp_path}/none.sock", gpus=1, console=console, explicit=True):
             pass
+
+
+def test_sigint_reaches_every_rank_group_a_stubborn_rank_is_killed_after_the_grace_and_the_exit_is_130(tmp_path):
+    import signal
+    import threading
+
+    stopped = MARKER + json.dumps({"event": "stopped", "stopped": 2, "step": 7, "checkpoint": "ck/global_step7"})
+    rank0 = _stand_in(
+        "import signal, sys, time\n"
+        f"signal.signal(signal.SIGINT, lambda *a: (print({stopped!r}, flush=True), sys.exit(0)))\n"
+        "print('ready', flush=True); time.sleep(60)"
+    )
+    stubborn = subprocess.Popen(
+        [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(60)"],
+        start_new_session=True,
+    )
+    assert rank0.stdout.readline().strip() == "ready"
+    procs = [ranks._Rank("rank 0", rank0, tmp_path / "rank0.log"), ranks._Rank("rank 1", stubborn, tmp_path / "r1.log")]
+    signals = ranks._Signals()  # not entered: the test plays the user pressing Ctrl-C
+    threading.Timer(0.5, lambda: signals.received.append(signal.SIGINT)).start()
+    with ProgressDisplay(Console(file=open("/dev/null", "w"))) as display, pytest.raises(ranks.RunStopped) as info:
+        ranks._follow(procs, rank0.stdout, display, tmp_path, signals, grace_s=1.0)
+    assert info.value.exit_code == 130
+    assert str(info.value) == (
+        "stopped by SIGINT after step 7; checkpoint saved to ck/global_step7 (continue with --resume); "
+        "every rank has exited"
+    )
+    assert stubborn.poll() == -signal.SIGKILL  # it ignored the signal: killed after the grace period
