@@ -132,7 +132,8 @@ class Lifecycle:
         from envpipe.deepspeed.lifecycle import evaluate
 
         micro_batches = self.config.eval_micro_batches or self.config.micro_batches
-        result = evaluate(self.engine, self.eval_batches(), micro_batches)
+        batches = self.eval_batches() if self.eval_batches is not None else None  # middle stages read no data
+        result = evaluate(self.engine, batches, micro_batches)
         self.evaluated_at = self.step
         if self.emit:
             self.emit("eval", step=self.step, loss=result.loss, perplexity=result.perplexity)
