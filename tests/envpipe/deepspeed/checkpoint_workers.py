@@ -97,7 +97,11 @@ def resume_equivalence(
         c_iter = _data(c, data, state.data_position)
         c_losses = [float(c.train_batch(c_iter)) for _ in range(steps - stop_at)]
         c_params = _params(c)
+        from envpipe.deepspeed.lifecycle import evaluate
+
+        evaluation = evaluate(c, _data(c, data, 10_000), 2)  # middle stages pass no iterator
         out[name] = {
+            "eval_loss": evaluation.loss,
             "a_losses": a_losses,
             "c_losses": c_losses,
             "max_param_diff": max(float((c_params[k] - a_params[k]).abs().max()) for k in a_params),

@@ -73,6 +73,8 @@ def test_four_ranks_resume_equals_uninterrupted_run_with_data_parallel_and_a_fil
     assert all(r.returncode == 0 for r in results), _failures(results)
     for r in results:
         _assert_resumed_exactly(r.value, 4, 2)
+    for name in ("1f1b", "ours"):  # eval_batch through 4 stages: every stage gets the same loss
+        assert len({r.value[name]["eval_loss"] for r in results}) == 1, name
 
 
 def _fake_tag(save_dir: Path, step: int, **meta) -> Path:
