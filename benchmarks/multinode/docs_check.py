@@ -24,7 +24,7 @@ def blocks(markdown: str) -> list[tuple[list[str], str]]:
     return [(names.split(), body) for names, body in _BLOCK.findall(markdown)]
 
 
-def check(doc: Path, timeout_s: float = 300.0) -> int:
+def check(doc: Path, timeout_s: float = 300.0, tail_lines: int = 8) -> int:
     reason = unavailable_reason()
     if reason:
         print(f"error: {reason}", file=sys.stderr)
@@ -58,10 +58,10 @@ def check(doc: Path, timeout_s: float = 300.0) -> int:
                 f"block {number} on {' '.join(names)}: exit {codes} "
                 f"in {time.monotonic() - began:.1f} s  ({first})"
             )
-            if any(codes):
-                failures += 1
-                for name, log in zip(names, logs):
-                    print(f"--- {name}:\n{log.read_text(errors='replace')[-3000:]}")
+            failures += any(codes)
+            for name, log in zip(names, logs):
+                lines = log.read_text(errors="replace").splitlines()
+                print(f"--- {name}:", *lines[-(60 if any(codes) else tail_lines) :], sep="\n    ")
     print(f"{len(todo) - failures} of {len(todo)} blocks passed")
     return 1 if failures else 0
 
@@ -69,7 +69,9 @@ def check(doc: Path, timeout_s: float = 300.0) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.multinode.docs_check")
     parser.add_argument("doc", nargs="?", type=Path, default=REPO / "docs" / "multinode.md")
-    return check(parser.parse_args(argv).doc)
+    parser.add_argument("--tail", type=int, default=8, help="output lines shown per node and block")
+    args = parser.parse_args(argv)
+    return check(args.doc, tail_lines=args.tail)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_distributed(timeout_s=60)
     rank = int(os.environ["RANK"])
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     try:
         result = _train(args, rank, out)
     except BaseException as exc:  # noqa: BLE001 - the test reads the reason from the file
