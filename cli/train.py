@@ -105,6 +105,15 @@ DeviceOpt = Annotated[Optional[Device], _opt(help="Where ranks run. \\[default: 
 NumGpusOpt = Annotated[Optional[int], _opt(min=1, help="GPUs per node. \\[default: all]", panel=_LAUNCH)]
 HostfileOpt = Annotated[Optional[Path], _opt(help="DeepSpeed hostfile for multi-node runs.", panel=_LAUNCH)]
 NumNodesOpt = Annotated[Optional[int], _opt(min=1, help="Nodes to use from the hostfile.", panel=_LAUNCH)]
+NodeRankOpt = Annotated[
+    Optional[int],
+    _opt(
+        min=0,
+        help="Without ssh: this node's line in the hostfile (from 0); run envpipe train on every node "
+        "(DeepSpeed's --no_ssh --node_rank). \\[default: the launcher reaches the nodes by ssh]",
+        panel=_LAUNCH,
+    ),
+]
 ReportOpt = Annotated[Optional[Path], _opt(help="Write the summary and the phases as JSON here.", panel=_OUT)]
 PlotOpt = Annotated[
     Optional[Path],
@@ -208,6 +217,7 @@ def train(
     num_gpus: NumGpusOpt = None,
     hostfile: HostfileOpt = None,
     num_nodes: NumNodesOpt = None,
+    node_rank: NodeRankOpt = None,
     report: ReportOpt = None,
     plot: PlotOpt = None,
     compare: CompareOpt = None,

@@ -302,6 +302,19 @@ class Node:
             os.kill(_child_of(self.agent.pid, timeout_s=1.0), sig)
         return self.agent.wait(timeout_s)
 
+    def pids(self, command_contains: str) -> list[int]:
+        """Host pids of this node's processes whose command line contains ``command_contains``."""
+        own = os.stat(f"/proc/{self.namespace.pid}/ns/pid").st_ino
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError):
+                    if os.stat(f"/proc/{entry}/ns/pid").st_ino != own:
+                        continue
+                    if command_contains.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                        found.append(int(entry))
+        return found
+
     def hello(self) -> dict[str, Any] | None:
         """The node agent's ``hello`` (uuids of its GPUs, backend), or None if it does not answer."""
         return self._ask("hello")

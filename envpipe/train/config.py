@@ -47,6 +47,8 @@ class TrainConfig(ControllerConfig):
         num_gpus: GPUs per node for the DeepSpeed launcher; ``None`` = all visible.
         hostfile: DeepSpeed hostfile for multi-node runs.
         num_nodes: nodes to use from the hostfile.
+        node_rank: this node's line (from 0) in the hostfile when every node runs its own ``envpipe train``
+            without ssh (DeepSpeed's ``--no_ssh --node_rank``); ``None``: the launcher uses ssh.
         report: where to write the JSON report.
         plot: where to draw the measured Gantt chart of the last measured step.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
@@ -83,6 +85,7 @@ class TrainConfig(ControllerConfig):
     num_gpus: int | None = None
     hostfile: str | None = None
     num_nodes: int | None = None
+    node_rank: int | None = None
     report: str | None = None
     plot: str | None = None
     device: str = "auto"
@@ -157,8 +160,9 @@ _INT_MIN = {
     "log_interval": 1,
     "eval_interval": 0,
     "eval_micro_batches": 1,
+    "node_rank": 0,
 }
-_OPTIONAL_INTS = {"num_gpus", "num_nodes", "keep_last", "eval_micro_batches"}
+_OPTIONAL_INTS = {"num_gpus", "num_nodes", "keep_last", "eval_micro_batches", "node_rank"}
 
 
 def resolve(flags: dict[str, Any], deepspeed_config: str | Path | None = None) -> TrainConfig:
@@ -283,6 +287,8 @@ def _validate(config: TrainConfig, sources: Sources) -> None:
         )
     if config.hostfile is None and config.num_nodes not in (None, 1):
         raise ConfigError("--num-nodes > 1 needs --hostfile listing the nodes (DeepSpeed hostfile format)")
+    if config.node_rank is not None and config.hostfile is None:
+        raise ConfigError("--node-rank needs --hostfile: it is this node's line in the hostfile (from 0)")
 
 
 def _validate_numbers(config: TrainConfig, sources: Sources) -> None:

@@ -31,6 +31,9 @@ def train(config: TrainConfig, *, console: Any) -> dict[str, Any]:
     from envpipe.train import report as report_mod
 
     result = _run_with_agent(config, console)
+    if config.node_rank:  # not the first node: rank 0 (on the first node) gathers and reports
+        console.print(f"node {config.node_rank}: its ranks finished; the first node's run prints the summary")
+        return {}
     run_config = result.pop("run_config")
     records = result.pop("records", {})
     report = report_mod.build_report(run_config, result)
@@ -149,14 +152,14 @@ def _run_with_agent(config: TrainConfig, console: Any) -> dict[str, Any]:
         )
         how = (
             f"{config.stages} CPU ranks (gloo over loopback)"
-            if device == "cpu"
+            if device == "cpu" and config.hostfile is None
             else "the ranks through the DeepSpeed launcher"
         )
         console.print(
             f"starting {how}: {config.model}, {config.stages} stages, {config.micro_batches} "
             f"micro-batches of {config.micro_batch_size} x {config.seq_len} tokens"
         )
-        if device == "cpu":
+        if device == "cpu" and config.hostfile is None:
             warn_shared_cores(config.stages, console)
         result = run_ranks(run_config, console=console, log_dir=_log_dir(run_config))
     result["agent"] = {
@@ -235,11 +238,8 @@ def _require_training_stack() -> None:
 def _local_world_size(config: TrainConfig, device: str) -> int:
     """Ranks (and so GPUs) on this node: the stages on CPU, --num-gpus or all visible GPUs on CUDA."""
     if device == "cpu":
-        if config.hostfile is not None or (config.num_nodes or 1) > 1:
-            raise RunError(
-                "--hostfile/--num-nodes start ranks on other nodes through the DeepSpeed launcher, "
-                "which needs GPUs; on CPU every rank runs on this machine (drop those options)"
-            )
+        if config.hostfile is not None:
+            return config.stages  # the DeepSpeed launcher starts the hostfile's slots (gloo between nodes)
         if config.num_gpus is not None:
             raise RunError(
                 f"--num-gpus {config.num_gpus} with CPU ranks: on CPU there is one rank per stage; "

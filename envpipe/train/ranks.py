@@ -13,6 +13,7 @@ import base64
 import contextlib
 import os
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -96,7 +97,11 @@ def run_ranks(config: TrainConfig, *, console: Any, log_dir: str | Path | None =
     try:
         ranks, progress_stream = _start(config, run_dir)
         with ProgressDisplay(console) as display, _Signals() as signals:
-            result = _follow(ranks, progress_stream, display, run_dir, signals, config.grace_s)
+            # Rank 0 runs on the hostfile's first node: the other nodes' runs end without a result.
+            expect = not config.node_rank
+            result = _follow(
+                ranks, progress_stream, display, run_dir, signals, config.grace_s, expect_result=expect
+            )
         result["records"] = display.records
         ok = "shutdown_warning" not in result  # keep the logs that the warning points to
         return result
@@ -126,7 +131,7 @@ class _Signals:
 def _start(config: TrainConfig, run_dir: Path) -> tuple[list[_Rank], IO[str]]:
     encoded = base64.b64encode(config.to_json().encode()).decode()
     worker = ["-m", "envpipe.train.worker", "--config-b64", encoded]
-    if config.device == "cpu":
+    if config.device == "cpu" and config.hostfile is None:
         return _spawn_cpu(config, worker, run_dir)
     return _spawn_deepspeed(config, encoded, run_dir)
 
@@ -189,6 +194,9 @@ def deepspeed_command(config: TrainConfig, encoded_config: str, port: int) -> li
         cmd += ["--hostfile", config.hostfile]
     if config.num_nodes is not None:
         cmd += ["--num_nodes", str(config.num_nodes)]
+    if config.node_rank is not None:  # every node starts its own ranks; they meet at the first host
+        cmd += ["--no_ssh", "--node_rank", str(config.node_rank)]
+        cmd += ["--master_addr", first_host(config.hostfile)]
     return cmd + ["--module", "envpipe.train.worker", "--config-b64", encoded_config]
 
 
@@ -199,8 +207,10 @@ def _spawn_deepspeed(config: TrainConfig, encoded: str, run_dir: Path) -> tuple[
         env["ENVPIPE_AGENT"] = config.agent
     log_path = run_dir / "launcher.log"
     log = log_path.open("a")  # append: rank 0's stdout reader appends to the same file
+    # Without ssh every node's launcher must name the same port: $MASTER_PORT, else torch's default.
+    port = int(os.environ.get("MASTER_PORT", "29500")) if config.node_rank is not None else free_port()
     process = subprocess.Popen(
-        deepspeed_command(config, encoded, free_port()),
+        deepspeed_command(config, encoded, port),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -212,6 +222,16 @@ def _spawn_deepspeed(config: TrainConfig, encoded: str, run_dir: Path) -> tuple[
     return [_Rank("DeepSpeed launcher", process, log_path)], process.stdout
 
 
+def first_host(hostfile: str) -> str:
+    """The hostfile's first host (read as DeepSpeed reads it): where rank 0 and the rendezvous are."""
+    from deepspeed.launcher.runner import fetch_hostfile
+
+    hosts = fetch_hostfile(hostfile)
+    if not hosts:
+        raise RunError(f"--hostfile {hostfile}: no hosts in it; one line per node, e.g. 'node0 slots=2'")
+    return next(iter(hosts))
+
+
 def _follow(
     ranks: list[_Rank],
     stream: IO[str],
@@ -219,6 +239,8 @@ def _follow(
     run_dir: Path,
     signals: _Signals | None = None,
     grace_s: float = 30.0,
+    *,
+    expect_result: bool = True,
 ) -> dict[str, Any]:
     """Feed markers to the display until every rank exits; the first failure stops the others.
 
@@ -266,9 +288,9 @@ def _follow(
         time.sleep(0.05)
     if result is not None and "stopped" in result:  # a signal reached the ranks, not this process
         raise RunStopped(*_stop_message(int(result["stopped"]), result, run_dir))
-    if result is None:
+    if result is None and expect_result:
         raise RunError(f"the ranks exited without a result; their logs are kept in {run_dir}")
-    return result
+    return result or {}
 
 
 def _stop_message(signum: int, stopped: dict[str, Any] | None, run_dir: Path) -> tuple[str, int]:
@@ -356,12 +378,24 @@ def _failure_message(rank: _Rank, run_dir: Path) -> str:
     )
 
 
+# deepspeed.launcher.launch logs "[cmd] exits with return code = -9" when one of its ranks fails.
+_DS_RANK_EXIT = re.compile(r"exits with return code = (-\d+)\s*$")
+
+
 def _last_error_line(log_path: Path) -> str:
-    """The last line that looks like an error (an exception or our own 'error:' line) in a rank's log."""
+    """The last line that looks like an error (an exception or our own 'error:' line) in a rank's log.
+
+    In a DeepSpeed launcher's log a rank killed by a signal comes first: it is the cause, the others'
+    errors (a lost peer) follow from it.
+    """
     try:
         lines = log_path.read_text(errors="replace").splitlines()[-200:]
     except OSError:
         return ""
+    for line in lines:
+        killed = _DS_RANK_EXIT.search(line)
+        if killed:
+            return f"a rank on this node was killed by signal {-int(killed.group(1))}"
     for line in reversed(lines):
         text = line.strip()
         if text.startswith("error:") or (

@@ -22,6 +22,7 @@ _NOT_REPORTED = ("ds_config", "job_id")
 _RESULT_KEYS = (
     "agent",
     "gpu",
+    "placement",  # per rank: stage, host, GPU UUID from that host's agent
     "world_size",
     "schedule",
     "clocks",

@@ -61,11 +61,12 @@ def run(config: TrainConfig) -> None:
     engine = None
     try:
         engine, data_iter, lifecycle = _build(config)
+        placement = _placement_of_ranks(engine)  # one collective before training: where every rank runs
         result = run_steps(engine, data_iter, config, lifecycle=lifecycle)
         if result is not None and "stopped" in result:
             emit("stopped", **result)
         elif result is not None:
-            emit("result", data=result)
+            emit("result", data={**result, "placement": placement})
     finally:
         if engine is not None:
             engine.close()
@@ -144,6 +145,26 @@ def _build(config: TrainConfig) -> tuple[Any, Any, Any]:
 def _token_cache(config: TrainConfig) -> str | None:
     """Tokenised text is kept beside the checkpoints (reused by a resume), else in a private temporary file."""
     return str(Path(config.save_dir) / "tokens") if config.save_dir else None
+
+
+def _placement_of_ranks(engine: Any) -> list[dict[str, Any]]:
+    """Where every rank ran: its stage, its node's host name and the GPU that node's agent leased it."""
+    import socket
+
+    import torch.distributed as dist
+
+    from envpipe.deepspeed import placement
+
+    gpu = engine.gpu
+    mine = {
+        "rank": dist.get_rank(),
+        "stage": placement(engine)[0],
+        "host": socket.gethostname(),
+        "gpu_uuid": gpu.uuid if gpu is not None else None,
+    }
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return every
 
 
 def _destroy_process_group() -> None:

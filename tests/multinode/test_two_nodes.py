@@ -8,7 +8,10 @@ where namespaces can be made (CI); skips with the reason elsewhere.
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -131,4 +134,92 @@ def test_killed_rank_stops_the_job_and_every_lease_is_released(cluster: Cluster)
     assert "exits with return code = -9" in job.logs["node1-1"], job.failure()
     # ... and node0's stages fail on the lost neighbour (stage 2, on node1) instead of hanging.
     assert job.errors.get(1, "").startswith("PeerLostError: stage 1 lost stage 2 (rank 2)"), job.failure()
+    assert _unreleased(_wait_released(cluster.nodes)) == []
+
+
+# `envpipe train` on every node, each starting its node's ranks through the DeepSpeed launcher (no ssh).
+TRAIN = ["envpipe", "train", "--device", "cpu", "--stages", "2", "--micro-batches", "4", "--seq-len", "32"]
+TRAIN_STEPS = 40  # planning takes 30 with the short "envpipe" block below; 10 steps at the plan
+
+
+def _train(
+    cluster: Cluster, nodes: list[Node], name: str, *extra: str, during=None, timeout_s: float = 600
+) -> tuple[list[int | None], list[str], Path]:
+    """``envpipe train`` on ``nodes`` (``--hostfile`` with one slot each and ``--node-rank`` when several);
+    returns exit codes, outputs and the first node's report path."""
+    folder = cluster.workdir / name
+    folder.mkdir()
+    ds_config = folder / "ds.json"
+    ds_config.write_text(json.dumps({"envpipe": {"reconfig_max_rounds": 2, "baseline_steps": 2}}))
+    report = folder / "report.json"
+    common = [*TRAIN, "--deepspeed-config", str(ds_config), "--report", str(report), *extra]
+    if len(nodes) > 1:
+        common += ["--hostfile", str(cluster.hostfile(1))]
+    port = str(next(_ports))
+    logs = [folder / f"{node.name}.log" for node in nodes]
+    processes = [
+        node.popen(
+            [*common, *(["--node-rank", str(i)] if len(nodes) > 1 else [])],
+            env={"MASTER_PORT": port, "COLUMNS": "200"},
+            log=log,
+        )
+        for i, (node, log) in enumerate(zip(nodes, logs))
+    ]
+    if during is not None:
+        during()
+    codes = []
+    for process in processes:
+        try:
+            codes.append(process.wait(timeout_s))
+        except subprocess.TimeoutExpired:
+            codes.append(None)
+    return codes, [log.read_text(errors="replace") for log in logs], report
+
+
+def test_envpipe_train_with_a_hostfile_across_two_nodes(cluster: Cluster) -> None:
+    codes, outputs, report_path = _train(cluster, cluster.nodes, "train-2nodes", "--steps", str(TRAIN_STEPS))
+    assert codes == [0, 0], outputs
+    assert "node 1: its ranks finished" in outputs[1]
+    report = json.loads(report_path.read_text())
+    placement = sorted(report["placement"], key=lambda p: p["stage"])
+    for stage, (where, node) in enumerate(zip(placement, cluster.nodes)):
+        assert (where["stage"], where["host"]) == (stage, node.name)
+        assert where["gpu_uuid"] in _agent_uuids(node)  # leased from its own node's agent
+    # Per-node energy: stage s ran on node s; both measured (simulated) by their own agent.
+    stage_energy = report["summary"]["baseline"]["stage_energy_j"]
+    assert stage_energy["0"] > 0 and stage_energy["1"] > 0, report["summary"]
+    assert report["summary"]["energy_unavailable_windows"] == 0
+    single_codes, single_out, single_path = _train(
+        cluster, cluster.nodes[:1], "train-1node", "--steps", str(TRAIN_STEPS)
+    )
+    assert single_codes == [0], single_out
+    single = json.loads(single_path.read_text())
+    assert [x["step"] for x in report["losses"]] == [x["step"] for x in single["losses"]]
+    assert [x["loss"] for x in report["losses"]] == pytest.approx(
+        [x["loss"] for x in single["losses"]], rel=1e-5
+    )
+    assert _unreleased(_wait_released(cluster.nodes)) == []
+
+
+def test_envpipe_train_names_a_rank_killed_on_another_node(cluster: Cluster) -> None:
+    node1 = cluster.nodes[1]
+
+    def kill_node1_rank() -> None:
+        deadline = time.monotonic() + 300
+        while not any(g["holder"] for g in (node1.agent_status() or {"gpus": []})["gpus"]):
+            assert time.monotonic() < deadline, "node1's rank never leased its GPU"
+            time.sleep(0.2)
+        time.sleep(2.0)  # training, not starting
+        for pid in node1.pids("--local_rank="):  # the rank, not its launchers
+            os.kill(pid, signal.SIGKILL)
+
+    codes, outputs, _ = _train(
+        cluster, cluster.nodes, "train-kill", "--steps", "100000", during=kill_node1_rank
+    )
+    assert codes == [1, 1], outputs
+    text0, text1 = (" ".join(out.split()) for out in outputs)
+    # node1 names its killed rank; node0 names what it lost: its peer at node1's address (a point-to-point
+    # transfer names the stage, a collective the address, depending on where stage 0 was at the kill).
+    assert "a rank on this node was killed by signal 9" in text1, text1
+    assert "PeerLostError: stage 0" in text0 and cluster.nodes[1].address in text0, text0
     assert _unreleased(_wait_released(cluster.nodes)) == []

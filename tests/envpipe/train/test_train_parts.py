@@ -238,13 +238,21 @@ def test_missing_training_stack_is_one_clear_error(monkeypatch: pytest.MonkeyPat
         launch.resolve_device(resolve({"device": "auto"}))
 
 
-@pytest.mark.parametrize(
-    ("flags", "needle"),
-    [({"num_gpus": 2}, "one rank per stage"), ({"num_nodes": 2, "hostfile": __file__}, "needs GPUs")],
-)
-def test_launcher_options_are_refused_for_cpu_ranks(flags, needle):
-    with pytest.raises(launch.RunError, match=needle):
-        launch._local_world_size(resolve({"device": "cpu", **flags}), "cpu")
+def test_launcher_options_are_refused_for_cpu_ranks():
+    with pytest.raises(launch.RunError, match="one rank per stage"):
+        launch._local_world_size(resolve({"device": "cpu", "num_gpus": 2}), "cpu")
+
+
+def test_cpu_ranks_on_several_nodes_go_through_the_deepspeed_launcher_without_ssh(tmp_path: Path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    config = resolve({"device": "cpu", "stages": 2, "hostfile": str(hostfile), "node_rank": 1})
+    assert launch._local_world_size(config, "cpu") == 2
+    cmd = ranks.deepspeed_command(config, "QUJD", 29500)
+    assert cmd[cmd.index("--hostfile") + 1] == str(hostfile)
+    assert cmd[cmd.index("--no_ssh") :][:5] == ["--no_ssh", "--node_rank", "1", "--master_addr", "node0"]
+    with pytest.raises(ConfigError, match="--node-rank needs --hostfile"):
+        resolve({"node_rank": 0})
 
 
 def test_more_cpu_ranks_than_cores_is_said(monkeypatch: pytest.MonkeyPatch):
