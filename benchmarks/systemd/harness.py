@@ -227,6 +227,7 @@ def checks(box: Container) -> dict[str, Any]:
     out["journal_ready"] = "ready: backend nvml" in box.run("journalctl -u envpipe-agent --no-pager -o cat")
     out["modes"] = box.run("stat -c '%n %U:%G %a' /run/envpipe /run/envpipe/control.sock /run/envpipe/events.sock")
     holder = lock_gpu(box)
+    wait(lambda: fake_locked(tree, 0) == 1, 5)  # the agent's GPU worker applies it just after the reply
     out["locked_by_client"] = fake_locked(tree, 0)
     box.run("systemctl stop envpipe-agent")
     out["locked_after_systemctl_stop"] = fake_locked(tree, 0)
@@ -235,6 +236,7 @@ def checks(box: Container) -> dict[str, Any]:
     for name, sig in (("sigkill", "SIGKILL"), ("sighup", "SIGHUP")):
         before = int(box.show("NRestarts")["NRestarts"])
         holder = lock_gpu(box)
+        wait(lambda: fake_locked(tree, 0) == 1, 5)
         locked = fake_locked(tree, 0)
         pid = box.show("MainPID")["MainPID"]
         start_s = time.monotonic()

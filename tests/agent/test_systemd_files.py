@@ -115,3 +115,9 @@ def test_readme_install_steps_create_the_snippet_directories() -> None:
 def test_readme_says_where_the_agent_cannot_be_installed() -> None:
     text = README.read_text()
     assert "ProtectHome" in text and "/home" in text and "/root" in text and "PrivateTmp" in text
+
+
+def test_other_users_processes_stay_visible_to_the_pid_check() -> None:
+    """With ProtectProc=invisible every other user's process (PID 1 included) looked nonexistent to the
+    agent, so a claim naming any pid passed the "caller's own pid or its uid's" check."""
+    assert _directives("ProtectProc") == ["default"]
