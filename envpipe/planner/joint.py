@@ -30,10 +30,12 @@ from typing import Any
 
 from envpipe.errors import ConfigError, EnvpipeError
 from envpipe.ir import ClockPlan, Schedule
+from envpipe.planner import POLICIES as PLANNER_POLICIES
 
 INTERLEAVED_V = (2, 3)
 LAG_RULES = {"none": lambda s: 0, "zb-h1": lambda s: s, "2s": lambda s: 2 * s}
-POLICIES = ("optimal", "balanced", "greedy")
+# The guarded planner policies of the one registry (``default`` plans nothing; ``paper*`` walk a chain only).
+POLICIES = tuple(p for p in PLANNER_POLICIES if p != "default" and not p.startswith("paper"))
 
 
 @dataclass(frozen=True)
