@@ -147,3 +147,16 @@ def test_interleaved_ranks_holding_several_stages_pass_on_link() -> None:
     cycle = find_hang(lower(get_schedule("interleaved", 4, 2, virtual_stages=2), "pair"))
     assert cycle is not None and cycle[0] == "rank 0 p2p 0<->1: 0iSA1 waits for its receive"
     assert "2RA0 is queued behind" in cycle[3]  # stage 2 (rank 0's second chunk) behind stage 0's send
+
+
+def test_a_send_between_two_stages_of_one_rank_is_a_local_copy_with_nothing_to_wait_for() -> None:
+    """ZB-V's turn: stages 1 and 2 both on rank 1; the async send 1iSA0 and its wait 1wSA0 have no stream."""
+    schedule = schedule_from_text(
+        "r0: 0F0 0iSA0 0RG0 0wSA0 0B0\n"
+        "r1: 1RA0 1F0 1iSA0 2RA0 2F0 2B0 2iSG0 1RG0 1wSA0 1B0 1iSG0 2wSG0 1wSG0\n"
+    )
+    assert not deadlocks(schedule.programs)
+    issue = lower(schedule, "link")
+    assert all(str(op.label) != "1iSA0" for op in issue.ops if op.parts)  # no p2p operation for it
+    check(schedule, "link")
+    check(schedule, "pair")
