@@ -24,7 +24,10 @@ RECONFIG_CHOICES = ("default", "greedy", "balanced", "optimal", "paper", "paper-
 
 
 def simulate(
-    stages: Annotated[int, typer.Option("--stages", "-S", help="Pipeline stages S.", min=1)] = 4,
+    stages: Annotated[
+        int,
+        typer.Option("--stages", "-S", help="Pipeline GPUs S (one stage each; interleaved, zb-v: v each).", min=1),
+    ] = 4,
     micro_batches: Annotated[int, typer.Option("--micro-batches", "-M", help="Micro-batches M.", min=1)] = 16,
     clock_type: Annotated[
         str, typer.Option("--type", help="Clock type: baseline, uniform or envelope.")
