@@ -152,11 +152,16 @@ def _spawn_cpu(config: TrainConfig, worker: list[str], run_dir: Path) -> tuple[l
             stderr=log,
             text=True,
             start_new_session=True,
-            preexec_fn=die_with_parent,  # no rank outlives the launcher, even one killed with SIGKILL
+            preexec_fn=_die_with_launcher(),  # no rank outlives the launcher, even one killed with SIGKILL
         )
         log.close()
         ranks.append(_Rank(f"rank {rank}", process, log_path))
     return ranks, ranks[0].process.stdout
+
+
+def _die_with_launcher() -> Any:
+    """``die_with_parent`` from the main thread (PR_SET_PDEATHSIG follows the creating thread, not the process)."""
+    return die_with_parent if threading.current_thread() is threading.main_thread() else None
 
 
 def rank_env(rank: int, world_size: int, port: int, *, agent: str | None) -> dict[str, str]:
@@ -216,7 +221,7 @@ def _spawn_deepspeed(config: TrainConfig, encoded: str, run_dir: Path) -> tuple[
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
-        preexec_fn=die_with_parent,
+        preexec_fn=_die_with_launcher(),
     )
     log.close()
     return [_Rank("DeepSpeed launcher", process, log_path)], process.stdout
