@@ -38,6 +38,7 @@ def test_every_terminating_signal_is_handled() -> None:
             signal.signal(signum, handler)
 
 
+@pytest.mark.slow  # an agent subprocess
 @pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGUSR1])
 def test_sighup_and_sigusr1_reset_the_clocks_and_exit_for_a_restart(fake_nvml, short_dir, signum) -> None:
     state, env = fake_nvml
@@ -54,6 +55,7 @@ def test_sighup_and_sigusr1_reset_the_clocks_and_exit_for_a_restart(fake_nvml, s
         agent.stop()
 
 
+@pytest.mark.slow  # an agent subprocess
 def test_a_symlinked_runtime_dir_is_refused(short_dir: str) -> None:
     target = os.path.join(short_dir, "elsewhere")
     os.mkdir(target)
@@ -64,6 +66,7 @@ def test_a_symlinked_runtime_dir_is_refused(short_dir: str) -> None:
     assert os.listdir(target) == []
 
 
+@pytest.mark.slow  # an agent subprocess
 def test_a_runtime_dir_of_another_user_is_never_written(short_dir: str, second_user: pwd.struct_passwd) -> None:
     victim = Path(short_dir, "victim")
     victim.write_text("precious")
@@ -76,6 +79,7 @@ def test_a_runtime_dir_of_another_user_is_never_written(short_dir: str, second_u
     assert victim.read_text() == "precious"
 
 
+@pytest.mark.slow  # an agent subprocess
 def test_a_second_agent_on_the_same_gpus_is_refused(fake_nvml, short_dir) -> None:
     _state, env = fake_nvml
     with start_agent("nvml", runtime_dir=os.path.join(short_dir, "a"), env=env):
@@ -166,6 +170,7 @@ def test_a_user_outside_the_group_is_told_permission_denied(
     assert admitted.strip() == "connected"
 
 
+@pytest.mark.slow  # an agent subprocess
 def test_an_agent_started_from_a_thread_outlives_that_thread(short_dir: str) -> None:
     """PR_SET_PDEATHSIG fires when the parent *thread* ends; a supervisor thread's agent must live on."""
     started = []
