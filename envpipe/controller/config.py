@@ -47,6 +47,7 @@ RUN_KEYS = frozenset(
         "eval_micro_batches",
         "grace_s",
         "start_step",
+        "node_rank",
     }
 )
 
