@@ -23,7 +23,12 @@ from pathlib import Path
 from envpipe.controller import ControllerConfig
 from envpipe.controller.simulated import run_pipeline
 
-SHAPE = {"stages": 4, "micro_batches": 8, "fwd_ms": [10.0, 10.0, 10.0, 12.0], "bwd_ms": [20.0, 20.0, 20.0, 24.0]}
+SHAPE = {
+    "stages": 4,
+    "micro_batches": 8,
+    "fwd_ms": [10.0, 10.0, 10.0, 12.0],
+    "bwd_ms": [20.0, 20.0, 20.0, 24.0],
+}
 
 
 def scenario(name: str, steps: int, **drift: object) -> dict:
@@ -61,16 +66,24 @@ def main() -> None:
     args = parser.parse_args()
     runs = [
         scenario("steady", args.steps),
-        scenario("stage 1 +30% from step 5000", args.steps, slow_from_step=args.steps // 2, slow_stage=1,
-                 slow_factor=1.3),
+        scenario(
+            "stage 1 +30% from step 5000",
+            args.steps,
+            slow_from_step=args.steps // 2,
+            slow_stage=1,
+            slow_factor=1.3,
+        ),
     ]
     out = {"simulated": True, "shape": SHAPE, "machine": platform.platform(), "runs": runs}
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     for run in runs:
-        print(f"{run['scenario']}: planning {run['planning_steps']} + re-plan {run['replan_steps']} steps of "
-              f"{run['steps']} = {run['overhead_steps_share']:.2%} of steps, "
-              f"{run['overhead_time_share_simulated']:.2%} of simulated time; {run['drift_checks']} drift checks; "
-              f"re-plans: {[r['reason'] for r in run['replans']]} ({run['wall_s']:.0f} s wall)")
+        print(
+            f"{run['scenario']}: planning {run['planning_steps']} + re-plan {run['replan_steps']} steps of "
+            f"{run['steps']} = {run['overhead_steps_share']:.2%} of steps, "
+            f"{run['overhead_time_share_simulated']:.2%} of simulated time; "
+            f"{run['drift_checks']} drift checks; "
+            f"re-plans: {[r['reason'] for r in run['replans']]} ({run['wall_s']:.0f} s wall)"
+        )
 
 
 if __name__ == "__main__":

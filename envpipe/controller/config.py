@@ -57,7 +57,8 @@ class ControllerConfig:
     """What the controller does during the first steps of a run and afterwards.
 
     Attributes:
-        type: clock type of the first plan: ``baseline`` (no profiling, top clocks), ``uniform``, ``envelope``.
+        type: clock type of the first plan: ``baseline`` (no profiling, top clocks), ``uniform``,
+            ``envelope``.
         scheduling: the schedule run at the plan (``1f1b`` or ``ours``); baseline windows always run 1F1B.
         reconfig: the planner policy of the reconfiguration state.
         warmup_steps: unmeasured steps first (allocations, connections).
@@ -82,7 +83,8 @@ class ControllerConfig:
         compare_steps: steps per side of a paired round.
         compare_every: run one paired round every this many at-plan steps; ``None`` = all rounds at the end
             of the run (needs ``max_steps``).
-        max_steps: steps of the whole run when known (``envpipe train --steps``); places the rounds at the end.
+        max_steps: steps of the whole run when known (``envpipe train --steps``); places the rounds at
+            the end.
         mode: ``train``, or ``profile`` (warm-up and profiling only, then the run stays at the top clock).
 
     """
@@ -133,7 +135,7 @@ class ControllerConfig:
         return config
 
     def validate(self, source: str | None = "envpipe config", name_of: Any = str) -> None:
-        """Raise ``ConfigError`` naming the first bad value (as ``name_of(field)``, e.g. its flag) and the fix."""
+        """Raise ``ConfigError`` naming the first bad value (as ``name_of(field)``: its flag) and the fix."""
         at = f"{source}: " if source else ""
         for name, choices in choices_by_key().items():
             value = getattr(self, name)
@@ -152,19 +154,21 @@ class ControllerConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
                 raise ConfigError(f"{at}{name_of(name)} must be a number in [{low}, {high}], got {value!r}")
         if self.emulate_dvfs not in (None, True, False):
-            raise ConfigError(f"{at}{name_of('emulate_dvfs')} must be true or false, got {self.emulate_dvfs!r}")
+            raise ConfigError(
+                f"{at}{name_of('emulate_dvfs')} must be true or false, got {self.emulate_dvfs!r}"
+            )
         for name in ("agent", "plan", "plan_out"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise ConfigError(f"{at}{name_of(name)} must be a string (a path or endpoint), got {value!r}")
         if self.compare_rounds and self.compare_every is None and self.max_steps is None:
             raise ConfigError(
-                f"{at}{name_of('compare_rounds')} = {self.compare_rounds} needs compare_every (one round every K "
-                "at-plan steps) when the run's length is not known; set compare_every"
+                f"{at}{name_of('compare_rounds')} = {self.compare_rounds} needs compare_every (one round "
+                "every K at-plan steps) when the run's length is not known; set compare_every"
             )
 
     def compare_tail_steps(self) -> int:
-        """Steps the paired rounds take at the end of the run (0 when they run every K steps or not at all)."""
+        """Steps the paired rounds take at the end of the run (0: every K steps, or none)."""
         if not self.compare_rounds or self.compare_every is not None:
             return 0
         return self.compare_rounds * 2 * (1 + self.compare_steps)

@@ -86,7 +86,7 @@ class Controller:
         return self.ctx.plan
 
     def add_step_hook(self, hook: Callable[[StepResult, Context], None]) -> None:
-        """Call ``hook(step_result, context)`` after every step (saving, logging: the run lifecycle's place)."""
+        """Call ``hook(step_result, context)`` after every step (the run lifecycle's place: save, log)."""
         self._hooks.append(hook)
 
     def step(self, run: Callable[[], Any]) -> Any:

@@ -33,7 +33,7 @@ class EnergyMeter:
             return None
 
     def end(self, window_id: int | None) -> Any:
-        """Close a window: an ``EnergyWindow``, or None when it was never opened or the agent did not answer."""
+        """Close a window: an ``EnergyWindow``; None when never opened or the agent did not answer."""
         from envpipe_agent.errors import AgentError
 
         if window_id is None:

@@ -68,14 +68,19 @@ def _offline_plan(ctx: Context, online: dict[str, Any]) -> dict[int, dict[str, i
     from envpipe.planner import plan_clocks
 
     config = ctx.config
-    offline = plan_clocks(ctx.schedule, ctx.costs, config.reconfig, slowdown_bound=config.slowdown_bound,
-                          start=assign_clocks(ctx.schedule, ctx.costs, config.type))
+    offline = plan_clocks(
+        ctx.schedule,
+        ctx.costs,
+        config.reconfig,
+        slowdown_bound=config.slowdown_bound,
+        start=assign_clocks(ctx.schedule, ctx.costs, config.type),
+    )
     if not offline.met_bound:
         return None
     ctx.warn(
-        f"warning: the plan reconfiguration settled on is predicted {online['slowdown']:+.1%} slower than the "
-        f"baseline on the measured profile (bound {config.slowdown_bound:.0%}): the timings were too noisy to "
-        f"reconfigure on; the offline plan on the same profile ({config.reconfig}) is used instead"
+        f"warning: the plan reconfiguration settled on is predicted {online['slowdown']:+.1%} slower than "
+        f"the baseline on the measured profile (bound {config.slowdown_bound:.0%}): the timings were too "
+        f"noisy to reconfigure on; the offline plan on the same profile ({config.reconfig}) is used instead"
     )
     ctx.phases.append({"name": "model check", "online_predicted": online, "replaced": True})
     return offline.clocks
@@ -211,7 +216,7 @@ def finish_plan(ctx: Context, *, source: str) -> None:
 
 
 def predicted_saving(ctx: Context) -> dict[str, Any] | None:
-    """What the simulator predicts for the final plan on the measured per-unit profile (labelled predicted)."""
+    """What the simulator predicts for the final plan on the measured per-unit profile (labelled so)."""
     if ctx.costs is None or ctx.clocks is None:
         return None
     from envpipe.planner import top_plan
@@ -294,7 +299,7 @@ def replan(ctx: Context, reason: str) -> Program:
 
 
 def rescale_profile(profile: dict[str, Any], top_unit_ms: dict[int, dict[str, float]]) -> dict[str, Any]:
-    """The profile with each stage's unit times (and busy energy) scaled to the units measured at the top clock.
+    """The profile with each stage's unit times (and busy energy) scaled to its units measured now.
 
     A stage that slowed down (a throttled card, a co-tenant) keeps its clock curve's shape; only its scale
     moves, so the planner can re-plan without profiling every clock again.

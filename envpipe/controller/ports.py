@@ -85,7 +85,7 @@ class SingleProcessComm:
 
 
 def log_listener(logger: Any) -> Listener:
-    """A listener that logs phase changes and messages (the library's default; ``envpipe train`` draws bars)."""
+    """A listener that logs state changes and messages (the library's default; ``envpipe train`` draws)."""
 
     def listen(event: str, **fields: Any) -> None:
         if event == "phase":

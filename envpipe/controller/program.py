@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from envpipe.controller.core import Context, Program
 from envpipe.controller.planning import adopt_plan, load_plan, make_plan
-from envpipe.controller.steady import at_plan
 from envpipe.controller.states import baseline as baseline_window
 from envpipe.controller.states import profiling, warm_up
+from envpipe.controller.steady import at_plan
 
 
 def program(ctx: Context, *, has_agent: bool) -> Program:

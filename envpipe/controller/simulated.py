@@ -133,8 +133,13 @@ class SimPort:
 
         noise = self.pipeline.noise
         return [
-            UnitSpan(s.stage, s.unit, s.start_ms, s.start_ms + (s.end_ms - s.start_ms) * noise.get(s.clock_mhz, 1.0),
-                     s.clock_mhz)
+            UnitSpan(
+                s.stage,
+                s.unit,
+                s.start_ms,
+                s.start_ms + (s.end_ms - s.start_ms) * noise.get(s.clock_mhz, 1.0),
+                s.clock_mhz,
+            )
             for s in self.pipeline.result.timeline
             if s.stage == self.stage
         ]
@@ -203,8 +208,15 @@ def run_pipeline(
     errors: list[BaseException] = []
     ports: list[SimPort] = []
     print_ = fingerprint or make_fingerprint(
-        model="simulated", stages=stages, micro_batches=micro_batches, micro_batch_size=2, seq_len=[64],
-        card=card.name, clocks_mhz=list(card.clocks_mhz), dvfs_model=pipeline.dvfs_model, envpipe_version="sim",
+        model="simulated",
+        stages=stages,
+        micro_batches=micro_batches,
+        micro_batch_size=2,
+        seq_len=[64],
+        card=card.name,
+        clocks_mhz=list(card.clocks_mhz),
+        dvfs_model=pipeline.dvfs_model,
+        envpipe_version="sim",
     )
 
     def rank_main(rank: int) -> None:
@@ -213,9 +225,16 @@ def run_pipeline(
             port = SimPort(pipeline, comm)
             ports.append(port)
             controller = Controller(
-                config, port=port, comm=comm, client=SimMeter(port, card.idle_power_w) if agent else None,
-                gpu=Gpu(card.name, card.clocks_mhz), simulated=True, stages=stages, micro_batches=micro_batches,
-                fingerprint=lambda: print_, listener=lambda event, **fields: None,
+                config,
+                port=port,
+                comm=comm,
+                client=SimMeter(port, card.idle_power_w) if agent else None,
+                gpu=Gpu(card.name, card.clocks_mhz),
+                simulated=True,
+                stages=stages,
+                micro_batches=micro_batches,
+                fingerprint=lambda: print_,
+                listener=lambda event, **fields: None,
             )
             for _ in range(steps):
                 if rank == 0:

@@ -20,13 +20,13 @@ from envpipe.controller.windows import (
     unit_ms_by_stage,
 )
 
-
 # A stage's unit times must have moved on this many checks in a row: one check sees the median of a few
 # steps, and on a loaded machine a burst of load moves that median by several times for a while (2 CPU ranks
 # on 2 shared cores: +704 % on one check, back on the next); a real slowdown persists.
 MOVE_CONFIRMATIONS = 2
 # Checks at a plan before its unit times are judged (their median is the reference; fewer let one burst of
-# load set it: with 1-2 checks, 2 CPU ranks on a loaded 2-core machine re-planned on noise 3 times in 400 steps).
+# load set it: with 1-2 checks, 2 CPU ranks on a loaded 2-core machine re-planned on noise 3 times in 400
+# steps).
 MIN_HISTORY = 3
 # Steps whose per-unit median timeline a drift check looks at (the last ones before it).
 CHECK_SAMPLES = 5
@@ -86,7 +86,7 @@ def _enter(ctx: Context) -> None:
 
 
 def _compare_tail(ctx: Context, side_steps: int) -> int:
-    """Steps the paired rounds at the end of the run take; fewer rounds (with a warning) if they do not fit."""
+    """Steps the paired rounds at the end of the run take; fewer rounds (warned) if they do not fit."""
     config = ctx.config
     if not config.compare_rounds or config.compare_every is not None or config.max_steps is None:
         return 0
@@ -95,8 +95,8 @@ def _compare_tail(ctx: Context, side_steps: int) -> int:
     rounds = min(config.compare_rounds, remaining // per_round)
     if rounds < config.compare_rounds:
         ctx.warn(
-            f"warning: {config.compare_rounds} paired rounds need {config.compare_rounds * per_round} steps after "
-            f"planning, {remaining} remain: {rounds} round(s) run; raise --steps for all of them"
+            f"warning: {config.compare_rounds} paired rounds need {config.compare_rounds * per_round} steps "
+            f"after planning, {remaining} remain: {rounds} round(s) run; raise --steps for all of them"
         )
     return rounds * per_round
 

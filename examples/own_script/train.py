@@ -45,7 +45,9 @@ def build_model(stages: int, *, features: int, width: int, depth: int) -> Pipeli
     layers = [LayerSpec(nn.Linear, features, width)]
     layers += [LayerSpec(Block, width) for _ in range(depth)]
     layers += [LayerSpec(nn.Linear, width, 1)]
-    return PipelineModule(layers=layers, num_stages=stages, loss_fn=nn.MSELoss(), partition_method="parameters")
+    return PipelineModule(
+        layers=layers, num_stages=stages, loss_fn=nn.MSELoss(), partition_method="parameters"
+    )
 
 
 def batches(micro_batch_size: int, features: int, seed: int):
@@ -88,8 +90,11 @@ def main() -> None:
     result = engine.controller.finish()
     if result is not None:
         result.update(losses=losses, optimizer_steps=engine.global_steps)
-        print(f"{engine.global_steps} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
-              f"EnvPipe state {result['controller']['state']}", flush=True)
+        print(
+            f"{engine.global_steps} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
+            f"EnvPipe state {result['controller']['state']}",
+            flush=True,
+        )
         if args.report:
             Path(args.report).write_text(json.dumps(result, indent=1))
     engine.close()

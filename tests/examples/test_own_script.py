@@ -32,11 +32,29 @@ def test_own_script_trains_through_the_controller(ranks: int, tmp_path: Path, si
 
     report = tmp_path / "result.json"
     steps = 70
-    env = {**os.environ, "ENVPIPE_AGENT": sim_agent.endpoint, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {
+        **os.environ,
+        "ENVPIPE_AGENT": sim_agent.endpoint,
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
     run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", f"--master_port={free_port()}",
-         str(SCRIPT), "--steps", str(steps), "--report", str(report)],
-        env=env, capture_output=True, text=True, timeout=840,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={ranks}",
+            f"--master_port={free_port()}",
+            str(SCRIPT),
+            "--steps",
+            str(steps),
+            "--report",
+            str(report),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=840,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads(report.read_text())
@@ -49,5 +67,9 @@ def test_own_script_trains_through_the_controller(ranks: int, tmp_path: Path, si
     assert result["losses"][-1] < result["losses"][0]  # it trains
     # The plan's fingerprint names this model and its input (32 features per sample), not a Llama.
     fingerprint = result["plan_fingerprint"]
-    assert fingerprint["stages"] == ranks and fingerprint["seq_len"] == [32] and fingerprint["micro_batch_size"] == 8
+    assert (
+        fingerprint["stages"] == ranks
+        and fingerprint["seq_len"] == [32]
+        and fingerprint["micro_batch_size"] == 8
+    )
     assert "parameters" in fingerprint["model"]

@@ -16,13 +16,21 @@ CARD = get_card("h100")
 def run_pipeline(config, steps, *, print_fingerprint=None, **options):
     """:func:`envpipe.controller.simulated.run_pipeline` with this file's default fingerprint."""
     stages, micro_batches = options.get("stages", 2), options.get("micro_batches", 4)
-    return _run(config, steps, fingerprint=print_fingerprint or default_fingerprint(stages, micro_batches), **options)
+    return _run(
+        config, steps, fingerprint=print_fingerprint or default_fingerprint(stages, micro_batches), **options
+    )
 
 
 def default_fingerprint(stages: int, micro_batches: int, **changes: Any) -> dict:
     fields = {
-        "model": "sha256:fake", "stages": stages, "micro_batches": micro_batches, "micro_batch_size": 2,
-        "seq_len": [64], "card": CARD.name, "clocks_mhz": list(CARD.clocks_mhz), "dvfs_model": "central",
+        "model": "sha256:fake",
+        "stages": stages,
+        "micro_batches": micro_batches,
+        "micro_batch_size": 2,
+        "seq_len": [64],
+        "card": CARD.name,
+        "clocks_mhz": list(CARD.clocks_mhz),
+        "dvfs_model": "central",
         "envpipe_version": "0.1.0",
     }
     fields.update(changes)

@@ -12,7 +12,13 @@ from envpipe.controller import ControllerConfig
 from envpipe.controller.core import SAMPLES
 from envpipe.errors import ConfigError
 
-FAST = {"warmup_steps": 2, "baseline_steps": 3, "profile_steps": 2, "profile_clocks": 3, "reconfig_max_rounds": 20}
+FAST = {
+    "warmup_steps": 2,
+    "baseline_steps": 3,
+    "profile_steps": 2,
+    "profile_clocks": 3,
+    "reconfig_max_rounds": 20,
+}
 
 
 def _config(**changes) -> ControllerConfig:
@@ -33,18 +39,26 @@ def test_every_step_is_one_engine_step_and_no_baseline_after_planning():
     after = pipeline.plans[planning:]
     assert after and all(name == "ours" for name, _ in after)
     assert result["schedule"]["name"] == "ours" and result["compare"] is None
-    assert result["unpaired"]["label"].startswith("unpaired") and result["at_plan"]["iterations"] == 150 - planning
+    assert (
+        result["unpaired"]["label"].startswith("unpaired")
+        and result["at_plan"]["iterations"] == 150 - planning
+    )
     predicted = result["predicted"]
     assert predicted["label"].startswith("predicted") and 0 < predicted["energy_saving"] < 0.3
     assert predicted["slowdown"] <= 0.01 + 1e-6
     # Every rank holds the plan (a checkpoint stores it whichever rank saves).
-    assert pipeline.rank_plans[0] == pipeline.rank_plans[1] and pipeline.rank_plans[1]["format"] == "envpipe-plan/1"
+    assert (
+        pipeline.rank_plans[0] == pipeline.rank_plans[1]
+        and pipeline.rank_plans[1]["format"] == "envpipe-plan/1"
+    )
 
 
 def test_compare_rounds_are_paired_at_the_end_with_an_interval():
     rounds, side = 6, 3
     steps = 150
-    result, pipeline, _ = run_pipeline(_config(compare_rounds=rounds, compare_steps=side, max_steps=steps), steps)
+    result, pipeline, _ = run_pipeline(
+        _config(compare_rounds=rounds, compare_steps=side, max_steps=steps), steps
+    )
     compare = result["compare"]
     assert compare["rounds"] == rounds and len(compare["paired_savings"]) == rounds
     tail = rounds * 2 * (1 + side)
@@ -145,9 +159,18 @@ def test_model_check_replaces_an_online_plan_the_model_says_is_far_too_slow():
 
     costs = CostModel.build(2, fwd_ms=10.0, bwd_ms=20.0)
     schedule = get_schedule("ours", 2, 4, costs=costs)
-    ctx = Context(config=ControllerConfig(), port=Port(), comm=SingleProcessComm(), meter=EnergyMeter(None, print),
-                  gpu=Gpu(CARD.name, CARD.clocks_mhz), simulated=True, stages=2, micro_batches=4,
-                  listener=lambda event, **fields: None, fingerprint=dict)
+    ctx = Context(
+        config=ControllerConfig(),
+        port=Port(),
+        comm=SingleProcessComm(),
+        meter=EnergyMeter(None, print),
+        gpu=Gpu(CARD.name, CARD.clocks_mhz),
+        simulated=True,
+        stages=2,
+        micro_batches=4,
+        listener=lambda event, **fields: None,
+        fingerprint=dict,
+    )
     ctx.costs = costs
     slow = ctx.top_clocks(schedule, 990)  # every unit at half the top clock: +30 % or more in the model
     ctx.use(schedule, slow)

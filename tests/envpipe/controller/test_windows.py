@@ -10,9 +10,15 @@ from envpipe.controller.windows import Window, median_timeline, merge_windows
 
 
 def _window(energy_j, iterations=2, iteration_ms=10.0):
-    return Window(iterations=iterations, iteration_ms=iteration_ms, iteration_ms_median=iteration_ms,
-                  stage_energy_j={0: energy_j}, simulated=True, losses=[1.0] * iterations,
-                  stage_unit_ms={0: {"F": 1.0, "B": 2.0}})
+    return Window(
+        iterations=iterations,
+        iteration_ms=iteration_ms,
+        iteration_ms_median=iteration_ms,
+        stage_energy_j={0: energy_j},
+        simulated=True,
+        losses=[1.0] * iterations,
+        stage_unit_ms={0: {"F": 1.0, "B": 2.0}},
+    )
 
 
 def test_profiling_windows_of_one_clock_merge_by_iterations():
@@ -29,7 +35,9 @@ def test_median_timeline_is_per_unit_and_keeps_ends_after_starts():
         return [UnitSpan(0, "F0", 0.0, f_end, 1980), UnitSpan(0, "B0", b_start, b_end, 1320)]
 
     # The second iteration was descheduled in F0: one bad sample does not move the median.
-    timeline = median_timeline([iteration(1.0, 1.1, 3.0), iteration(9.0, 9.1, 11.0), iteration(1.2, 1.3, 3.1)])
+    timeline = median_timeline(
+        [iteration(1.0, 1.1, 3.0), iteration(9.0, 9.1, 11.0), iteration(1.2, 1.3, 3.1)]
+    )
     assert [(s.unit, s.start_ms, s.end_ms, s.clock_mhz) for s in timeline] == [
         ("F0", 0.0, 1.2, 1980),
         ("B0", 1.3, 3.1, 1320),
