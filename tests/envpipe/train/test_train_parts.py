@@ -301,3 +301,19 @@ def test_sigint_reaches_every_rank_group_a_stubborn_rank_is_killed_after_the_gra
         "every rank has exited"
     )
     assert stubborn.poll() == -signal.SIGKILL  # it ignored the signal: killed after the grace period
+
+
+def test_a_run_that_ends_while_planning_says_so(tmp_path: Path):
+    from envpipe.controller import ControllerConfig
+    from envpipe.controller.simulated import run_pipeline
+
+    result, _, _ = run_pipeline(ControllerConfig(), 12)  # warm-up 3, baseline 5, then profiling: cut short
+    assert result["at_plan"] is None and result["controller"]["state"] == "profiling"
+    result.update(optimizer_steps=12, losses=[{"step": 0, "loss": 5.0}, {"step": 11, "loss": 4.9}])
+    rep = report.build_report(resolve({"stages": 2, "steps": 12}), result)
+    assert rep["summary"]["unpaired"] is None and rep["summary"]["paired"] is None
+    console = Console(record=True, width=140)
+    report.print_summary(rep, console)
+    text = " ".join(console.export_text().split())
+    assert "12 optimizer steps (warm-up 3, baseline 5, profiling 4)" in text
+    assert "the run ended before the plan was reached: raise --steps" in text
