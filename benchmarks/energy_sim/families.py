@@ -250,7 +250,12 @@ FAMILY_NOTES = (
     "spreads a heavy stage over two GPUs (first-heavy's 16 ms stage 0 becomes two 8 ms chunks on GPUs 0 and "
     "1). The LP-rounded solver alone reaches 98-100% of the LP bound on balanced stages but only 94.4-99.6% "
     "for ZB-V and interleaved on the imbalanced ones (worst: last-heavy, conservative, ZB-V): those DAGs have "
-    "more than 500 nodes, where the optimal planner does not also run its heuristic; on the full simulator "
+    "more than 500 nodes, where the optimal planner does not also run its heuristic (which, run by hand on "
+    "last-heavy/conservative/ZB-V, stops at the same 17.31%). It is a rounding weakness, not an integrality "
+    "gap: the exact MILP (`solve_bound(..., integral=True)`, HiGHS) reaches the LP bound on those DAGs in "
+    "under a second (last-heavy/conservative/ZB-V 18.33%, first-heavy/optimistic ZB-V 27.44% and "
+    "interleaved 26.56%, last-heavy/central ZB-V 23.84% and interleaved 22.49%; S4-M16 central: 5 s, "
+    "no gain). Left to the planner: an exact MILP pass where it is this fast. On the full simulator "
     "(first-heavy, central) `plan_clocks` lands within 0.1 points of the bound's saving.")
 
 SANITY_NOTE = (
