@@ -56,7 +56,7 @@ def batches(micro_batch_size: int, features: int, seed: int):
     weights = torch.randn(features, 1, generator=torch.Generator().manual_seed(0)) / features**0.5
     while True:
         x = torch.randn(micro_batch_size, features, generator=generator)
-        yield x, torch.sin(3 * x @ weights)
+        yield x, torch.sin(x @ weights)
 
 
 def main() -> None:
