@@ -290,6 +290,15 @@ def schedule_from_text(text: str, *, name: str = "custom", r: tuple[int, ...] | 
     return Schedule(name, stages, micro_batches, r or (0,) * stages, programs)
 
 
+def uniform_plan(schedule: Schedule, clock_mhz: int) -> ClockPlan:
+    """Every compute unit of every stage at ``clock_mhz`` (the baseline's plan at the top clock)."""
+    plan: ClockPlan = {s: {} for s in range(schedule.stages)}
+    for rank in range(schedule.ranks):
+        for a in schedule.units(rank):
+            plan[a.stage][a.unit] = clock_mhz
+    return plan
+
+
 def clocks_from_schedule(schedule: Schedule) -> ClockPlan:
     """The ClockPlan carried by units written ``0F3@1410`` (units without a clock are left out)."""
     plan: ClockPlan = {s: {} for s in range(schedule.stages)}

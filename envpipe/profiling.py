@@ -1,23 +1,22 @@
-"""Profiling logic (pure, no I/O): candidate clocks, the cost of a profiling run, the profile JSON, f_low.
+"""Profiling logic (pure, no I/O): candidate clocks, the cost of a profiling run, the profile's cost model.
 
 ``envpipe profile`` measures, per stage and per candidate clock, the forward/backward time and the energy
 per iteration (bubbles included) and turns the samples into the profile JSON of docs/architecture.md with
-:func:`build_profile`. Energy comes from agent windows: the NVML counter updates about every 100 ms, so a
-window shorter than ~1 s is mostly quantisation noise -- :func:`iterations_per_clock` lengthens short ones.
-f_low(s) is EnvPipe's energy-valley minimum: the candidate clock with the least energy per iteration.
+``envpipe.profile.build_profile`` (the module that owns the format). Energy comes from agent windows: the
+NVML counter updates about every 100 ms, so a window shorter than ~1 s is mostly quantisation noise --
+:func:`iterations_per_clock` lengthens short ones. f_low(s) is EnvPipe's energy-valley minimum: the
+candidate clock with the least energy per iteration (``envpipe.profile.f_low_mhz``).
 """
 
 from __future__ import annotations
 
 import math
-import statistics
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from envpipe.errors import ConfigError
 
-PROFILE_FORMAT = "envpipe-profile/1"
 MIN_WINDOW_S = 1.0  # energy counters tick every ~100 ms: >= 1 s keeps the quantisation error <= ~10%
 
 
@@ -99,77 +98,6 @@ def profiling_cost(candidates: Sequence[int], requested_iterations: int, iterati
     return ProfilingCost(len(candidates), n, len(candidates) * (n + warmup_iterations), seconds)
 
 
-@dataclass(frozen=True)
-class ClockSample:
-    """What one stage measured while every unit ran at ``clock_mhz``.
-
-    Attributes:
-        stage: the pipeline stage.
-        clock_mhz: the locked SM clock.
-        fwd_ms: forward unit times (any number of samples; the median is used).
-        bwd_ms: backward unit times.
-        iteration_ms: iteration times seen in the window.
-        energy_j: the window's energy on this stage's GPU.
-        iterations: iterations inside the window.
-    """
-
-    stage: int
-    clock_mhz: int
-    fwd_ms: Sequence[float]
-    bwd_ms: Sequence[float]
-    iteration_ms: Sequence[float]
-    energy_j: float
-    iterations: int
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def f_low_mhz(points: Iterable[dict[str, Any]]) -> int:
-    """The energy-valley minimum: the clock with the least energy per iteration (ties: the higher clock)."""
-    points = list(points)
-    if not points:
-        raise ConfigError("no profile points to pick f_low from")
-    return int(min(points, key=lambda p: (p["energy_j"], -p["clock_mhz"]))["clock_mhz"])
-
-
-def build_profile(samples: Iterable[ClockSample], *, gpu_name: str, supported_mhz: Sequence[int],
-                  idle_power_w: float, micro_batches: int, simulated: bool, source: str) -> dict[str, Any]:
-    """Aggregate samples into the profile JSON (``envpipe-profile/1``), with f_low per stage.
-
-    Raises:
-        ConfigError: a sample without iterations, or a stage that lacks a clock another stage has.
-    """
-    by_stage: dict[int, dict[int, ClockSample]] = {}
-    for sample in samples:
-        if sample.iterations < 1 or not sample.fwd_ms or not sample.bwd_ms or not sample.iteration_ms:
-            raise ConfigError(f"stage {sample.stage} at {sample.clock_mhz} MHz has no measurements; "
-                              "run at least one iteration per clock")
-        by_stage.setdefault(sample.stage, {})[sample.clock_mhz] = sample
-    if not by_stage:
-        raise ConfigError("no profiling samples; profile at least one clock")
-    clock_sets = {frozenset(points) for points in by_stage.values()}
-    if len(clock_sets) != 1:
-        raise ConfigError("stages were profiled at different clocks; profile every stage at every candidate")
-    stages = []
-    for stage in sorted(by_stage):
-        points = [_point(by_stage[stage][c]) for c in sorted(by_stage[stage], reverse=True)]
-        stages.append({"stage": stage, "f_low_mhz": f_low_mhz(points), "points": points})
-    return {
-        "format": PROFILE_FORMAT, "simulated": bool(simulated), "source": source,
-        "gpu": {"name": gpu_name, "clocks_mhz": sorted({int(c) for c in supported_mhz}, reverse=True)},
-        "idle_power_w": float(idle_power_w), "micro_batches": int(micro_batches), "stages": stages,
-    }
-
-
-def _point(sample: ClockSample) -> dict[str, Any]:
-    return {
-        "clock_mhz": int(sample.clock_mhz),
-        "fwd_ms": statistics.median(sample.fwd_ms),
-        "bwd_ms": statistics.median(sample.bwd_ms),
-        "iteration_ms": statistics.median(sample.iteration_ms),
-        "energy_j": sample.energy_j / sample.iterations,
-    }
-
-
 def cost_model_from_profile(profile: dict[str, Any], *, stages: int | None = None, **options: float):
     """An ``envpipe.sim.CostModel`` whose curves are the profile's measurements.
 
@@ -178,7 +106,8 @@ def cost_model_from_profile(profile: dict[str, Any], *, stages: int | None = Non
         stages: pipeline stages (default: the profile's; a one-stage profile applies to every stage).
         **options: CostModel options (p2p latency, clock-switch latency, ...).
     """
-    from envpipe.sim import CostModel, profile_from_dict
+    from envpipe.profile import profile_from_dict
+    from envpipe.sim import CostModel
 
     measured = profile_from_dict(profile)
     return CostModel.build(stages or len(measured.stages), gpu=_card_name(measured.gpu_name), profile=measured,

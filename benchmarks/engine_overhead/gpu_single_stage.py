@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-    from envpipe.deepspeed.harness import free_port
+    from envpipe.deepspeed.launcher import free_port
 
     os.environ.setdefault("MASTER_PORT", str(free_port()))
 

@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from envpipe_agent.embedded import start_agent
 
-    from envpipe.deepspeed.harness import run_ranks
+    from envpipe.deepspeed.launcher import run_ranks
 
     agent = None if args.no_agent else start_agent("sim", gpus=args.ranks, log_path=os.devnull)
     try:

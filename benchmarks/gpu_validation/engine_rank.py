@@ -91,9 +91,9 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
 
     from envpipe.data import batches
     from envpipe.deepspeed import build_engine, setup_distributed
+    from envpipe.ir import uniform_plan
     from envpipe.models.llama import build_pipeline, load_config
     from envpipe.schedules import get_schedule
-    from envpipe.train.worker import top_clock_plan
 
     setup_distributed(timeout_s=300)
     config = load_config(args.model)
@@ -106,7 +106,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     info = client.hello()
     top_mhz = max(info.gpus[0].clocks_mhz) if info.gpus else 1980
     ours = build_engine(build_pipeline(config, 1, seed=1), dict(ds_config), schedule,
-                      top_clock_plan(schedule, top_mhz), agent=client)
+                        uniform_plan(schedule, top_mhz), agent=client)
 
     def data() -> Any:
         return batches(None, vocab_size=config.vocab_size, micro_batch_size=args.micro_batch_size,

@@ -1,4 +1,4 @@
-"""Rank side of the training scenario's ``engine`` mode (run by ``envpipe.deepspeed.harness.run_ranks``).
+"""Rank side of the training scenario's ``engine`` mode (run by ``envpipe.deepspeed.launcher.run_ranks``).
 
 Each rank trains a 2-stage tiny Llama with EnvpipeEngine (1f1b, F units at a lower clock than B units so
 every begin event carries a clock), talking to the agent through the real AgentClient. After three warm-up

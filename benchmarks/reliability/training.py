@@ -174,8 +174,8 @@ def summarise(steps: list[dict[str, Any]], warnings: list[str]) -> dict[str, Any
 
 
 def run_engine(phase_s: float = 6.0, lease_timeout_s: float = 2.0, world_size: int = 2) -> dict[str, Any]:
-    """``engine`` mode: real EnvpipeEngine ranks (envpipe.deepspeed.harness) against the same agent life."""
-    from envpipe.deepspeed.harness import run_ranks
+    """``engine`` mode: real EnvpipeEngine ranks (envpipe.deepspeed.launcher) against the same agent life."""
+    from envpipe.deepspeed.launcher import run_ranks
 
     worker = f"{Path(__file__).with_name('_train_worker.py')}:train_until"
     with short_dir() as runtime_dir:

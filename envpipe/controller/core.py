@@ -20,6 +20,7 @@ from envpipe.controller.config import ControllerConfig
 from envpipe.controller.meter import EnergyMeter
 from envpipe.controller.ports import Comm, EnginePort, Gpu, Listener
 from envpipe.controller.windows import Window, median_timeline, sum_by_stage
+from envpipe.ir import uniform_plan
 
 log = logging.getLogger("envpipe.controller")
 
@@ -96,7 +97,7 @@ class Context:
     def top_clocks(self, schedule: Any, clock_mhz: int | None = None) -> dict[int, dict[str, int]]:
         """Every unit of ``schedule`` at ``clock_mhz`` (default the top clock)."""
         clock = self.gpu.max_clock_mhz if clock_mhz is None else clock_mhz
-        return {s: {unit.unit: clock for unit in schedule.units(s)} for s in range(schedule.stages)}
+        return uniform_plan(schedule, clock)
 
     def use(self, schedule: Any, clocks: dict[int, dict[str, int]] | None) -> None:
         """Run ``schedule`` at ``clocks`` from the next step on."""

@@ -8,26 +8,9 @@ iteration. ``gather`` puts every stage's spans on one time axis for reconfigurat
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
-
-def unit_span_class() -> Any:
-    """The shared ``UnitSpan`` record (``envpipe.sim``), so simulated and measured timelines are one type."""
-    try:
-        from envpipe.sim import UnitSpan
-    except ImportError:  # the simulator package is optional for a training-only install
-        return _UnitSpan
-    return UnitSpan
-
-
-@dataclass(frozen=True, slots=True)
-class _UnitSpan:
-    stage: int
-    unit: str
-    start_ms: float
-    end_ms: float
-    clock_mhz: int | None
+from envpipe.spans import UnitSpan
 
 
 class CpuUnitTimer:
@@ -62,10 +45,9 @@ class CpuUnitTimer:
 
     def spans(self, stage: int) -> list[Any]:
         """This iteration's spans in ms from its start."""
-        span = unit_span_class()
         origin = self._origin_s
         return [
-            span(stage, unit, (t0 - origin) * 1e3, (t1 - origin) * 1e3, clock)
+            UnitSpan(stage, unit, (t0 - origin) * 1e3, (t1 - origin) * 1e3, clock)
             for unit, t0, t1, clock in self._spans
         ]
 
@@ -123,12 +105,11 @@ class CudaUnitTimer:
 
     def spans(self, stage: int) -> list[Any]:
         """This iteration's spans in ms from its start (waits for the last event: call after the iteration)."""
-        span = unit_span_class()
         if self._spans:
             self._spans[-1][2].synchronize()
         origin = self._origin
         return [
-            span(stage, unit, origin.elapsed_time(b), origin.elapsed_time(e), clock)
+            UnitSpan(stage, unit, origin.elapsed_time(b), origin.elapsed_time(e), clock)
             for unit, b, e, clock in self._spans
         ]
 
@@ -157,11 +138,10 @@ def gather_many(records: list[tuple[float, list[Any]]], group: Any) -> list[list
 def _common_axis(per_stage: list[tuple[float, list[tuple]]]) -> list[Any]:
     """Span rows of every stage for one iteration, shifted so that 0 ms is the earliest stage's start."""
     earliest = min(origin for origin, _ in per_stage)
-    span = unit_span_class()
     out = []
-    for origin, stage_rows in per_stage:
+    for origin, rows in per_stage:
         shift_ms = (origin - earliest) * 1e3
-        out += [span(st, unit, t0 + shift_ms, t1 + shift_ms, clock) for st, unit, t0, t1, clock in stage_rows]
+        out += [UnitSpan(st, unit, t0 + shift_ms, t1 + shift_ms, clock) for st, unit, t0, t1, clock in rows]
     return sorted(out, key=lambda s: (s.stage, s.start_ms))
 
 

@@ -213,20 +213,6 @@ def hf_tensor_name(prefixes: list[str | None], layer_idx: int, key: str) -> str 
     return "model." + hf_key if prefix is None else prefix + hf_key
 
 
-def _pipeline_module_class():
-    from deepspeed.pipe import PipelineModule
-
-    class LlamaPipelineModule(PipelineModule):
-        """PipelineModule with decoder layers spread evenly; embedding on the first stage, norm/head on the last."""
-
-        def _partition_layers(self, method="uniform"):
-            stage_id = self._topo.get_coord(self.global_rank).pipe
-            self.parts = balanced_parts(len(self._layer_specs) - 3, self.num_stages)
-            self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])
-
-    return LlamaPipelineModule
-
-
 def balanced_parts(num_decoder_layers: int, num_stages: int) -> list[int]:
     """Layer boundaries for [embedding, decoder × L, norm, head]: decoder layers split as evenly as possible.
 
@@ -270,7 +256,7 @@ def build_pipeline(
     Returns:
         The ``PipelineModule`` holding this stage's layers, with ``causal_lm_loss`` as its loss.
     """
-    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+    from envpipe.deepspeed.pipeline import layer_spec, pipeline_module, tied_layer_spec
 
     if isinstance(config, (str, Path)):
         if model_dir is None and Path(config).is_dir():
@@ -278,29 +264,25 @@ def build_pipeline(
         config = load_config(str(config))
     embedding_pipe, decoder_pipe, norm_pipe, head_pipe = _layer_classes()
     if config.tie_word_embeddings:
-        first = TiedLayerSpec("embed", embedding_pipe, config, tied_weight_attr="embed_tokens.weight")
-        last = TiedLayerSpec(
+        first = tied_layer_spec("embed", embedding_pipe, config, tied_weight_attr="embed_tokens.weight")
+        last = tied_layer_spec(
             "embed", embedding_pipe, config, forward_fn=_tied_head, tied_weight_attr="embed_tokens.weight"
         )
     else:
-        first, last = LayerSpec(embedding_pipe, config), LayerSpec(head_pipe, config)
-    layers = [first] + [LayerSpec(decoder_pipe, config, i) for i in range(config.num_hidden_layers)]
-    layers += [LayerSpec(norm_pipe, config), last]
-    module = _pipeline_module_class()(
-        layers=layers,
+        first, last = layer_spec(embedding_pipe, config), layer_spec(head_pipe, config)
+    layers = [first] + [layer_spec(decoder_pipe, config, i) for i in range(config.num_hidden_layers)]
+    layers += [layer_spec(norm_pipe, config), last]
+    module = pipeline_module(
+        layers,
+        # [embedding, decoder x L, norm, head]: the decoder layers spread evenly (balanced_parts).
+        bounds=lambda num_specs, stages: balanced_parts(num_specs - 3, stages),
         num_stages=num_stages,
         topology=topology,
         loss_fn=causal_lm_loss,
-        seed_layers=True,
-        base_seed=seed,
-        partition_method="balanced",
+        seed=seed,
         activation_checkpoint_interval=activation_checkpoint_interval,
         checkpointable_layers=["DecoderPipe"],
     )
-    # seed_layers seeds each layer's init from its index (same weights whatever the split); left on, DeepSpeed
-    # would also reseed every layer of every micro-batch's forward, which Llama (no dropout) does not need
-    # and which costs ~20% of a CPU step (torch's lazy CUDA seeding formats a stack trace each time).
-    module.seed_layers = False
     module.llama_config = config
     if model_dir is not None:
         load_hf_weights(module, config, model_dir)

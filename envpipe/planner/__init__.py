@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from envpipe.errors import ConfigError
-from envpipe.ir import ClockPlan, Schedule
+from envpipe.ir import ClockPlan, Schedule, uniform_plan
 from envpipe.planner.balanced import Balanced
 from envpipe.planner.greedy import Greedy
 from envpipe.planner.observe import Observation, critical_path, observe
@@ -45,11 +45,7 @@ def _policy(name: str, schedule: Schedule, costs) -> Any:
 
 def top_plan(schedule: Schedule, costs) -> ClockPlan:
     """Every unit at the top clock (the baseline's clocks)."""
-    plan: ClockPlan = {s: {} for s in range(schedule.stages)}
-    for rank in range(schedule.ranks):
-        for a in schedule.units(rank):
-            plan[a.stage][a.unit] = costs.max_clock_mhz
-    return plan
+    return uniform_plan(schedule, costs.max_clock_mhz)
 
 
 class Reconfigurer:

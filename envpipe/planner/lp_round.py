@@ -3,7 +3,7 @@
 On each unit's lower convex hull of (duration, reduced energy) the relaxation has the same optimum as on
 all clocks, with a fraction of the variables; it gives a unit a mix of (usually) two adjacent hull clocks,
 i.e. a duration between them. Several roundings start the same descent as the heuristic
-(``envpipe.planner.optimal``: marginal-rate descent and sweeps spend the leftover time), the cheapest wins:
+(``envpipe.planner.descent``: marginal-rate descent and sweeps spend the leftover time), the cheapest wins:
 
 * *fast*: every unit at the slowest hull clock no slower than its LP duration -- feasible by construction;
 * *nearest*: every unit at its heavier hull clock, then repaired (below);
@@ -19,6 +19,7 @@ are critical at once, and each must fit its time in whole clock steps (docs/resu
 from __future__ import annotations
 
 from envpipe.planner.dag import ClockDag
+from envpipe.planner.descent import INF, Rates, finish_descent, hulls_of, longest_path, scaled_plan
 
 _EPS_MS = 1e-9
 _REPAIR_TRIES = 8  # cheapest raises whose real effect on the makespan is measured
@@ -39,13 +40,12 @@ def solve_lp_rounded(dag: ClockDag, deadline_ms: float, floor: list[int]) -> lis
         ImportError: scipy is not installed (the caller falls back to the heuristic).
     """
     from envpipe.planner.lp_bound import solve_bound
-    from envpipe.planner.optimal import _INF, _Rates, _scaled, finish_descent, hulls_of
 
     hulls = hulls_of(dag)
     # Hull points past the least-energy one are slower and dearer: never in an optimum.
     candidates = [_useful(dag, u, h.options) for u, h in enumerate(hulls)]
     relaxed = solve_bound(dag, deadline_ms, candidates=candidates)
-    rates = _Rates(dag)
+    rates = Rates(dag)
     succs = dag.succs()
     best: list[int] | None = None
     best_j = float("inf")
@@ -53,8 +53,8 @@ def solve_lp_rounded(dag: ClockDag, deadline_ms: float, floor: list[int]) -> lis
               _round_nearest(dag, relaxed.mixtures, candidates, floor),
               _round_threshold(dag, relaxed.mixtures, candidates, floor, deadline_ms)]
     if relaxed.prices is not None:
-        weights = [p if p > 1e-12 else _INF for p in relaxed.prices]
-        starts.append(_scaled(dag, deadline_ms, hulls, weights, floor))
+        weights = [p if p > 1e-12 else INF for p in relaxed.prices]
+        starts.append(scaled_plan(dag, deadline_ms, hulls, weights, floor))
     for choice in starts:
         if choice is None or not _repair(dag, choice, deadline_ms, candidates):
             continue
@@ -129,15 +129,14 @@ def _repair(dag: ClockDag, choice: list[int], deadline_ms: float, candidates) ->
     A unit that every longest path passes through (the first forward, the last backward, ...) shortens all
     of them at once, so those are raised first; otherwise the cheapest unit on one longest path.
     """
-    from envpipe.planner.optimal import _longest_path
 
     succs = dag.succs()
     for _ in range(100 * len(choice) + 10):
         durations = dag.durations(choice)
-        path, length = _longest_path(dag, durations)
+        path, length = longest_path(dag, durations)
         if length <= deadline_ms * (1 + 1e-12):
             return True
-        pool = _on_every_longest_path(dag, durations, length, succs) or path
+        pool = _on_everylongest_path(dag, durations, length, succs) or path
         moves = sorted(m for u in pool if (m := _cheapest_raise(dag, u, choice[u], candidates[u])) is not None)
         if not moves and pool is not path:
             moves = sorted(m for u in path if (m := _cheapest_raise(dag, u, choice[u], candidates[u])) is not None)
@@ -165,7 +164,7 @@ def _best_effect(dag: ClockDag, choice: list[int], moves, length_ms: float, over
     return best
 
 
-def _on_every_longest_path(dag: ClockDag, durations: list[float], length_ms: float, succs) -> list[int]:
+def _on_everylongest_path(dag: ClockDag, durations: list[float], length_ms: float, succs) -> list[int]:
     """The nodes every longest path passes through (path counts through each node = all longest paths)."""
     head = dag.heads(durations)
     tail = dag.tails(durations, succs)

@@ -8,33 +8,24 @@ predicted by scaling the model's curve, so a stage that runs slower than modelle
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from envpipe.errors import ConfigError
 from envpipe.ir import ClockPlan, Schedule
 from envpipe.planner.build import PipelineDag, UnitKey, build_dag
+from envpipe.spans import UnitSpan
 
 
-@dataclass(frozen=True, slots=True)
-class Span:
-    """One unit's measured or simulated run (the fields of ``envpipe.sim.UnitSpan``)."""
-
-    stage: int
-    unit: str
-    start_ms: float
-    end_ms: float
-    clock_mhz: int
-
-
-def read_spans(timeline: Iterable[Any], schedule: Schedule) -> dict[UnitKey, Span]:
+def read_spans(timeline: Iterable[Any], schedule: Schedule) -> dict[UnitKey, UnitSpan]:
     """Index a timeline by (stage, unit), checking that it covers every unit of the schedule once."""
-    spans: dict[UnitKey, Span] = {}
+    spans: dict[UnitKey, UnitSpan] = {}
     for item in timeline:
-        get = item.get if isinstance(item, Mapping) else lambda k, _i=item: getattr(_i, k)
-        span = Span(int(get("stage")), str(get("unit")), float(get("start_ms")), float(get("end_ms")),
-                    int(get("clock_mhz")))
+        span = UnitSpan.of(item)
+        if span.clock_mhz is None:
+            raise ConfigError(f"unit {span.unit} on stage {span.stage} has no clock; the planner needs the clock "
+                              "each unit ran at (start the engine with max_clock_mhz)")
         if span.end_ms < span.start_ms:
             raise ConfigError(f"unit {span.unit} on stage {span.stage} ends before it starts "
                               f"({span.start_ms} > {span.end_ms} ms); send start/end from one clock")
@@ -60,7 +51,7 @@ class Observation:
             frame (measured gaps such as Python overhead are not in the DAG).
     """
 
-    spans: dict[UnitKey, Span]
+    spans: dict[UnitKey, UnitSpan]
     iteration_ms: float
     pdag: PipelineDag
     choice: list[int]

@@ -20,7 +20,8 @@ The algorithm, as in the artifact:
 from __future__ import annotations
 
 from envpipe.ir import ClockPlan, Schedule
-from envpipe.planner.observe import Observation, Span
+from envpipe.planner.observe import Observation
+from envpipe.spans import UnitSpan
 
 QUIET_ROUNDS = 10
 
@@ -67,7 +68,7 @@ class Paper:
         return min(above) if above else self.costs.max_clock_mhz
 
 
-def threshold_path(schedule: Schedule, spans: dict[tuple[int, str], Span], scale: float) -> list[tuple[int, str]]:
+def threshold_path(schedule: Schedule, spans: dict[tuple[int, str], UnitSpan], scale: float) -> list[tuple[int, str]]:
     """The artifact's critical path (time order), walked back from stage 0's last backward."""
     waits = _receive_waits(schedule, spans)
     last = schedule.stages - 1
@@ -89,7 +90,7 @@ def threshold_path(schedule: Schedule, spans: dict[tuple[int, str], Span], scale
     return path
 
 
-def _receive_waits(schedule: Schedule, spans: dict[tuple[int, str], Span]) -> dict[tuple[int, str], float]:
+def _receive_waits(schedule: Schedule, spans: dict[tuple[int, str], UnitSpan]) -> dict[tuple[int, str], float]:
     first = min(sp.start_ms for sp in spans.values())
     waits = {}
     for s in range(schedule.stages):

@@ -2,7 +2,7 @@
 
 from envpipe.sim.costs import CostModel
 from envpipe.sim.engine import SimResult, UnitSpan, simulate
-from envpipe.sim.profile import MeasuredProfile, ProfilePoint, load_profile, profile_from_dict
+from envpipe.profile import MeasuredProfile, ProfilePoint, load_profile, profile_from_dict
 
 __all__ = [
     "CostModel",

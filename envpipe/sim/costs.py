@@ -19,7 +19,7 @@ from envpipe_agent.dvfs import Card, DvfsModel, get_card, get_model
 
 from envpipe.errors import ConfigError, SimulationError
 from envpipe.ir import ActionKind
-from envpipe.sim.profile import MeasuredProfile
+from envpipe.profile import MeasuredProfile
 
 
 @dataclass(frozen=True)

@@ -24,29 +24,9 @@ from envpipe.ir import RECV_KINDS, SEND_KINDS, ActionKind, ClockPlan, Schedule
 from envpipe.rendezvous import channel_index
 from envpipe.sim.costs import CostModel
 from envpipe.sim.energy import idle_energy_j, unit_cost
+from envpipe.spans import UnitSpan
 
 K = ActionKind
-
-
-@dataclass(frozen=True, slots=True)
-class UnitSpan:
-    """One unit on one stage: when it ran and at which clock (simulated or measured).
-
-    ``rank`` is the GPU that ran it when it differs from ``stage`` (interleaved schedules); None means the
-    rank is the stage.
-    """
-
-    stage: int
-    unit: str
-    start_ms: float
-    end_ms: float
-    clock_mhz: int
-    rank: int | None = None
-
-    @property
-    def row(self) -> int:
-        """The rank (GPU row of a chart) that ran the unit."""
-        return self.stage if self.rank is None else self.rank
 
 
 @dataclass(frozen=True)

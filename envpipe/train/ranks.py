@@ -1,8 +1,9 @@
 """The ranks of an ``envpipe train`` run: spawned (CPU: own spawner; GPUs: the DeepSpeed launcher), followed
 through rank 0's progress markers, and stopped together when one fails.
 
-On CPU one process per stage (gloo over loopback, a free port, ``LOCAL_RANK`` / ``RANK`` / ``WORLD_SIZE``
-set, ``OMP_NUM_THREADS=1``). On GPUs, and across nodes, the DeepSpeed launcher starts them
+On CPU one process per stage, started by the one local launcher (``envpipe.deepspeed.launcher``: gloo over
+loopback, a free port, ``LOCAL_RANK`` / ``RANK`` / ``WORLD_SIZE`` set, ``OMP_NUM_THREADS=1``, each rank
+dying with the launcher). On GPUs, and across nodes, the DeepSpeed launcher starts them
 (``--num-gpus``/``--hostfile``/``--num-nodes`` forwarded). Rank 0 reports progress as marker lines on its
 stdout (:mod:`envpipe.train.progress`), which survive the launcher's prefixes.
 """
@@ -10,13 +11,11 @@ stdout (:mod:`envpipe.train.progress`), which survive the launcher's prefixes.
 from __future__ import annotations
 
 import base64
-import contextlib
 import os
 import queue
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,14 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from envpipe_agent.embedded import die_with_parent
-
+from envpipe.deepspeed.launcher import TERM_GRACE_S, free_port, rank_env, signal_rank, start_rank, stop_ranks
 from envpipe.train.agents import RunError
 from envpipe.train.config import TrainConfig
 from envpipe.train.progress import ProgressDisplay, parse_marker
 
 # How long ranks get to exit after SIGTERM before SIGKILL (they release their agent lease on the way out).
-_TERM_GRACE_S = 5.0
+_TERM_GRACE_S = TERM_GRACE_S
 # How long ranks get to shut down (release the lease, leave the process group) after rank 0's result.
 _SHUTDOWN_GRACE_S = 60.0
 
@@ -145,49 +143,10 @@ def _spawn_cpu(config: TrainConfig, worker: list[str], run_dir: Path) -> tuple[l
         log = log_path.open("a")  # append: rank 0's stdout reader appends to the same file
         # Rank 0's stdout carries the progress markers; every rank's stderr goes to its own log.
         stdout = subprocess.PIPE if rank == 0 else log
-        process = subprocess.Popen(
-            [sys.executable, *worker],
-            env=env,
-            stdout=stdout,
-            stderr=log,
-            text=True,
-            start_new_session=True,
-            preexec_fn=_die_with_launcher(),  # no rank outlives the launcher, even one killed with SIGKILL
-        )
+        process = start_rank(worker, env, stdout=stdout, stderr=log)  # dies with the launcher
         log.close()
         ranks.append(_Rank(f"rank {rank}", process, log_path))
     return ranks, ranks[0].process.stdout
-
-
-def _die_with_launcher() -> Any:
-    """``die_with_parent`` from the main thread (PR_SET_PDEATHSIG follows the creating thread, not the process)."""
-    return die_with_parent if threading.current_thread() is threading.main_thread() else None
-
-
-def rank_env(rank: int, world_size: int, port: int, *, agent: str | None) -> dict[str, str]:
-    """The environment of one CPU rank (what torchrun or the DeepSpeed launcher would set)."""
-    env = dict(os.environ)
-    env.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_WORLD_SIZE=str(world_size),
-        OMP_NUM_THREADS="1",
-        PYTHONUNBUFFERED="1",
-        CUDA_VISIBLE_DEVICES="",
-    )
-    if agent:
-        env["ENVPIPE_AGENT"] = agent
-    return env
-
-
-def free_port() -> int:
-    """A TCP port free on loopback right now (the rendezvous of the CPU ranks)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def deepspeed_command(config: TrainConfig, encoded_config: str, port: int) -> list[str]:
@@ -214,15 +173,8 @@ def _spawn_deepspeed(config: TrainConfig, encoded: str, run_dir: Path) -> tuple[
     log = log_path.open("a")  # append: rank 0's stdout reader appends to the same file
     # Without ssh every node's launcher must name the same port: $MASTER_PORT, else torch's default.
     port = int(os.environ.get("MASTER_PORT", "29500")) if config.node_rank is not None else free_port()
-    process = subprocess.Popen(
-        deepspeed_command(config, encoded, port),
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        preexec_fn=_die_with_launcher(),
-    )
+    command = deepspeed_command(config, encoded, port)  # sys.executable -m deepspeed.launcher.runner ...
+    process = start_rank(command[1:], env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     log.close()
     return [_Rank("DeepSpeed launcher", process, log_path)], process.stdout
 
@@ -266,7 +218,7 @@ def _follow(
             result_at = time.monotonic()
         if signals.received and stop_deadline is None:
             for rank in ranks:  # every rank's process group: the ranks save, release their lease, exit
-                _signal_group(rank.process, signals.received[0])
+                signal_rank(rank.process, signals.received[0])
             stop_deadline = time.monotonic() + grace_s
         if stop_deadline is not None and (len(signals.received) > 1 or time.monotonic() > stop_deadline):
             _kill_all(ranks)
@@ -310,7 +262,7 @@ def _stop_message(signum: int, stopped: dict[str, Any] | None, run_dir: Path) ->
 def _kill_all(ranks: list[_Rank]) -> None:
     for rank in ranks:
         if rank.process.poll() is None:
-            _signal_group(rank.process, signal.SIGKILL)
+            signal_rank(rank.process, signal.SIGKILL)
 
 
 # A rank that only lost a peer is a consequence: the root cause is the rank that failed first for itself.
@@ -355,22 +307,8 @@ def _drain(events: queue.Queue, display: ProgressDisplay, result: dict | None) -
 
 
 def _stop_all(ranks: list[_Rank]) -> None:
-    """SIGTERM every still-running rank's process group, then SIGKILL what is left after a grace period."""
-    alive = [r for r in ranks if r.process.poll() is None]
-    for rank in alive:
-        _signal_group(rank.process, signal.SIGTERM)
-    deadline = time.monotonic() + _TERM_GRACE_S
-    for rank in alive:
-        try:
-            rank.process.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            _signal_group(rank.process, signal.SIGKILL)
-            rank.process.wait()
-
-
-def _signal_group(process: subprocess.Popen, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, sig)
+    """Stop every still-running rank (SIGTERM to its process group, SIGKILL after a grace period)."""
+    stop_ranks([r.process for r in ranks], _TERM_GRACE_S)
 
 
 def _failure_message(rank: _Rank, run_dir: Path) -> str:

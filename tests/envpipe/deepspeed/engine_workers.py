@@ -1,4 +1,4 @@
-"""Rank-side functions of the multi-rank engine tests (run by ``envpipe.deepspeed.harness.run_ranks``).
+"""Rank-side functions of the multi-rank engine tests (run by ``envpipe.deepspeed.launcher.run_ranks``).
 
 Each returns plain JSON so the test process can assert on every rank's view.
 """

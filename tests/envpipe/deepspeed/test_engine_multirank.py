@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from envpipe.deepspeed.harness import run_ranks
+from envpipe.deepspeed.launcher import run_ranks
 
 WORKERS = str(Path(__file__).with_name("engine_workers.py"))
 pytestmark = pytest.mark.slow

@@ -8,6 +8,7 @@ import pytest
 
 from envpipe.planner import optimal, plan_clocks
 from envpipe.planner.build import build_dag
+from envpipe.planner.descent import hulls_of, solve_heuristic
 from envpipe.schedules import get_schedule
 from envpipe.sim import CostModel, simulate
 
@@ -38,7 +39,7 @@ def test_rounded_lp_reaches_99_percent_of_the_bound(name, model) -> None:
 def test_hull_candidates_give_the_same_relaxation() -> None:
     dag, base = _problem("1f1b", 3, 4)
     deadline = base.iteration_time_ms * 1.01
-    hulls = [optimal._Hull(dag, u).options for u in range(len(dag))]
+    hulls = [hull.options for hull in hulls_of(dag)]
     full = solve_bound(dag, deadline)
     on_hull = solve_bound(dag, deadline, candidates=hulls)
     assert on_hull.energy_j == pytest.approx(full.energy_j, rel=1e-9)
@@ -51,10 +52,10 @@ def test_solver_is_named_and_falls_back_without_scipy(monkeypatch) -> None:
     deadline = base.iteration_time_ms * 1.01
     choice, solver = optimal.solve_named(dag, deadline)
     assert solver in ("lp-rounded", "heuristic")
-    monkeypatch.setitem(sys.modules, "envpipe.planner.lp_round", None)  # import now raises ImportError
+    monkeypatch.setitem(sys.modules, "scipy.optimize", None)  # as without scipy: the import raises
     fallback, solver = optimal.solve_named(dag, deadline)
     assert solver == "heuristic"
-    assert fallback == optimal.solve_heuristic(dag, deadline, [0] * len(dag))
+    assert fallback == solve_heuristic(dag, deadline, [0] * len(dag))
     assert dag.evaluate(fallback)[0] <= deadline * (1 + 1e-9)
     assert dag.evaluate(choice)[1] <= dag.evaluate(fallback)[1] + 1e-9  # with scipy: never worse
 

@@ -6,15 +6,8 @@ import pytest
 from envpipe_agent.dvfs import get_card
 
 from envpipe.errors import ConfigError
-from envpipe.profiling import (
-    ClockSample,
-    build_profile,
-    candidate_clocks,
-    cost_model_from_profile,
-    f_low_mhz,
-    iterations_per_clock,
-    profiling_cost,
-)
+from envpipe.profile import ClockSample, build_profile, f_low_mhz
+from envpipe.profiling import candidate_clocks, cost_model_from_profile, iterations_per_clock, profiling_cost
 from envpipe.schedules import get_schedule
 from envpipe.sim import CostModel, simulate
 

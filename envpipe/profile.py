@@ -1,10 +1,17 @@
-"""Measured per-stage, per-clock profiles (``envpipe-profile/1`` JSON; see docs/profile-format.md)."""
+"""The profile format (``envpipe-profile/1`` JSON; docs/profile-format.md): building, writing and reading it.
+
+``envpipe profile`` (and the profiling phase of ``envpipe train``) aggregates per-clock samples into the
+JSON object with :func:`build_profile` (written as it is); ``envpipe simulate --profile`` and the planner
+read it back with :func:`load_profile` / :func:`profile_from_dict` into a :class:`MeasuredProfile`.
+"""
 
 from __future__ import annotations
 
 import bisect
 import json
-from dataclasses import dataclass
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +88,7 @@ class MeasuredProfile:
 
     def f_low_mhz(self, stage: int) -> int:
         """The profiled clock with the least energy per iteration (EnvPipe's energy-valley minimum)."""
-        return min(self.stages[stage], key=lambda p: (p.energy_j, -p.clock_mhz)).clock_mhz
+        return f_low_mhz(self.stages[stage])
 
     def describe(self) -> str:
         """One line naming the profile, for labelling output."""
@@ -105,6 +112,82 @@ class MeasuredProfile:
             f"the profile has {len(self.stages)} stages but the pipeline has {stages}; "
             "profile this pipeline or use a one-stage profile"
         )
+
+
+@dataclass(frozen=True)
+class ClockSample:
+    """What one stage measured while every unit ran at ``clock_mhz``.
+
+    Attributes:
+        stage: the pipeline stage.
+        clock_mhz: the locked SM clock.
+        fwd_ms: forward unit times (any number of samples; the median is used).
+        bwd_ms: backward unit times.
+        iteration_ms: iteration times seen in the window.
+        energy_j: the window's energy on this stage's GPU.
+        iterations: iterations inside the window.
+    """
+
+    stage: int
+    clock_mhz: int
+    fwd_ms: Sequence[float]
+    bwd_ms: Sequence[float]
+    iteration_ms: Sequence[float]
+    energy_j: float
+    iterations: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def f_low_mhz(points: Iterable[ProfilePoint | dict[str, Any]]) -> int:
+    """The energy-valley minimum: the clock with the least energy per iteration (ties: the higher clock).
+
+    ``points`` are :class:`ProfilePoint` s or their JSON objects.
+    """
+    pairs = [
+        (p["energy_j"], p["clock_mhz"]) if isinstance(p, dict) else (p.energy_j, p.clock_mhz) for p in points
+    ]
+    if not pairs:
+        raise ConfigError("no profile points to pick f_low from")
+    return int(min(pairs, key=lambda pair: (pair[0], -pair[1]))[1])
+
+
+def build_profile(samples: Iterable[ClockSample], *, gpu_name: str, supported_mhz: Sequence[int],
+                  idle_power_w: float, micro_batches: int, simulated: bool, source: str) -> dict[str, Any]:
+    """Aggregate samples into the profile JSON (``envpipe-profile/1``), with f_low per stage.
+
+    Raises:
+        ConfigError: a sample without iterations, or a stage that lacks a clock another stage has.
+    """
+    by_stage: dict[int, dict[int, ClockSample]] = {}
+    for sample in samples:
+        if sample.iterations < 1 or not sample.fwd_ms or not sample.bwd_ms or not sample.iteration_ms:
+            raise ConfigError(f"stage {sample.stage} at {sample.clock_mhz} MHz has no measurements; "
+                              "run at least one iteration per clock")
+        by_stage.setdefault(sample.stage, {})[sample.clock_mhz] = sample
+    if not by_stage:
+        raise ConfigError("no profiling samples; profile at least one clock")
+    clock_sets = {frozenset(points) for points in by_stage.values()}
+    if len(clock_sets) != 1:
+        raise ConfigError("stages were profiled at different clocks; profile every stage at every candidate")
+    stages = []
+    for stage in sorted(by_stage):
+        points = [_point(by_stage[stage][c]) for c in sorted(by_stage[stage], reverse=True)]
+        stages.append({"stage": stage, "f_low_mhz": f_low_mhz(points), "points": points})
+    return {
+        "format": FORMAT, "simulated": bool(simulated), "source": source,
+        "gpu": {"name": gpu_name, "clocks_mhz": sorted({int(c) for c in supported_mhz}, reverse=True)},
+        "idle_power_w": float(idle_power_w), "micro_batches": int(micro_batches), "stages": stages,
+    }
+
+
+def _point(sample: ClockSample) -> dict[str, Any]:
+    return {
+        "clock_mhz": int(sample.clock_mhz),
+        "fwd_ms": statistics.median(sample.fwd_ms),
+        "bwd_ms": statistics.median(sample.bwd_ms),
+        "iteration_ms": statistics.median(sample.iteration_ms),
+        "energy_j": sample.energy_j / sample.iterations,
+    }
 
 
 def load_profile(path: str | Path) -> MeasuredProfile:
