@@ -110,7 +110,7 @@ def rank_case(case: str, mib: int, steps: int, emulate: bool, stall_s: float, ou
 
 def run_case(case: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """Run one case as its own 2-rank job; 'hung' when it is still running at the timeout."""
-    from envpipe.deepspeed.harness import run_ranks
+    from envpipe.deepspeed.launcher import run_ranks
 
     out_dir = tmp / case
     out_dir.mkdir(parents=True, exist_ok=True)

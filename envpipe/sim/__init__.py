@@ -1,8 +1,8 @@
 """Time/energy simulator: ``simulate(schedule, costs, clocks) -> SimResult`` (every number simulated)."""
 
+from envpipe.profile import MeasuredProfile, ProfilePoint, load_profile, profile_from_dict
 from envpipe.sim.costs import CostModel
 from envpipe.sim.engine import SimResult, UnitSpan, simulate
-from envpipe.profile import MeasuredProfile, ProfilePoint, load_profile, profile_from_dict
 
 __all__ = [
     "CostModel",

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from envpipe import checkpoints
-from envpipe.deepspeed.harness import run_ranks
+from envpipe.deepspeed.launcher import run_ranks
 from envpipe.errors import ConfigError
 from envpipe.export import export_hf
 

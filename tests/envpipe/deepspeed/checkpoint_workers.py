@@ -1,4 +1,4 @@
-"""Rank-side functions of the checkpoint tests (run by ``envpipe.deepspeed.harness.run_ranks``).
+"""Rank-side functions of the checkpoint tests (run by ``envpipe.deepspeed.launcher.run_ranks``).
 
 One run per schedule: A trains ``steps`` iterations straight; B trains ``stop_at``, saving after every
 iteration with keep-last 2; C is a fresh engine (RNG deliberately scrambled) that loads B's latest checkpoint

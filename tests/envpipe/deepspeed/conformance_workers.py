@@ -1,4 +1,4 @@
-"""Rank-side functions of the conformance and NCCL-emulation tests (run by ``harness.run_ranks``).
+"""Rank-side functions of the conformance and NCCL-emulation tests (run by ``envpipe.deepspeed.launcher.run_ranks``).
 
 Each case trains the same tiny model from the same seed twice: once with stock DeepSpeed
 (``deepspeed.initialize`` -> ``PipelineEngine``) and once with ``EnvpipeEngine``, and returns both runs'

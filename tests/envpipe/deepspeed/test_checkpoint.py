@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from envpipe.deepspeed.harness import run_ranks
+from envpipe.deepspeed.launcher import run_ranks
 from envpipe.errors import ConfigError
 
 WORKERS = str(Path(__file__).with_name("checkpoint_workers.py"))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from envpipe.deepspeed.harness import run_ranks
+from envpipe.deepspeed.launcher import run_ranks
 
 WORKERS = str(Path(__file__).with_name("conformance_workers.py"))
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # 2 and 4 CPU ranks; slow on a loaded machine
