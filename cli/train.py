@@ -23,6 +23,7 @@ _CHOICES = choices_by_key()
 ClockType = Enum("ClockType", {name: name for name in _CHOICES["type"]}, type=str)
 Scheduling = Enum("Scheduling", {name: name for name in _CHOICES["scheduling"]}, type=str)
 Reconfig = Enum("Reconfig", {name: name for name in _CHOICES["reconfig"]}, type=str)
+DvfsModel = Enum("DvfsModel", {name: name for name in _CHOICES["dvfs_model"]}, type=str)
 # Paired rounds of a bare `--compare` (6: the fewest for a distribution-free 95 % interval of the median).
 DEFAULT_COMPARE_ROUNDS = 6
 
@@ -92,6 +93,10 @@ DeepspeedConfigOpt = Annotated[
 AgentOpt = Annotated[
     Optional[str],
     _opt(help="Agent control endpoint; if none is reachable an embedded sim agent is started.", panel=_RUN),
+]
+DvfsModelOpt = Annotated[
+    Optional[DvfsModel],
+    _opt("--dvfs-model", help="DVFS curve of the sim agent and of emulated DVFS. \\[default: central]", panel=_RUN),
 ]
 EmulateDvfsOpt = Annotated[
     Optional[bool],
@@ -212,6 +217,7 @@ def train(
     data: DataOpt = None,
     deepspeed_config: DeepspeedConfigOpt = None,
     agent: AgentOpt = None,
+    dvfs_model: DvfsModelOpt = None,
     emulate_dvfs: EmulateDvfsOpt = None,
     device: DeviceOpt = None,
     num_gpus: NumGpusOpt = None,

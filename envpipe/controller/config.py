@@ -204,11 +204,11 @@ def choices_by_key() -> dict[str, tuple[str, ...]]:
 
     from envpipe.clock_types import CLOCK_TYPES
     from envpipe.planner import POLICIES
-    from envpipe.schedules import SCHEDULES
+    from envpipe.schedules import trainable
 
     return {
         "type": tuple(CLOCK_TYPES),
-        "scheduling": tuple(SCHEDULES),
+        "scheduling": trainable(),  # the schedules DeepSpeed's engine runs
         "reconfig": tuple(POLICIES),
         "dvfs_model": tuple(MODELS),
         "mode": ("train", "profile"),

@@ -125,7 +125,7 @@ def idle_power(ctx: Context) -> float | None:
 def _build_profile(ctx: Context, windows: dict[int, list[Window]], idle_power_w: float) -> dict[str, Any]:
     """The profile JSON from both passes' windows, repaired to monotone unit times (warned beyond noise)."""
     from envpipe.controller.profile_fit import repair_profile
-    from envpipe.profiling import ClockSample, build_profile
+    from envpipe.profile import ClockSample, build_profile
 
     samples, spread = [], {}
     for clock_mhz, passes in windows.items():

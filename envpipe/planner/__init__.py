@@ -19,28 +19,26 @@ from typing import Any
 
 from envpipe.errors import ConfigError
 from envpipe.ir import ClockPlan, Schedule, uniform_plan
-from envpipe.planner.balanced import Balanced
-from envpipe.planner.greedy import Greedy
+from envpipe.planner import balanced, greedy, optimal, paper
 from envpipe.planner.observe import Observation, critical_path, observe
-from envpipe.planner.optimal import Optimal
-from envpipe.planner.paper import Paper
+from envpipe.planner.spec import PolicySpec
+from envpipe.registry import Registry
 
 __all__ = ["POLICIES", "PlanResult", "Reconfigurer", "critical_path", "plan_clocks", "top_plan"]
 
-POLICIES = ("default", "greedy", "balanced", "optimal", "paper", "paper-greedy")
-DEFAULT_MAX_ROUNDS = {"greedy": 400, "balanced": 200, "optimal": 8, "paper": 2000, "paper-greedy": 2000}
-
-
-def _policy(name: str, schedule: Schedule, costs) -> Any:
-    if name == "balanced":
-        return Balanced(schedule, costs)
-    if name == "greedy":
-        return Greedy(schedule, costs)
-    if name == "optimal":
-        return Optimal(schedule, costs)
-    if name in ("paper", "paper-greedy"):
-        return Paper(schedule, costs, variant="balanced" if name == "paper" else "greedy")
-    return None
+# The registry: one line per policy (its module defines the SPEC), in the order --help lists them.
+POLICIES: Registry[PolicySpec] = Registry(
+    "reconfiguration policy",
+    [
+        PolicySpec("default", "no reconfiguration: the clock type's plan as it is", lambda sched, costs: None),
+        greedy.SPEC,
+        balanced.SPEC,
+        optimal.SPEC,
+        paper.SPEC,
+        paper.GREEDY_SPEC,
+    ],
+)
+DEFAULT_MAX_ROUNDS = {name: spec.max_rounds for name, spec in POLICIES.items() if spec.max_rounds}
 
 
 def top_plan(schedule: Schedule, costs) -> ClockPlan:
@@ -67,8 +65,7 @@ class Reconfigurer:
     def __init__(self, schedule: Schedule, costs, policy: str, *, slowdown_bound: float = 0.01,
                  max_rounds: int | None = None, baseline_ms: float | None = None,
                  reference: tuple[Schedule, Any] | None = None) -> None:
-        if policy not in POLICIES:
-            raise ConfigError(f"unknown reconfiguration policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        spec = POLICIES.lookup(policy)
         if policy.startswith("paper") and schedule.name not in ("1f1b", "ours"):
             raise ConfigError(f"the {policy} policy (the ATC'23 algorithm) runs on 1f1b and ours only, not "
                               f"{schedule.name!r}; use optimal, balanced or greedy")
@@ -80,13 +77,13 @@ class Reconfigurer:
             raise ConfigError(f"baseline_ms must be > 0 ms, got {baseline_ms}")
         self.schedule, self.costs, self.policy = schedule, costs, policy
         self.slowdown_bound = slowdown_bound
-        self.max_rounds = DEFAULT_MAX_ROUNDS.get(policy, 0) if max_rounds is None else max_rounds
+        self.max_rounds = spec.max_rounds if max_rounds is None else max_rounds
         self.baseline_ms = baseline_ms
         self.reference = reference
         self.target_ms: float | None = None
         self.bound_reachable = True
         self.rounds = 0
-        self._rule = _policy(policy, schedule, costs)
+        self._rule = spec.make(schedule, costs)
         self._fell_back = False
         self._last_within: ClockPlan | None = None
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 from envpipe.ir import ClockPlan
 from envpipe.planner.moves import critical_nodes, faster, lower_into_slack
 from envpipe.planner.observe import Observation
+from envpipe.planner.spec import PolicySpec
 
 TABU_ROUNDS = 5  # a unit raised this recently is not lowered again
 _PRICE_DECAY = 0.6  # balanced: lowering first takes the moves that save the most per ms, then cheaper ones
@@ -76,3 +77,8 @@ class Balanced:
                         rates.append((dag.reduced_j(u, c) - dag.reduced_j(u, c + 1)) / grow)
             self.price = max(rates, default=0.0)
         return self.price
+
+
+SPEC = PolicySpec(
+    "balanced", "the paper's intent, defects fixed: raise critical units, lower the rest in steps", Balanced, 200
+)

@@ -13,6 +13,7 @@ from envpipe.ir import ClockPlan
 from envpipe.planner.balanced import TABU_ROUNDS
 from envpipe.planner.moves import faster, lower_into_slack
 from envpipe.planner.observe import Observation, observed_critical_path
+from envpipe.planner.spec import PolicySpec
 
 
 class Greedy:
@@ -45,3 +46,6 @@ class Greedy:
         moved = lower_into_slack(dag, choice, obs.dag_deadline_ms(target_ms), units, self.lower_mhz,
                                  frozen=frozen, single=True)
         return obs.pdag.plan(choice) if moved else None
+
+
+SPEC = PolicySpec("greedy", "raise the critical path, lower everything else, in big steps", Greedy, 400)

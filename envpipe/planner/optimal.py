@@ -18,6 +18,7 @@ from envpipe.planner import lp_round
 from envpipe.planner.dag import ClockDag
 from envpipe.planner.descent import solve_heuristic
 from envpipe.planner.observe import observe
+from envpipe.planner.spec import PolicySpec
 
 _LOG = logging.getLogger(__name__)
 _BOTH_MAX_NODES = 500  # up to S=4, M=16 (224 nodes) with room; S=8, M=32 has 960
@@ -115,3 +116,8 @@ class Optimal:
         except ValueError:  # even the top clocks miss the squeezed deadline
             choice = [0] * len(view.pdag.dag)
         return view.pdag.plan(choice)
+
+
+SPEC = PolicySpec(
+    "optimal", "every unit's clock at once: the LP relaxation rounded (scipy), else a heuristic", Optimal, 8
+)

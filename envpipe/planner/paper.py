@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from envpipe.ir import ClockPlan, Schedule
 from envpipe.planner.observe import Observation
+from envpipe.planner.spec import PolicySpec
 from envpipe.spans import UnitSpan
 
 QUIET_ROUNDS = 10
@@ -113,3 +114,17 @@ def _producer(schedule: Schedule, stage: int, unit: str) -> tuple[int, str] | No
 
 def _on_envelope(schedule: Schedule, stage: int, unit: str) -> bool:
     return stage == schedule.stages - 1 or unit == "F0" or unit == f"B{schedule.micro_batches - 1}"
+
+
+SPEC = PolicySpec(
+    "paper",
+    "the ATC'23 algorithm as published (reference only)",
+    lambda schedule, costs: Paper(schedule, costs, variant="balanced"),
+    2000,
+)
+GREEDY_SPEC = PolicySpec(
+    "paper-greedy",
+    "the ATC'23 algorithm, greedy variant (reference only)",
+    lambda schedule, costs: Paper(schedule, costs, variant="greedy"),
+    2000,
+)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from envpipe.errors import ConfigError
 from envpipe.ir import ActionKind, Schedule
 from envpipe.schedules.lower import Unit, lower
+from envpipe.schedules.spec import ScheduleSpec
 
 K = ActionKind
 
@@ -67,3 +68,12 @@ def unit_order(rank: int, ranks: int, micro_batches: int, virtual_stages: int) -
         order += [unit(warmup + i, True), unit(i, False)]
     order += [unit(k, False) for k in range(total - warmup, total)]
     return order
+
+
+SPEC = ScheduleSpec(
+    "interleaved",
+    "Megatron-LM's interleaved 1F1B: v stages per rank, stage s on rank s mod P (simulator only)",
+    lambda stages, micro_batches, r, costs, virtual_stages: build(stages, micro_batches, virtual_stages),
+    virtual_stages=2,
+    any_virtual_stages=True,
+)

@@ -12,6 +12,7 @@ Neighbours are always in steps of opposite kind, so every blocking send meets it
 from __future__ import annotations
 
 from envpipe.ir import Action, ActionKind, Schedule, act
+from envpipe.schedules.spec import ScheduleSpec
 
 K = ActionKind
 
@@ -56,3 +57,11 @@ def _program(stage: int, stages: int, micro_batches: int) -> tuple[Action, ...]:
                 prog.append(act(stage, K.B, mb))
         prev = mb
     return tuple(prog)
+
+
+SPEC = ScheduleSpec(
+    "1f1b",
+    "1F1B in DeepSpeed's TrainSchedule order, blocking sends (the baseline)",
+    lambda stages, micro_batches, r, costs, virtual_stages: build(stages, micro_batches),
+    runs_on_deepspeed=True,
+)

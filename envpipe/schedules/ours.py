@@ -32,6 +32,7 @@ from typing import Any
 
 from envpipe.errors import ConfigError, ScheduleError
 from envpipe.ir import Action, ActionKind, Schedule, act
+from envpipe.schedules.spec import ScheduleSpec
 
 K = ActionKind
 
@@ -180,3 +181,18 @@ def compute_r(
 def _optimal_time_ratio(model: Any) -> float:
     best = min((model.energy_ratio(x / 1000), x / 1000) for x in range(300, 1001))
     return model.time_ratio(best[1])
+
+
+def _build(
+    stages: int, micro_batches: int, r: Sequence[int] | None, costs: Any, virtual_stages: int
+) -> Schedule:
+    return build(stages, micro_batches, compute_r(stages, micro_batches, costs) if r is None else r)
+
+
+SPEC = ScheduleSpec(
+    "ours",
+    "EnvPipe: extra warm-up forwards fill the 1F1B bubble (r per stage), async sends",
+    _build,
+    takes_r=True,
+    runs_on_deepspeed=True,
+)

@@ -26,6 +26,7 @@ from collections import Counter
 from envpipe.errors import ConfigError
 from envpipe.ir import ActionKind, Schedule
 from envpipe.schedules.lower import Unit, lower
+from envpipe.schedules.spec import ScheduleSpec
 
 K = ActionKind
 
@@ -85,3 +86,11 @@ def unit_order(rank: int, ranks: int, micro_batches: int) -> list[Unit]:
         while done[(chunk, K.W)] < done[(chunk, K.I)]:
             run(chunk, K.W)
     return order
+
+
+SPEC = ScheduleSpec(
+    "zb-v",
+    "zero-bubble ZB-V (Qi et al.): 2 stages per rank in a V, split backwards (simulator only)",
+    lambda stages, micro_batches, r, costs, virtual_stages: build(stages, micro_batches),
+    virtual_stages=2,
+)

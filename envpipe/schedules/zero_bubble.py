@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from envpipe.errors import ConfigError
 from envpipe.ir import ActionKind, Schedule
 from envpipe.schedules.lower import Unit, lower
+from envpipe.schedules.spec import ScheduleSpec
 
 K = ActionKind
 
@@ -87,3 +88,15 @@ def build_h2(stages: int, micro_batches: int) -> Schedule:
     """ZB-H2: ``2(S-s)-1`` warm-up forwards, W deferred by 2s (peak ``2S-1`` micro-batches per stage)."""
     return build_split("zb-h2", stages, micro_batches, [2 * (stages - s) - 1 for s in range(stages)],
                        [2 * s for s in range(stages)])
+
+
+ZB_H1 = ScheduleSpec(
+    "zb-h1",
+    "zero-bubble ZB-H1 (Qi et al.): split backwards, 1F1B's memory (simulator only)",
+    lambda stages, micro_batches, r, costs, virtual_stages: build_h1(stages, micro_batches),
+)
+ZB_H2 = ScheduleSpec(
+    "zb-h2",
+    "zero-bubble ZB-H2 (Qi et al.): split backwards, more warm-up, about no bubble (simulator only)",
+    lambda stages, micro_batches, r, costs, virtual_stages: build_h2(stages, micro_batches),
+)

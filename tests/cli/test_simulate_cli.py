@@ -50,11 +50,13 @@ def test_json_carries_the_contract_fields() -> None:
         "ours",
         "--type",
         "uniform",
+        "--reconfig",
+        "default",
         "--r",
         "4,3,1,0",
-        "--model",
+        "--dvfs-model",
         "optimistic",
-        "--gpu",
+        "--card",
         "a100",
         "--json",
     )
@@ -81,7 +83,7 @@ def test_json_carries_the_contract_fields() -> None:
 
 
 def test_baseline_against_itself_saves_nothing() -> None:
-    data = json.loads(_run("--scheduling", "1f1b", "--type", "baseline", "--json").output)
+    data = json.loads(_run("--scheduling", "1f1b", "--type", "baseline", "--reconfig", "default", "--json").output)
     assert data["energy_saving"] == pytest.approx(0) and data["slowdown"] == pytest.approx(0)
 
 
@@ -122,21 +124,77 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "why"),
     [
-        (["--reconfig", "turbo"], "--reconfig 'turbo' is not available"),
-        (["--model", "central", "--model-params", "a=1,p0=1,g=1,idle=0"], "give only one of"),
-        (["--type", "turbo"], "unknown clock type"),
-        (["--scheduling", "gpipe"], "unknown schedule"),
+        (["--dvfs-model", "central", "--model-params", "a=1,p0=1,g=1,idle=0"], "give only one of"),
+        (["--card", "a100", "--gpu", "h100"], "give --card only (--gpu is its old spelling)"),
         (["--r", "1,x"], "--r takes integers"),
         (["--r", "0,0,3,0", "-M", "8"], "cannot run"),
         (["--fwd-ms", "1,2"], "2 entries for 4 stages"),
         (["--model", "fast"], "unknown DVFS model"),
         (["--profile", "/nonexistent/p.json"], "No such file"),
+        (["--scheduling", "interleaved", "-S", "2", "-M", "3"], "multiple of the ranks (2)"),
     ],
 )
 def test_errors_are_one_line(args: list[str], why: str) -> None:
     result = _run(*args)
     assert result.exit_code == 1
     assert why in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "choices"),
+    [
+        ("--reconfig", "turbo", "'default', 'greedy', 'balanced', 'optimal', 'paper', 'paper-greedy'"),
+        ("--type", "turbo", "'baseline', 'uniform', 'envelope'"),
+        ("--scheduling", "gpipe", "'1f1b', 'ours', 'interleaved'"),
+        ("--dvfs-model", "fast", "'central', 'conservative', 'optimistic'"),
+        ("--card", "tpu", "'h100'"),
+    ],
+)
+def test_choices_come_from_the_registries(flag: str, value: str, choices: str) -> None:
+    result = _run(flag, value)
+    assert result.exit_code == 2  # a usage error: the flag, the bad value and every choice
+    text = " ".join(" ".join(line.strip(" │╭╮╰╯─") for line in result.output.splitlines()).split())
+    assert f"'{value}' is not one of" in text and choices in text and flag in text
+
+
+def test_help_lists_every_registered_choice_with_its_summary() -> None:
+    from envpipe.planner import POLICIES
+    from envpipe.schedules import SCHEDULES
+
+    text = " ".join(_run("--help").output.split())
+    for registry in (SCHEDULES, POLICIES):
+        for name in registry:
+            assert name in text
+    assert "paper-greedy" in text and "Megatron-LM" in text
+
+
+def test_simulate_has_trains_defaults() -> None:
+    from envpipe.controller.config import ControllerConfig
+
+    data = json.loads(_run("-S", "2", "-M", "4", "--json").output)
+    defaults = ControllerConfig()
+    assert (data["type"], data["scheduling"], data["reconfig"]) == (
+        defaults.type,
+        defaults.scheduling,
+        defaults.reconfig,
+    )
+    assert defaults.dvfs_model in data["model"]
+
+
+def test_old_spellings_work_with_one_deprecation_line() -> None:
+    new = _run("-S", "2", "-M", "4", "--card", "a100", "--dvfs-model", "optimistic", "--json")
+    old = _run("-S", "2", "-M", "4", "--gpu", "a100", "--model", "optimistic", "--json")
+    assert old.exit_code == 0, old.output
+    assert "warning: --gpu is deprecated, use --card" in old.stderr
+    assert "warning: --model is deprecated, use --dvfs-model" in old.stderr
+    assert json.loads(old.stdout) == json.loads(new.stdout)
+
+
+def test_several_stages_per_rank_report_per_rank() -> None:
+    data = json.loads(_run("-S", "2", "-M", "4", "--scheduling", "interleaved", "--json").output)
+    assert data["ranks"] == 2 and data["rank_stages"] == [[0, 2], [1, 3]]
+    assert data["order"][0][:3] == ["0F0", "0F1", "2F0"] and len(data["stage_energy_j"]) == 2
+    assert data["slowdown"] <= 0.01 + 1e-9  # against 1F1B on the same 2 GPUs
 
 
 def test_a_schedule_that_hangs_on_the_chosen_transport_is_refused_with_its_cycle() -> None:
