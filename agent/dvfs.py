@@ -110,7 +110,8 @@ def model_from_params(text: str) -> DvfsModel:
 # Idle power against the locked SM clock: only one Titan V pair is public for idle power at locked low
 # clocks (~25 % lower at the bottom clock; shared DVFS-MODELS.md), so the drop is a model parameter with
 # this default, linear in the clock between the top and the bottom of the range. The sim agent and the
-# simulator (envpipe.sim.costs) both use Card.idle_power_ratio, so both sides of a simulated run agree.
+# simulator (envpipe.sim.costs) both use busy_power_w / idle_power_w below, so both sides of a simulated
+# run agree.
 IDLE_CLOCK_DROP = 0.25
 
 
@@ -156,6 +157,28 @@ class Card:
             raise ValueError(f"clock {clock_mhz} MHz is outside {low}-{high} MHz of the {self.name}")
         span = high - low
         return 1.0 - drop * (high - clock_mhz) / span if span else 1.0
+
+
+def busy_power_w(card: Card, model: DvfsModel, clock_mhz: float) -> float:
+    """The one busy-power rule: ``card.busy_power_w * model.power_ratio(f / f_max)`` (simulated)."""
+    return card.busy_power_w * model.power_ratio(clock_mhz / card.max_clock_mhz)
+
+
+def idle_power_w(
+    card: Card,
+    model: DvfsModel,
+    clock_mhz: float,
+    drop: float = IDLE_CLOCK_DROP,
+    min_mhz: float | None = None,
+    max_mhz: float | None = None,
+) -> float:
+    """The one idle-power rule: ``model.idle_fraction * card.busy_power_w`` at the top clock, times
+    :meth:`Card.idle_power_ratio` below it (simulated). The sim agent and the simulator both use it.
+
+    The idle share is the model's (``idle=`` of an explicit model): 0.18 is the lent H100's 127 W idle over
+    its ~700 W busy power.
+    """
+    return model.idle_fraction * card.busy_power_w * card.idle_power_ratio(clock_mhz, drop, min_mhz, max_mhz)
 
 
 def _clock_range(high: int, low: int, step: int) -> tuple[int, ...]:

@@ -2,10 +2,12 @@
 
 Power model (documented in docs/protocol.md, "Simulated backend"):
 
-* busy (between a unit's ``begin`` and ``end`` event): ``card.busy_power_w * model.power_ratio(f / f_max)``
-  where ``f`` is the applied SM clock (the card's top clock when unlocked);
-* idle (otherwise): ``card.idle_power_w * card.idle_power_ratio(f)``: up to 25 % lower at the bottom clock,
-  linear in between, the rule the simulator (``envpipe.sim.costs``) uses too (source and caveats in
+* busy (between a unit's ``begin`` and ``end`` event): ``envpipe_agent.dvfs.busy_power_w`` =
+  ``card.busy_power_w * model.power_ratio(f / f_max)`` where ``f`` is the applied SM clock (the card's top
+  clock when unlocked);
+* idle (otherwise): ``envpipe_agent.dvfs.idle_power_w`` = ``model.idle_fraction * card.busy_power_w *
+  card.idle_power_ratio(f)``: up to 25 % lower at the bottom clock, linear in between. The simulator
+  (``envpipe.sim.costs``) uses the same two functions: one power model (source and caveats in
   ``envpipe_agent.dvfs.IDLE_CLOCK_DROP``).
 
 Energy is integrated exactly at every state change (busy/idle flip or clock change). A busy/idle flip
@@ -25,7 +27,7 @@ import uuid
 from typing import Any
 
 from envpipe_agent.backend import GpuDesc
-from envpipe_agent.dvfs import Card, DvfsModel, get_card, get_model
+from envpipe_agent.dvfs import Card, DvfsModel, busy_power_w, get_card, get_model, idle_power_w
 from envpipe_agent.errors import AgentConfigError
 
 
@@ -106,8 +108,8 @@ class SimBackend:
 
     def _power_w(self, busy: bool, clock_mhz: int) -> float:
         if not busy:
-            return self.card.idle_power_w * self.card.idle_power_ratio(clock_mhz)
-        return self.card.busy_power_w * self.model.power_ratio(clock_mhz / self.card.max_clock_mhz)
+            return idle_power_w(self.card, self.model, clock_mhz)
+        return busy_power_w(self.card, self.model, clock_mhz)
 
     def _energy_j(self, gpu: _SimGpu, at_s: float) -> float:
         points = gpu.points

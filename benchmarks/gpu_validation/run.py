@@ -296,7 +296,8 @@ def part_profile(d: Driver, agent: AgentProcess, train: dict[str, Any]) -> dict[
     d.run(["envpipe", "profile", *_shape_flags(d), "--agent", agent.endpoint, "--deepspeed-config",
            str(ds_path), "-o", str(profile_path)], d.args.part_timeout_s, "envpipe profile")
     sim_cmd = ["envpipe", "simulate", "--profile", str(profile_path), "--stages", "1", "--micro-batches",
-               str(d.args.micro_batches), "--type", "baseline", "--scheduling", "1f1b", "--json"]
+               str(d.args.micro_batches), "--type", "baseline", "--scheduling", "1f1b", "--reconfig", "default",
+               "--json"]
     predicted = json.loads(d.run(sim_cmd, 60, "envpipe simulate").stdout)
     out: dict[str, Any] = {"profile": json.loads(profile_path.read_text()), "simulate": predicted,
                            "simulate_command": " ".join(sim_cmd)}

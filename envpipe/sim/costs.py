@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from envpipe_agent.dvfs import Card, DvfsModel, get_card, get_model
+from envpipe_agent.dvfs import Card, DvfsModel, busy_power_w, get_card, get_model, idle_power_w
 
 from envpipe.errors import ConfigError, SimulationError
 from envpipe.ir import ActionKind
@@ -196,18 +196,17 @@ class CostModel:
         if isinstance(self.curve, MeasuredProfile):
             self._ratio(clock_mhz)
             return self.curve.active_power_w(stage, clock_mhz)
-        return self.card.busy_power_w * self.curve.power_ratio(self._ratio(clock_mhz))
+        self._ratio(clock_mhz)
+        return busy_power_w(self.card, self.curve, clock_mhz)
 
     def idle_power_w(self, stage: int, clock_mhz: float) -> float:
         """Power while the stage waits (bubble, blocked in p2p) with its clock locked at ``clock_mhz``."""
         self._ratio(clock_mhz)
-        if isinstance(self.curve, MeasuredProfile):
-            idle_top = self.curve.idle_power_w
-        else:
-            idle_top = self.curve.idle_fraction * self.card.busy_power_w
-        # The idle-vs-clock rule is shared with the sim agent (envpipe_agent.dvfs.Card.idle_power_ratio).
         low, high = self.min_clock_mhz, self.max_clock_mhz
-        return idle_top * self.card.idle_power_ratio(clock_mhz, self.idle_clock_drop, low, high)
+        if isinstance(self.curve, MeasuredProfile):  # the profile's measured idle power, the same clock rule
+            return self.curve.idle_power_w * self.card.idle_power_ratio(clock_mhz, self.idle_clock_drop, low, high)
+        # The one power model, shared with the sim agent (envpipe_agent.dvfs).
+        return idle_power_w(self.card, self.curve, clock_mhz, self.idle_clock_drop, low, high)
 
     def transfer_ms(self, src_stage: int, dst_stage: int) -> float:
         """Time of one activation or gradient transfer between neighbouring stages."""

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import time
 
-import pytest
-import zmq
-
 import envpipe_agent.client as client_module
 import envpipe_agent.sim as sim_module
+import pytest
+import zmq
 from envpipe_agent.client import AgentClient
+from envpipe_agent.dvfs import busy_power_w, idle_power_w
 from envpipe_agent.protocol import EVENT_BEGIN, EVENT_END, MAX_STAMP_AGE_NS, encode_event, parse_event
 from envpipe_agent.sim import SimBackend
 
@@ -20,8 +20,8 @@ STALL_S = 0.3  # one stall of the agent's event loop, as a loaded machine (or SI
 def _model_energy_j(backend: SimBackend, window: tuple[int, int], busy: list[tuple[int, int]]) -> float:
     """The power model over the given monotonic-ns stamps: busy spans at the top clock, idle otherwise."""
     card = backend.card
-    busy_w = card.busy_power_w * backend.model.power_ratio(1.0)
-    idle_w = card.idle_power_w * card.idle_power_ratio(card.max_clock_mhz)
+    busy_w = busy_power_w(card, backend.model, card.max_clock_mhz)
+    idle_w = idle_power_w(card, backend.model, card.max_clock_mhz)
     busy_s = sum(end_ns - begin_ns for begin_ns, end_ns in busy) / 1e9
     window_s = (window[1] - window[0]) / 1e9
     return busy_w * busy_s + idle_w * (window_s - busy_s)
@@ -80,9 +80,9 @@ def test_late_phase_events_are_placed_before_an_earlier_applied_clock(monkeypatc
     backend.on_phase(0, True, 101.0)  # a late begin stamped 101 s, an end stamped 104 s
     backend.on_phase(0, False, 104.0)
     now_s[0] = 105.0
-    top_busy_w = card.busy_power_w * model.power_ratio(1.0)
-    low_busy_w = card.busy_power_w * model.power_ratio(990 / card.max_clock_mhz)
-    top_idle_w, low_idle_w = card.idle_power_w, card.idle_power_w * card.idle_power_ratio(990)
+    top_busy_w = busy_power_w(card, model, card.max_clock_mhz)
+    low_busy_w = busy_power_w(card, model, 990)
+    top_idle_w, low_idle_w = idle_power_w(card, model, card.max_clock_mhz), idle_power_w(card, model, 990)
     expected_j = top_idle_w + 2 * top_busy_w + low_busy_w + low_idle_w  # 100..101..103..104..105 s
     assert backend.read_energy_mj(0) == pytest.approx(expected_j * 1000, abs=1)
     assert backend.energy_at_mj(0, 102.0) == pytest.approx((top_idle_w + top_busy_w) * 1000, abs=1)

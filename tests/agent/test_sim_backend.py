@@ -32,7 +32,8 @@ def test_busy_at_a_locked_clock_and_idle(clock: FakeClock) -> None:
     clock.now_s += 2.0  # 2 s busy at 1380 MHz
     backend.on_phase(0, busy=False)
     clock.now_s += 3.0  # 3 s idle
-    idle_w = card.idle_power_w * (1 - 0.25 * (1980 - 1380) / (1980 - 345))  # 25 % lower at the bottom clock
+    # Idle: the model's share of busy power (0.18 x 700 W), 25 % lower at the bottom clock.
+    idle_w = model.idle_fraction * card.busy_power_w * (1 - 0.25 * (1980 - 1380) / (1980 - 345))
     expected_j = 2.0 * card.busy_power_w * model.power_ratio(1380 / 1980) + 3.0 * idle_w
     assert backend.read_energy_mj(0) == pytest.approx(expected_j * 1000, abs=1)
     assert backend.read_power_w(0) == pytest.approx(idle_w)
@@ -40,15 +41,14 @@ def test_busy_at_a_locked_clock_and_idle(clock: FakeClock) -> None:
 
 @pytest.mark.parametrize("clock_mhz", [1980, 1380, 990, 345])
 def test_idle_power_follows_the_simulators_rule(clock: FakeClock, clock_mhz: int) -> None:
-    # One idle-vs-clock model on both sides: the sim agent and envpipe.sim's cost model agree.
+    # One power model on both sides: the sim agent and envpipe.sim's cost model give the same idle power.
     from envpipe.sim.costs import CostModel
 
     card = get_card("h100")
     backend = SimBackend(gpus=1, card="h100")
     backend.set_locked_clock(0, clock_mhz)
     costs = CostModel((10.0,), (20.0,), card, get_model("central"))
-    ratio = costs.idle_power_w(0, clock_mhz) / costs.idle_power_w(0, 1980)
-    assert backend.read_power_w(0) / card.idle_power_w == pytest.approx(ratio)
+    assert backend.read_power_w(0) == pytest.approx(costs.idle_power_w(0, clock_mhz), rel=1e-12)
     assert card.idle_power_ratio(345) == pytest.approx(0.75) and card.idle_power_ratio(1980) == 1.0
 
 
