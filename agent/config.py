@@ -62,7 +62,7 @@ class AgentConfig:
     read_only: bool = key(False, "nvml: read clocks, power and energy, never set anything (lent GPUs)")
     gpus: int = key(1, "sim: number of virtual GPUs")
     card: str = key("h100", "sim: card whose clocks and power are simulated", choices=card_names)
-    model: str = key("central", "sim: DVFS model (clock -> time and power)", choices=model_names)
+    dvfs_model: str = key("central", "sim: DVFS model (clock -> time and power)", choices=model_names)
     runtime_dir: str = key("", "directory of the ipc sockets ('' = /run/envpipe as root, else $XDG_RUNTIME_DIR/envpipe)")
     endpoint: str = key("", "control endpoint, ipc://PATH or tcp://HOST:PORT ('' = <runtime_dir>/control.sock)")
     event_endpoint: str = key("", "event endpoint ('' = next to the control endpoint)")
@@ -118,6 +118,30 @@ def default_runtime_dir() -> str:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(AgentConfig)}
+# Old key (and flag) spellings, accepted for one release with a warning on stderr: old -> new.
+DEPRECATED_KEYS = {"model": "dvfs_model"}
+
+
+def _renamed(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """``values`` with deprecated keys under their new names (one warning line each)."""
+    out = dict(values)
+    for old, new in DEPRECATED_KEYS.items():
+        if old not in out:
+            continue
+        value = out.pop(old)
+        if value is None:
+            continue
+        flags = (f"--{old.replace('_', '-')}", f"--{new.replace('_', '-')}")
+        names = flags if source == "command line" else (old, new)
+        if out.get(new) is not None:
+            raise AgentConfigError(f"{source}: give {names[1]} only ({names[0]} is its old name)")
+        print(
+            f"envpipe-agent: warning: {source}: {names[0]} is deprecated, use {names[1]} "
+            "(the old name goes in the next release)",
+            file=sys.stderr,
+        )
+        out[new] = value
+    return out
 _TYPES: dict[str, type] = {"bool": bool, "int": int, "float": float, "str": str}
 
 
@@ -191,6 +215,7 @@ def load_toml(path: str) -> dict[str, Any]:
         raise AgentConfigError(f"cannot read config {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise AgentConfigError(f"config {path} is not valid TOML: {exc}") from None
+    data = _renamed(data, f"config {path}")
     for key in data:
         if key not in _FIELDS:
             raise AgentConfigError(f"config {path}: unknown key {key!r}; known keys: {', '.join(_FIELDS)}")
@@ -205,7 +230,7 @@ def resolve_config(config_file: str | None, overrides: dict[str, Any]) -> AgentC
     )
     if path:
         values.update(load_toml(path))
-    for key, value in overrides.items():
+    for key, value in _renamed(overrides, "command line").items():
         if key not in _FIELDS:
             raise AgentConfigError(f"unknown option {key!r}")
         if value is not None:

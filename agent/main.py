@@ -19,10 +19,9 @@ import threading
 from typing import Any
 
 import zmq
-
 from envpipe_agent import __version__
 from envpipe_agent.backend import BACKENDS, make_backend
-from envpipe_agent.config import AgentConfig, is_loopback, resolve_config
+from envpipe_agent.config import DEPRECATED_KEYS, AgentConfig, is_loopback, resolve_config
 from envpipe_agent.errors import AgentConfigError, AgentError
 from envpipe_agent.runtime import GpuLocks, InstanceLock, raise_fd_limit, sd_notify
 
@@ -166,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices = field.metadata["choices"]
         kind = {"int": int, "float": float}.get(str(field.type), str)
         parser.add_argument(flag, type=kind, choices=choices() if choices else None, help=help_text)
+    for old in DEPRECATED_KEYS:  # the old spellings, hidden from --help
+        parser.add_argument("--" + old.replace("_", "-"), dest=old, help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"envpipe-agent {__version__}")
     return parser
 

@@ -76,7 +76,7 @@ def from_config(config: Any) -> SimBackend:
         raise AgentConfigError("manage applies to the nvml backend; the sim backend has --gpus N")
     if config.read_only:
         raise AgentConfigError("read_only applies to the nvml backend; the sim backend changes nothing real")
-    return SimBackend(gpus=config.gpus, card=config.card, model=config.model)
+    return SimBackend(gpus=config.gpus, card=config.card, model=config.dvfs_model)
 
 
 class SimBackend:

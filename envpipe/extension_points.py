@@ -2,14 +2,15 @@
 
 ``python -m envpipe.extension_points`` prints docs/registries.md (tests/test_extension_points.py checks that
 the committed file is current). Registries: schedules, clock types, planner policies, p2p transports (this
-package); DVFS models, cards and agent backends (``envpipe_agent``: the agent sits below the library).
+package); DVFS models and cards (``envpipe_agent.dvfs``) and agent backends (``envpipe_agent.backend``): the
+agent sits below the library.
 """
 
 from __future__ import annotations
 
 import sys
 
-from envpipe_agent.config import BACKENDS
+from envpipe_agent.backend import BACKENDS
 from envpipe_agent.dvfs import CARDS, MODELS
 
 from envpipe.clock_types import CLOCK_TYPES
@@ -76,9 +77,12 @@ def docs() -> str:
             ],
         ),
         "",
-        "## Agent backends: `envpipe-agent --backend` (`envpipe_agent.config.BACKENDS`)",
+        "## Agent backends: `envpipe-agent --backend` (`envpipe_agent.backend.BACKENDS`)",
         "",
-        markdown_table(["name"], [[f"`{name}`"] for name in BACKENDS]),
+        markdown_table(
+            ["name", "summary", "factory"],
+            [[f"`{name}`", entry.description, f"`{entry.factory}`"] for name, entry in BACKENDS.items()],
+        ),
         "",
     ]
     return "\n".join(parts)

@@ -1,11 +1,11 @@
 """One registry per extension point: the name -> entry mapping every list of choices is derived from.
 
 The registries: schedules (``envpipe.schedules.SCHEDULES``), clock types
-(``envpipe.clock_types.CLOCK_TYPES``), planner policies (``envpipe.planner.POLICIES``); the DVFS models and
-cards live in the agent
-(``envpipe_agent.dvfs.MODELS`` / ``CARDS``), the agent backends in the agent too. The CLI's choices and
-``--help``, the config validation and the tables of docs/registries.md (``python -m envpipe.registry``) are
-read from them, so a new entry needs its module, its test and one registration line.
+(``envpipe.clock_types.CLOCK_TYPES``), planner policies (``envpipe.planner.POLICIES``), p2p transports (``envpipe.transports.TRANSPORTS``); in the
+agent, which sits below: DVFS models and cards (``envpipe_agent.dvfs.MODELS`` / ``CARDS``) and backends
+(``envpipe_agent.backend.BACKENDS``). The CLI's choices and ``--help``, the config validation and the tables
+of docs/registries.md (``python -m envpipe.extension_points``) are read from them, so a new entry needs its
+module, its test and one registration line.
 """
 
 from __future__ import annotations

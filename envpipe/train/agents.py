@@ -71,7 +71,7 @@ def agent_for_run(
     where = endpoint or "the default endpoints"
     # Same DVFS curve as the ranks' emulation; warnings only, so its log does not bury the progress display.
     running = start_agent(
-        backend="sim", gpus=gpus, extra_args=["--model", dvfs_model, "--log-level", "warning"]
+        backend="sim", gpus=gpus, extra_args=["--dvfs-model", dvfs_model, "--log-level", "warning"]
     )
     console.print(
         f"[yellow]no agent reachable at {where}: started an embedded sim agent ({gpus} simulated GPUs) "

@@ -79,3 +79,19 @@ def test_manage_needs_nvml(tmp_path: Path, capsys) -> None:
 def test_a_non_loopback_metrics_address_is_allowed(tmp_path: Path) -> None:
     config = resolve_config(_toml(tmp_path, 'backend = "sim"\nprometheus_addr = "0.0.0.0"\n'), {})
     assert config.prometheus_addr == "0.0.0.0"  # the risk is logged at start and documented (README)
+
+
+def test_dvfs_model_and_its_old_spelling(tmp_path: Path, capsys) -> None:
+    """``--dvfs-model`` as in every envpipe command; ``--model`` / ``model =`` work one release, with a warning."""
+    assert resolve_config("", {"dvfs_model": "optimistic"}).dvfs_model == "optimistic"
+    assert resolve_config("", {"model": "conservative"}).dvfs_model == "conservative"
+    assert "--model is deprecated, use --dvfs-model" in capsys.readouterr().err
+    old_file = tmp_path / "agent.toml"
+    old_file.write_text('backend = "sim"\nmodel = "optimistic"\n')
+    assert resolve_config(str(old_file), {}).dvfs_model == "optimistic"
+    assert "model is deprecated, use dvfs_model" in capsys.readouterr().err
+    with pytest.raises(AgentConfigError, match=r"give --dvfs-model only \(--model is its old name\)"):
+        resolve_config("", {"dvfs_model": "central", "model": "optimistic"})
+    with pytest.raises(SystemExit) as exit_info:  # argparse: a bad choice is a usage error
+        main(["--backend", "sim", "--dvfs-model", "turbo"])
+    assert exit_info.value.code == 2 and "invalid choice: 'turbo'" in capsys.readouterr().err

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from envpipe_agent.backend import BACKENDS
-from envpipe_agent.config import AgentConfig
+from envpipe_agent.config import DEPRECATED_KEYS, AgentConfig
 from envpipe_agent.main import build_parser, main
 
 
@@ -22,7 +22,8 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_every_config_key_is_a_flag_and_nothing_else() -> None:
     flags = {action.dest for action in build_parser()._actions} - {"help", "version", "config"}
-    assert flags == {field.name for field in dataclasses.fields(AgentConfig)}
+    # and the old spellings, accepted for one release (hidden from --help)
+    assert flags == {field.name for field in dataclasses.fields(AgentConfig)} | set(DEPRECATED_KEYS)
 
 
 def test_backend_choices_come_from_the_registry() -> None:
