@@ -12,6 +12,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"envpipe": ROOT / "envpipe", "envpipe_agent": ROOT / "agent", "envpipe_cli": ROOT / "cli"}
 
@@ -30,7 +32,7 @@ def _modules() -> dict[str, Path]:
 def import_graph(*, external: bool = False) -> dict[str, set[str]]:
     """Module -> the project modules it imports anywhere in its body (functions and TYPE_CHECKING too).
 
-    ``from a.b import c`` points at ``a.b.c`` when that is a module, else at ``a.b`` (whose ``__init__`` runs).
+    ``from a.b import c`` points at ``a.b.c`` when that is a module, else at ``a.b`` (its ``__init__`` runs).
     With ``external``: also the top-level names of other packages (``torch``, ``deepspeed``, ...).
     """
     modules = _modules()
@@ -138,3 +140,32 @@ def test_torch_only_on_the_training_side() -> None:
     graph = import_graph(external=True)
     users = _importers(graph, {"torch", "transformers", "safetensors"})
     assert {m for m in users if not any(m == p or m.startswith(p + ".") for p in training)} == set()
+
+
+def test_deepspeed_private_attributes_only_in_the_adapter() -> None:
+    """No code outside envpipe/deepspeed/ reads a private attribute that DeepSpeed's pipeline classes set."""
+    import importlib.util
+    import re
+
+    spec = importlib.util.find_spec("deepspeed")
+    if spec is None or spec.origin is None:
+        pytest.skip("deepspeed is not installed (the train extra)")
+    source = Path(spec.origin).parent / "runtime"
+    private: set[str] = set()
+    for rel in ("pipe/module.py", "pipe/engine.py", "engine.py", "pipe/topology.py"):
+        private |= set(re.findall(r"self\.(_[A-Za-z]\w*)\s*=", (source / rel).read_text()))
+    assert "_local_start" in private and "_topo" in private  # the scan reads DeepSpeed's own attributes
+    found = []
+    for folder in PACKAGES.values():
+        for path in folder.rglob("*.py"):
+            if path.is_relative_to(ROOT / "envpipe" / "deepspeed"):
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                owner = (
+                    node.value.id
+                    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    else ""
+                )
+                if isinstance(node, ast.Attribute) and node.attr in private and owner not in ("self", "cls"):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} .{node.attr}")
+    assert found == [], "DeepSpeed internals belong in envpipe/deepspeed/ (the adapter)"

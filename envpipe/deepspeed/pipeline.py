@@ -3,8 +3,9 @@ how DeepSpeed partitions layers.
 
 DeepSpeed's public partition methods (``uniform``, ``parameters``, ``type:...``) cannot express "these
 boundaries"; :func:`pipeline_module` takes a ``bounds`` function and applies it by overriding
-``PipelineModule._partition_layers`` (private: ``_topo``, ``_layer_specs``, ``_set_bounds``). Those names live
-here only, next to the DeepSpeed version they were read from (0.15+, unchanged through 0.18).
+``PipelineModule._partition_layers`` (private: ``_topo``, ``_layer_specs``, ``_set_bounds``), and
+:func:`local_layers` reads ``_local_start`` / ``_local_stop``. Those names live here only, next to the
+DeepSpeed version they were read from (0.15+, unchanged through 0.18).
 """
 
 from __future__ import annotations
@@ -61,6 +62,11 @@ def pipeline_module(
     )
     module.seed_layers = False
     return module
+
+
+def local_layers(module: Any) -> range:
+    """The global indices of the layers this rank's ``PipelineModule`` holds (its stage's part)."""
+    return range(module._local_start, module._local_stop)
 
 
 def _bounded_class() -> type:

@@ -324,9 +324,11 @@ def load_hf_weights(module: Any, config: Any, model_dir: str | Path) -> None:
 
 def _wanted_tensors(module: Any, config: Any) -> dict[str, Any]:
     """HF tensor name → local parameter/buffer for every layer this stage holds."""
+    from envpipe.deepspeed.pipeline import local_layers
+
     prefixes = layer_hf_prefixes(config)
     wanted: dict[str, Any] = {}
-    for layer_idx in range(module._local_start, module._local_stop):
+    for layer_idx in local_layers(module):
         layer = getattr(module, str(layer_idx), None)
         if layer is None:  # a tied layer lives in module.tied_modules
             continue
