@@ -10,17 +10,31 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
-from envpipe.schedules import SCHEDULES
-from envpipe.transports import DEFAULT_TRANSPORT, TRANSPORTS
+from envpipe_agent.dvfs import CARDS, MODELS
+from envpipe_cli._choices import choice_enum, deprecated, value_of
 from envpipe_cli._errors import user_errors
 from rich.console import Console
 from rich.table import Table
+
+from envpipe.clock_types import CLOCK_TYPES
+from envpipe.controller.config import ControllerConfig
+from envpipe.planner import POLICIES
+from envpipe.schedules import SCHEDULES
+from envpipe.transports import DEFAULT_TRANSPORT, TRANSPORTS
 
 if TYPE_CHECKING:
     from envpipe.ir import ClockPlan, Schedule
     from envpipe.sim import CostModel
 
-RECONFIG_CHOICES = ("default", "greedy", "balanced", "optimal", "paper", "paper-greedy")  # envpipe.planner.POLICIES
+_DEFAULTS = ControllerConfig()  # the same defaults as `envpipe train`
+# Every list of choices comes from its registry (docs/registries.md).
+ClockTypeChoice = choice_enum("ClockTypeChoice", CLOCK_TYPES)
+ScheduleChoice = choice_enum("ScheduleChoice", [*SCHEDULES, "best"])
+ReferenceChoice = choice_enum("ReferenceChoice", SCHEDULES)
+PolicyChoice = choice_enum("PolicyChoice", POLICIES)
+CardChoice = choice_enum("CardChoice", CARDS)
+DvfsModelChoice = choice_enum("DvfsModelChoice", MODELS)
+TransportChoice = choice_enum("TransportChoice", TRANSPORTS)
 
 
 def simulate(
@@ -30,27 +44,32 @@ def simulate(
     ] = 4,
     micro_batches: Annotated[int, typer.Option("--micro-batches", "-M", help="Micro-batches M.", min=1)] = 16,
     clock_type: Annotated[
-        str, typer.Option("--type", help="Clock type: baseline, uniform or envelope.")
-    ] = "envelope",
+        ClockTypeChoice, typer.Option("--type", help="Clock type: " + CLOCK_TYPES.help() + ".")
+    ] = _DEFAULTS.type,
     scheduling: Annotated[
-        str,
+        ScheduleChoice,
         typer.Option(
             "--scheduling",
-            help=f"Schedule: {', '.join(SCHEDULES)}; or 'best': the joint search over all of them "
+            help="Schedule: " + SCHEDULES.help() + "; or best: the joint search over all of them "
             "(family, parameters and clocks; --reconfig picks its planner, default optimal).",
         ),
-    ] = "ours",
+    ] = _DEFAULTS.scheduling,
     reconfig: Annotated[
-        str, typer.Option("--reconfig", help="Reconfiguration policy (default = none).")
-    ] = "default",
-    gpu: Annotated[str, typer.Option("--gpu", help="Card: h100, v100, rtx3090, a100.")] = "h100",
-    model: Annotated[
-        Optional[str],
-        typer.Option("--model", help="DVFS model: central (default), conservative, optimistic."),
+        Optional[PolicyChoice],
+        typer.Option(
+            "--reconfig",
+            help="Reconfiguration policy: " + POLICIES.help() + f". [default: {_DEFAULTS.reconfig}; "
+            "optimal for best and --frontier]",
+        ),
+    ] = None,
+    card: Annotated[Optional[CardChoice], typer.Option("--card", help="Card model. [default: h100]")] = None,
+    dvfs_model: Annotated[
+        Optional[DvfsModelChoice],
+        typer.Option("--dvfs-model", help=f"DVFS curve. [default: {_DEFAULTS.dvfs_model}]"),
     ] = None,
     model_params: Annotated[
         Optional[str],
-        typer.Option("--model-params", help="Explicit model, e.g. a=0.6,p0=0.5,g=3.5,idle=0.18."),
+        typer.Option("--model-params", help="Explicit DVFS curve, e.g. a=0.6,p0=0.5,g=3.5,idle=0.18."),
     ] = None,
     profile: Annotated[
         Optional[Path], typer.Option("--profile", help="Measured profile JSON (envpipe profile writes it).")
@@ -76,7 +95,7 @@ def simulate(
         typer.Option("--virtual-stages", help="interleaved only: stages per GPU v (default 2).", min=1),
     ] = None,
     reference: Annotated[
-        str,
+        ReferenceChoice,
         typer.Option(
             "--reference",
             help="The schedule (at the top clocks) that savings, slowdowns and the deadline are measured "
@@ -104,19 +123,25 @@ def simulate(
         typer.Option("--frontier", help="Energy against deadline for every schedule family (table, --json, --plot)."),
     ] = False,
     p2p_transport: Annotated[
-        str,
-        typer.Option(
-            "--p2p-transport",
-            help=f"Refuse a schedule that can hang on this transport's NCCL streams: {', '.join(TRANSPORTS)}.",
-        ),
+        TransportChoice,
+        typer.Option("--p2p-transport", help="Refuse a schedule that can hang on this transport's NCCL streams."),
     ] = DEFAULT_TRANSPORT,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a Gantt chart PNG here.")] = None,
+    old_gpu: Annotated[Optional[str], typer.Option("--gpu", hidden=True, help="Old spelling of --card.")] = None,
+    old_model: Annotated[
+        Optional[str], typer.Option("--model", hidden=True, help="Old spelling of --dvfs-model.")
+    ] = None,
 ) -> None:
     """Simulate one training iteration and compare it with the reference (1F1B) at the top clock (simulated)."""
     with user_errors():
-        costs = _costs(stages, gpu, model, model_params, profile, fwd_ms, bwd_ms)
-        _check_choice(reference, "--reference", SCHEDULES)
+        card_name = deprecated("--gpu", "--card", old_gpu, value_of(card)) or "h100"
+        curve = deprecated("--model", "--dvfs-model", old_model, value_of(dvfs_model))
+        clock_type, scheduling, reconfig = value_of(clock_type), value_of(scheduling), value_of(reconfig)
+        reference, p2p_transport = value_of(reference), value_of(p2p_transport)
+        if reconfig is None:
+            reconfig = "optimal" if frontier or scheduling == "best" else _DEFAULTS.reconfig
+        costs = _costs(stages, card_name, curve, model_params, profile, fwd_ms, bwd_ms)
         if frontier and deadline_ms is not None:
             raise ValueError("--deadline-ms does not apply to --frontier, which sweeps deadlines; drop one")
         if frontier or scheduling == "best":
@@ -126,7 +151,6 @@ def simulate(
                         deadline_ms=deadline_ms, memory_cap=memory_cap, policy=reconfig, as_json=as_json,
                         plot=plot)
             return
-        _check_choice(scheduling, "--scheduling", (*SCHEDULES, "best"))
         report = run_simulation(
             costs,
             stages,
@@ -177,11 +201,11 @@ def run_simulation(
     ``costs.chunked(v)``."""
     from envpipe.clock_types import assign_clocks
     from envpipe.planner.joint import reference_run
-    from envpipe.schedules import VIRTUAL_STAGES, get_schedule
+    from envpipe.schedules import get_schedule
     from envpipe.sim import simulate as run
     from envpipe.verify import verify
 
-    v = virtual_stages or VIRTUAL_STAGES.get(scheduling) or 1
+    v = virtual_stages or SCHEDULES.lookup(scheduling, source="--scheduling").virtual_stages
     chunked = costs.chunked(v)
     schedule = get_schedule(scheduling, stages * v, micro_batches, r, costs=chunked, virtual_stages=virtual_stages)
     peak = [n / v for n in verify(schedule, transport=transport).max_in_flight]
@@ -239,27 +263,18 @@ def reconfigure(policy: str, schedule: Schedule, costs: CostModel, clocks: Clock
                 reference: tuple[Schedule, CostModel] | None = None, slowdown_bound: float = 0.01,
                 baseline_ms: float | None = None) -> ClockPlan:
     """Apply ``--reconfig`` to the clock type's plan: ``default`` keeps it, the others run the planner on it."""
-    if policy not in RECONFIG_CHOICES:
-        raise ValueError(
-            f"--reconfig {policy!r} is not available; choose one of {', '.join(RECONFIG_CHOICES)}"
-        )
-    if policy == "default":
-        return clocks
     from envpipe.planner import plan_clocks
+
+    POLICIES.lookup(policy, source="--reconfig")  # `default` makes no rounds: the plan stays as it is
 
     return plan_clocks(schedule, costs, policy, start=clocks, reference=reference,
                        slowdown_bound=slowdown_bound, baseline_ms=baseline_ms).clocks
 
 
-def _check_choice(value: str, option: str, choices: Any) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown schedule {value!r} for {option}; choose one of {', '.join(choices)}")
-
-
 def _costs(
     stages: int,
-    gpu: str,
-    model: str | None,
+    card: str,
+    dvfs_model: str | None,
     model_params: str | None,
     profile: Path | None,
     fwd_ms: str | None,
@@ -271,15 +286,21 @@ def _costs(
 
     given = [
         name
-        for name, value in (("--model", model), ("--model-params", model_params), ("--profile", profile))
+        for name, value in (
+            ("--dvfs-model", dvfs_model),
+            ("--model-params", model_params),
+            ("--profile", profile),
+        )
         if value is not None
     ]
     if len(given) > 1:
-        raise ValueError(f"give only one of --model, --model-params, --profile (got {' and '.join(given)})")
-    curve: Any = model_from_params(model_params) if model_params else (model or "central")
+        raise ValueError(
+            f"give only one of --dvfs-model, --model-params, --profile (got {' and '.join(given)})"
+        )
+    curve: Any = model_from_params(model_params) if model_params else (dvfs_model or _DEFAULTS.dvfs_model)
     return CostModel.build(
         stages,
-        gpu=gpu,
+        gpu=card,
         model=curve,
         profile=load_profile(profile) if profile else None,
         fwd_ms=_float_list(fwd_ms, "--fwd-ms") if fwd_ms else None,

@@ -94,10 +94,6 @@ AgentOpt = Annotated[
     Optional[str],
     _opt(help="Agent control endpoint; if none is reachable an embedded sim agent is started.", panel=_RUN),
 ]
-DvfsModelOpt = Annotated[
-    Optional[DvfsModel],
-    _opt("--dvfs-model", help="DVFS curve of the sim agent and of emulated DVFS. \\[default: central]", panel=_RUN),
-]
 EmulateDvfsOpt = Annotated[
     Optional[bool],
     _opt(
@@ -161,8 +157,7 @@ SlowdownOpt = Annotated[
     _opt(min=0.0, max=1.0, help="Allowed iteration-time slowdown of the plan (0.01 = 1%). \\[default: 0.01]", panel=_RUN),
 ]
 DvfsModelOpt = Annotated[
-    Optional[str],
-    _opt("--dvfs-model", help=f"DVFS curve of the sim agent and emulation: {', '.join(_CHOICES['dvfs_model'])}. \\[default: central]", panel=_RUN),
+    Optional[DvfsModel], _opt("--dvfs-model", help="DVFS curve of the sim agent and emulation. \\[default: central]", panel=_RUN)
 ]
 LogIntervalOpt = Annotated[Optional[int], _opt(min=1, help="Steps between log lines. \\[default: 10]", panel=_LIFE)]
 LogDirOpt = Annotated[
@@ -217,7 +212,6 @@ def train(
     data: DataOpt = None,
     deepspeed_config: DeepspeedConfigOpt = None,
     agent: AgentOpt = None,
-    dvfs_model: DvfsModelOpt = None,
     emulate_dvfs: EmulateDvfsOpt = None,
     device: DeviceOpt = None,
     num_gpus: NumGpusOpt = None,
