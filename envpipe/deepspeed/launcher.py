@@ -5,7 +5,8 @@ engine's tests and benchmarks run a function on N ranks with :func:`run_ranks`. 
 environment torchrun or DeepSpeed's launcher would set (:func:`rank_env`: RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR/PORT) plus ``OMP_NUM_THREADS=1`` (several ranks share few cores) and no visible GPU. Each rank
 runs in its own process group, so :func:`stop_ranks` also stops what a rank started. GPU and multi-node
-jobs go through DeepSpeed's own launcher (``deepspeed.launcher.runner``), not through this module.
+jobs go through DeepSpeed's own launcher (``deepspeed.launcher.runner``; :func:`hostfile_hosts` reads its
+hostfile with its own parser).
 
 :func:`run_ranks` starts ``python -m envpipe.deepspeed.launcher TARGET KWARGS RESULT`` per rank: the target
 function gets its keyword arguments from JSON and returns a JSON-able value, written to a per-rank file.
@@ -115,6 +116,13 @@ def signal_rank(process: subprocess.Popen, sig: int) -> None:
     """Send ``sig`` to a rank's process group (the rank and what it started); a gone group is fine."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, sig)
+
+
+def hostfile_hosts(hostfile: str) -> dict[str, int]:
+    """Host -> slots of a DeepSpeed hostfile, read by DeepSpeed's own parser (its launcher starts those)."""
+    from deepspeed.launcher.runner import fetch_hostfile
+
+    return dict(fetch_hostfile(hostfile) or {})
 
 
 def run_ranks(

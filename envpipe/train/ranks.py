@@ -25,7 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from envpipe.deepspeed.launcher import TERM_GRACE_S, free_port, rank_env, signal_rank, start_rank, stop_ranks
+from envpipe.deepspeed.launcher import (
+    TERM_GRACE_S,
+    free_port,
+    hostfile_hosts,
+    rank_env,
+    signal_rank,
+    start_rank,
+    stop_ranks,
+)
 from envpipe.train.agents import RunError
 from envpipe.train.config import TrainConfig
 from envpipe.train.progress import ProgressDisplay, parse_marker
@@ -181,9 +189,7 @@ def _spawn_deepspeed(config: TrainConfig, encoded: str, run_dir: Path) -> tuple[
 
 def first_host(hostfile: str) -> str:
     """The hostfile's first host (read as DeepSpeed reads it): where rank 0 and the rendezvous are."""
-    from deepspeed.launcher.runner import fetch_hostfile
-
-    hosts = fetch_hostfile(hostfile)
+    hosts = hostfile_hosts(hostfile)
     if not hosts:
         raise RunError(f"--hostfile {hostfile}: no hosts in it; one line per node, e.g. 'node0 slots=2'")
     return next(iter(hosts))
