@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 from envpipe_agent.dvfs import CARDS, MODELS
 from envpipe_cli._choices import choice_enum, deprecated, value_of
-from envpipe_cli._errors import user_errors
+from envpipe_cli._errors import err_console, user_errors
 from rich.console import Console
 from rich.table import Table
 
@@ -302,10 +302,15 @@ def _costs(
         stages,
         gpu=card,
         model=curve,
-        profile=load_profile(profile) if profile else None,
+        profile=load_profile(profile, warn=_warn) if profile else None,
         fwd_ms=_float_list(fwd_ms, "--fwd-ms") if fwd_ms else None,
         bwd_ms=_float_list(bwd_ms, "--bwd-ms") if bwd_ms else None,
     )
+
+
+def _warn(text: str) -> None:
+    """One warning line on stderr (never wrapped; stdout stays the table or the JSON)."""
+    err_console.print(text, markup=False, highlight=False)
 
 
 def _float_list(text: str, option: str) -> list[float]:

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import bisect
 import json
+import logging
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from envpipe.errors import ConfigError
+from envpipe.profile_fit import repair_profile
 
 FORMAT = "envpipe-profile/1"
 
@@ -190,12 +192,27 @@ def _point(sample: ClockSample) -> dict[str, Any]:
     }
 
 
-def load_profile(path: str | Path) -> MeasuredProfile:
-    """Read and validate a profile JSON file."""
+def load_profile(path: str | Path, warn: Callable[[str], None] | None = None) -> MeasuredProfile:
+    """Read and validate a profile JSON file, repaired to monotone unit times (never used raw).
+
+    A unit time that falls as the clock falls is replaced by its monotone fit
+    (:func:`envpipe.profile_fit.repair_profile`, the controller's repair); a fall beyond 2 % of the time
+    (the file has no per-point noise) is reported in one warning line through ``warn`` (default: this
+    module's logger).
+    """
     try:
         data = json.loads(Path(path).read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"profile {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"profile {path} must hold a JSON object; see docs/profile-format.md")
+    profile_from_dict(data, origin=str(path))  # validate first: its errors name the bad field
+    data, violations = repair_profile(data)
+    if violations:
+        (warn or logging.getLogger(__name__).warning)(
+            f"warning: profile {path}: {'; '.join(violations)}; repaired with a monotone fit (time never "
+            "falls as the clock falls) before use"
+        )
     return profile_from_dict(data, origin=str(path))
 
 

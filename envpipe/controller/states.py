@@ -124,8 +124,8 @@ def idle_power(ctx: Context) -> float | None:
 
 def _build_profile(ctx: Context, windows: dict[int, list[Window]], idle_power_w: float) -> dict[str, Any]:
     """The profile JSON from both passes' windows, repaired to monotone unit times (warned beyond noise)."""
-    from envpipe.controller.profile_fit import repair_profile
     from envpipe.profile import ClockSample, build_profile
+    from envpipe.profile_fit import repair_profile
 
     samples, spread = [], {}
     for clock_mhz, passes in windows.items():
@@ -157,9 +157,12 @@ def _build_profile(ctx: Context, windows: dict[int, list[Window]], idle_power_w:
         simulated=ctx.simulated,
         source=energy_source(ctx),
     )
-    profile, warnings = repair_profile(raw, spread)
-    for text in warnings:
-        ctx.warn(text)
+    profile, violations = repair_profile(raw, spread)
+    for text in violations:
+        ctx.warn(
+            f"warning: {text}; the profile was repaired with a monotone fit (the raw points are kept in the "
+            "report)"
+        )
     return profile
 
 

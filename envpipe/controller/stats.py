@@ -1,5 +1,5 @@
-"""Small statistics of the controller: paired savings with a 95 % interval, and the monotone fit that
-repairs a noisy profile. Plain Python (no numpy, no scipy)."""
+"""Small statistics of the controller: paired savings with a 95 % interval. Plain Python (no numpy, no
+scipy); the monotone fit that repairs a noisy profile is :mod:`envpipe.profile_fit`."""
 
 from __future__ import annotations
 
@@ -112,23 +112,3 @@ def _order_statistic_rank(n: int) -> int:
     while k + 1 <= n // 2 and _coverage(n, k + 1) >= 0.95:
         k += 1
     return k
-
-
-def decreasing_fit(values: Sequence[float], weights: Sequence[float] | None = None) -> list[float]:
-    """The closest non-increasing sequence (least squares, pool adjacent violators).
-
-    Profile points are ordered by clock from low to high here, so a unit's time must not increase.
-    """
-    w = list(weights) if weights is not None else [1.0] * len(values)
-    blocks: list[list[float]] = []  # [mean, weight, count]
-    for value, weight in zip(values, w):
-        blocks.append([float(value), float(weight), 1])
-        while len(blocks) > 1 and blocks[-2][0] < blocks[-1][0]:
-            mean2, w2, c2 = blocks.pop()
-            mean1, w1, c1 = blocks.pop()
-            total = w1 + w2
-            blocks.append([(mean1 * w1 + mean2 * w2) / total, total, c1 + c2])
-    out: list[float] = []
-    for mean, _, count in blocks:
-        out.extend([mean] * count)
-    return out

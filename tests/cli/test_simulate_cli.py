@@ -113,6 +113,27 @@ def test_model_params_and_profile(tmp_path: Path) -> None:
     assert "simulated profile (cli test" in data["model"] and data["f_low_mhz"] == [1350, 1350]
 
 
+def test_a_non_monotone_profile_is_repaired_and_warned_about(tmp_path: Path) -> None:
+    # 1350 MHz measured 40 % faster than 1980 MHz (noise, not physics): used raw, the plan would be "faster".
+    points = [
+        {"clock_mhz": 1980, "fwd_ms": 10, "bwd_ms": 20, "iteration_ms": 190, "energy_j": 92.9},
+        {"clock_mhz": 1350, "fwd_ms": 6, "bwd_ms": 12, "iteration_ms": 114, "energy_j": 60.0},
+    ]
+    profile = {"format": "envpipe-profile/1", "simulated": True, "source": "noisy", "idle_power_w": 127.0,
+               "micro_batches": 4, "gpu": {"name": "H100"}, "stages": [{"stage": 0, "points": points}]}
+    path = tmp_path / "noisy.json"
+    path.write_text(json.dumps(profile))
+    result = _run("--profile", str(path), "-S", "2", "-M", "4", "--scheduling", "1f1b", "--type", "uniform",
+                  "--json")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, result.output
+    assert str(path) in warnings[0] and "fell as the clock fell" in warnings[0] and "monotone" in warnings[0]
+    data = json.loads(result.output[result.output.index("{"):])
+    assert data["slowdown"] >= -1e-9  # repaired: a lower clock is never faster than the top one
+    assert data["f_low_mhz"] == [1350, 1350]
+
+
 def test_plot_writes_a_png(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     out = tmp_path / "gantt.png"

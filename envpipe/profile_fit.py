@@ -5,14 +5,17 @@ faster would make it lower clocks for free (one such profile gave a 61.8 % "savi
 stage's forward, backward and iteration times are replaced by their closest monotone fit (time never falls
 as the clock falls); a violation larger than the measurement's own noise (the spread between the down and
 the up pass at each clock) is reported as a warning, smaller ones are repaired silently.
+
+Every reader of a profile repairs it here: the controller's profiling phase (``envpipe train``) and
+:func:`envpipe.profile.load_profile` (``envpipe simulate --profile``). Plain Python, below the controller
+and the simulator.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
-
-from envpipe.controller.stats import decreasing_fit
 
 FIELDS = ("fwd_ms", "bwd_ms", "iteration_ms")
 # A violation must exceed this share of the time too: two passes that agree exactly (the sim agent without
@@ -23,17 +26,19 @@ MIN_RELATIVE_NOISE = 0.02
 def repair_profile(
     profile: dict[str, Any], spread_ms: dict[tuple[int, int], dict[str, float]] | None = None
 ) -> tuple[dict[str, Any], list[str]]:
-    """The profile with monotone unit times, and one warning per stage and field repaired beyond its noise.
+    """The profile with monotone unit times, and one violation per stage and field repaired beyond its noise.
 
     Args:
         profile: the profile JSON (``envpipe-profile/1``); not modified.
         spread_ms: ``(stage, clock_mhz) -> {field: |pass 1 - pass 2|}``, the noise of each point.
 
     Returns:
-        ``(repaired profile, warnings)``; the repaired profile records ``"repaired": [...]`` per stage.
+        ``(repaired profile, violations)``; each violation is a phrase such as ``stage 0 fwd time fell as the
+        clock fell (1650 MHz -> 1320 MHz: 0.60 ms faster, noise 0.10 ms)`` for the caller's warning; the
+        repaired profile records ``"repaired": [...]`` and the ``raw_points`` per stage.
     """
     out = copy.deepcopy(profile)
-    warnings = []
+    violations = []
     for stage in out["stages"]:
         points = sorted(stage["points"], key=lambda p: p["clock_mhz"])  # low clock first
         repaired = []
@@ -46,10 +51,9 @@ def repair_profile(
             worst = _worst_violation(points, raw, name, stage["stage"], spread_ms or {})
             if worst is not None:
                 low, high, drop_ms, noise_ms = worst
-                warnings.append(
-                    f"warning: stage {stage['stage']} {name.removesuffix('_ms')} time fell as the clock fell "
-                    f"({high} MHz -> {low} MHz: {drop_ms:.2f} ms faster, noise {noise_ms:.2f} ms); the "
-                    "profile was repaired with a monotone fit (the raw points are kept in the report)"
+                violations.append(
+                    f"stage {stage['stage']} {name.removesuffix('_ms')} time fell as the clock fell "
+                    f"({high} MHz -> {low} MHz: {drop_ms:.2f} ms faster, noise {noise_ms:.2f} ms)"
                 )
             for point, value in zip(points, fitted):
                 point[name] = value
@@ -58,7 +62,27 @@ def repair_profile(
             stage["raw_points"] = copy.deepcopy(
                 next(s for s in profile["stages"] if s["stage"] == stage["stage"])["points"]
             )
-    return out, warnings
+    return out, violations
+
+
+def decreasing_fit(values: Sequence[float], weights: Sequence[float] | None = None) -> list[float]:
+    """The closest non-increasing sequence (least squares, pool adjacent violators).
+
+    Profile points are ordered by clock from low to high here, so a unit's time must not increase.
+    """
+    w = list(weights) if weights is not None else [1.0] * len(values)
+    blocks: list[list[float]] = []  # [mean, weight, count]
+    for value, weight in zip(values, w):
+        blocks.append([float(value), float(weight), 1])
+        while len(blocks) > 1 and blocks[-2][0] < blocks[-1][0]:
+            mean2, w2, c2 = blocks.pop()
+            mean1, w1, c1 = blocks.pop()
+            total = w1 + w2
+            blocks.append([(mean1 * w1 + mean2 * w2) / total, total, c1 + c2])
+    out: list[float] = []
+    for mean, _, count in blocks:
+        out.extend([mean] * count)
+    return out
 
 
 def _worst_violation(
