@@ -96,9 +96,9 @@ def print_summary(report: dict[str, Any], console: Any) -> None:
     summary, config = report["summary"], report["config"]
     label = summary["energy_label"]
     console.print(_steps_line(summary), highlight=False)
-    if summary["loss_first"] is not None:
-        console.print(f"loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}", highlight=False)
     base, plan = summary["baseline"], summary["at_plan"]
+    if summary["loss_first"] is not None and (base is None or plan is None):  # else a row of the table
+        console.print(f"loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}", highlight=False)
     if base is not None and plan is not None:
         console.print(_window_table(report, base, plan, label))
         unpaired = summary["unpaired"] or {}
@@ -168,7 +168,8 @@ def _window_table(report: dict[str, Any], base: dict, plan: dict, label: str) ->
 
     config = report["config"]
     table = Table(
-        title=f"envpipe train: {config['type']} · {report['schedule']['name']} · reconfig {config['reconfig']}",
+        title=f"envpipe train: {config['type']} · {report['schedule']['name']} · "
+        f"reconfig {config['reconfig']}",
         caption=f"energy ({label}): {report['energy_source']}\nat plan: {plan['statistic']}",
     )
     for name, justify in (
@@ -190,6 +191,11 @@ def _window_table(report: dict[str, Any], base: dict, plan: dict, label: str) ->
         f"{plan['iteration_ms']:.1f}",
         _pct(plan["iteration_ms"] / base["iteration_ms"] - 1.0),
     )
+    first, last = report["summary"]["loss_first"], report["summary"]["loss_last"]
+    if first is not None:
+        table.add_row(
+            "loss (the run's first / last step)", f"{first:.3f}", f"{last:.3f}", f"{last - first:+.3f}"
+        )
     for stage in sorted(base["stage_energy_j"], key=int):
         b, p = base["stage_energy_j"][stage], plan["stage_energy_j"].get(stage)
         table.add_row(

@@ -131,9 +131,14 @@ def test_report_summary_numbers(tmp_path: Path):
     assert json.loads(out.read_text())["summary"]["unpaired"]["energy_saving"] == pytest.approx(0.2)
     console = Console(record=True, width=140)
     report.print_summary(rep, console)
-    text = " ".join(console.export_text().split())
-    assert "simulated" in text and "+20.0% energy saving" in text and "unpaired" in text and "tokens/s" in text
-    assert "5 optimizer steps (warm-up 3, at-plan 2)" in text and "loss 5.500 -> 5.100" in text
+    rows = console.export_text().splitlines()
+    text = " ".join(" ".join(rows).split())
+    assert "simulated" in text and "+20.0% energy saving" in text and "unpaired" in text
+    assert "tokens/s" in text and "5 optimizer steps (warm-up 3, at-plan 2)" in text
+    loss_rows = [row.split("│")[1:-1] for row in rows if "loss" in row and "│" in row]  # the table's row
+    assert [[cell.strip() for cell in row] for row in loss_rows] == [
+        ["loss (the run's first / last step)", "5.500", "5.100", "-0.400"]
+    ]
 
 
 def test_deepspeed_command_forwards_launcher_options():
@@ -317,3 +322,4 @@ def test_a_run_that_ends_while_planning_says_so(tmp_path: Path):
     text = " ".join(console.export_text().split())
     assert "12 optimizer steps (warm-up 3, baseline 5, profiling 4)" in text
     assert "the run ended before the plan was reached: raise --steps" in text
+    assert "loss 5.000 -> 4.900" in text  # no table without a plan: the loss stays a line
