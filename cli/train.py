@@ -134,6 +134,17 @@ CompareOpt = Annotated[
         panel=_RUN,
     ),
 ]
+CompareEveryOpt = Annotated[
+    Optional[int],
+    _opt(
+        "--compare-every",
+        min=1,
+        metavar="K",
+        help="With --compare: one paired round every K steps at the plan, instead of all rounds at the end "
+        "(for runs whose end is far or unknown). \\[default: at the end]",
+        panel=_RUN,
+    ),
+]
 PlanOpt = Annotated[
     Optional[Path], _opt(help="Reuse this plan file (skips profiling; its fingerprint must match).", panel=_RUN)
 ]
@@ -221,6 +232,7 @@ def train(
     report: ReportOpt = None,
     plot: PlotOpt = None,
     compare: CompareOpt = None,
+    compare_every: CompareEveryOpt = None,
     plan: PlanOpt = None,
     plan_out: PlanOutOpt = None,
     recheck_interval: RecheckOpt = None,

@@ -161,6 +161,11 @@ class ControllerConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise ConfigError(f"{at}{name_of(name)} must be a string (a path or endpoint), got {value!r}")
+        if self.compare_every is not None and not self.compare_rounds:
+            raise ConfigError(
+                f"{at}{name_of('compare_every')} = {self.compare_every} spreads paired rounds, but none are "
+                f"asked for; set {name_of('compare_rounds')} (paired rounds are opt-in) or drop it"
+            )
         if self.compare_rounds and self.compare_every is None and self.max_steps is None:
             raise ConfigError(
                 f"{at}{name_of('compare_rounds')} = {self.compare_rounds} needs compare_every (one round "

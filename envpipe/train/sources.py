@@ -23,9 +23,13 @@ _KINDS: dict[str, tuple[str, tuple[type, ...]]] = {
 }
 
 
+# Fields whose flag is not their name with dashes.
+_FLAGS = {"compare_rounds": "--compare"}
+
+
 def flag_name(name: str) -> str:
     """The command-line flag of a config field (``micro_batches`` -> ``--micro-batches``)."""
-    return "--" + name.replace("_", "-")
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
 def block_source(path: Any, key: str) -> str:

@@ -317,6 +317,26 @@ def test_compare_takes_an_optional_number_of_rounds(calls, args, rounds):
         assert config.steps == 400
 
 
+def test_compare_every_reaches_the_config_and_its_errors_name_the_flag(calls, tmp_path: Path, monkeypatch):
+    result = _invoke("train", "--compare", "4", "--compare-every", "50")
+    assert result.exit_code == 0, result.output
+    (config,) = calls
+    assert (config.compare_rounds, config.compare_every) == (4, 50)
+    assert config.controller_config().compare_every == 50 and config.compare_tail_steps() == 0  # spread out
+    result = _invoke("train", "--compare-every", "50")  # rounds are opt-in: alone, it is a mistake
+    assert result.exit_code == 1 and len(calls) == 1
+    assert result.output.startswith("error: --compare-every = 50 spreads paired rounds")
+    assert "set --compare (paired rounds are opt-in)" in result.output
+    assert _invoke("train", "--compare", "--compare-every", "0").exit_code == 2  # usage error (K >= 1)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ds.json").write_text(json.dumps({"envpipe": {"compare_rounds": 2, "compare_every": 0}}))
+    result = _invoke("train", "--deepspeed-config", "ds.json")
+    assert result.output.startswith("error: ds.json: envpipe.compare_every must be an integer >= 1, got 0")
+    result = _invoke("train", "--deepspeed-config", "ds.json", "--compare-every", "7")  # the flag wins
+    assert result.exit_code == 0, result.output
+    assert calls[-1].compare_every == 7
+
+
 def test_plan_flags_reach_the_config_and_a_foreign_plan_is_refused_before_any_rank(calls, tmp_path: Path):
     from envpipe.controller.planfile import fingerprint, plan_dict, write_plan
     from envpipe.schedules import get_schedule
