@@ -67,6 +67,7 @@ class Context:
     warnings: list[str] = field(default_factory=list)
     iteration_s: float = 0.0
     baseline: Window | None = None
+    baseline_source: dict[str, Any] | None = None  # the plan file's stored baseline, when ctx.baseline is it
     profile: dict[str, Any] | None = None
     costs: Any = None
     plan: dict[str, Any] | None = None  # the plan file's object once planned (every rank)

@@ -4,6 +4,12 @@ profiling (``envpipe train --plan FILE``, the ``"envpipe"`` block's ``plan``).
 
 A plan is valid only for the run it was measured on: any fingerprint field that differs is refused with one
 error naming that field (a plan for another card or another model would run the wrong clocks).
+
+The plan also carries the baseline window it was planned against (``"baseline"``: iteration time, energy per
+iteration per stage and in total, tokens/s, steps, simulated or measured, world size, date), so that a run
+reusing the plan needs no baseline window of its own: its saving is then reported against that stored
+baseline, labelled :data:`STORED_BASELINE_LABEL`. It is not part of the fingerprint; a plan file without it
+(written before) still works, and the reusing run measures a baseline window as before.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from envpipe.controller.windows import Window
 from envpipe.errors import ConfigError
 
 PLAN_FORMAT = "envpipe-plan/1"
@@ -29,6 +36,9 @@ FINGERPRINT_FIELDS = (
     "dvfs_model",
     "envpipe_version",
 )
+STORED_BASELINE_LABEL = "baseline from the plan file (an earlier run; unpaired)"
+# The stored baseline's fields that a reusing run needs (the others are for people reading the file).
+_BASELINE_NUMBERS = ("iterations", "iteration_ms", "iteration_ms_median")
 
 
 def fingerprint(**fields: Any) -> dict[str, Any]:
@@ -81,8 +91,9 @@ def plan_dict(
     settings: dict[str, Any],
     profile: dict[str, Any] | None,
     simulated: bool,
+    baseline: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The plan file's JSON object."""
+    """The plan file's JSON object; ``baseline`` is the stored baseline window (see the module docstring)."""
     r = getattr(schedule, "r", None)
     return {
         "format": PLAN_FORMAT,
@@ -94,7 +105,49 @@ def plan_dict(
         "baseline_ms": baseline_ms,
         "settings": settings,
         "profile": profile,
+        "baseline": baseline,
     }
+
+
+def baseline_record(
+    window: Window, *, fingerprint: dict[str, Any], world_size: int, date: str
+) -> dict[str, Any]:
+    """A baseline window as the plan file stores it (tokens/s only where the input is token sequences)."""
+    seq_len = fingerprint.get("seq_len")
+    tokens_per_s = None
+    if isinstance(seq_len, list) and len(seq_len) == 1 and window.iteration_ms > 0:
+        replicas = max(1, world_size // int(fingerprint["stages"]))
+        tokens = fingerprint["micro_batches"] * fingerprint["micro_batch_size"] * seq_len[0] * replicas
+        tokens_per_s = tokens / (window.iteration_ms / 1e3)
+    return {
+        "iterations": window.iterations,
+        "iteration_ms": window.iteration_ms,
+        "iteration_ms_median": window.iteration_ms_median,
+        "span_iteration_ms": window.span_iteration_ms,
+        "stage_energy_j": {str(s): e for s, e in window.stage_energy_j.items()},
+        "energy_j": window.energy_j,
+        "tokens_per_s": tokens_per_s,
+        "simulated": window.simulated,
+        "world_size": world_size,
+        "date": date,
+        "statistic": window.statistic,
+    }
+
+
+def stored_window(record: dict[str, Any]) -> Window:
+    """The plan file's stored baseline (checked by :func:`read_plan`) as a Window, labelled as such."""
+    return Window(
+        iterations=int(record["iterations"]),
+        iteration_ms=float(record["iteration_ms"]),
+        iteration_ms_median=float(record["iteration_ms_median"]),
+        stage_energy_j={
+            int(s): e for s, e in sorted(record["stage_energy_j"].items(), key=lambda kv: int(kv[0]))
+        },
+        simulated=record["simulated"],
+        losses=[],
+        span_iteration_ms=record.get("span_iteration_ms"),
+        statistic=f"{STORED_BASELINE_LABEL}: {record.get('statistic', '')}, measured {record.get('date')}",
+    )
 
 
 def write_plan(plan: dict[str, Any], path: str | Path) -> None:
@@ -129,7 +182,34 @@ def read_plan(path: str | Path, *, source: str) -> dict[str, Any]:
     for key in ("fingerprint", "schedule", "clocks"):
         if not isinstance(plan.get(key), dict):
             raise ConfigError(f"{source} {path}: the plan has no {key!r} object; make a new plan")
+    problem = _baseline_problem(plan.get("baseline"))
+    if problem:
+        raise ConfigError(
+            f'{source} {path}: the plan\'s stored baseline is malformed ({problem}); delete its "baseline" '
+            "key (the run then measures a baseline window) or make a new plan"
+        )
     return plan
+
+
+def _baseline_problem(baseline: Any) -> str | None:
+    """What is wrong with a plan's stored baseline (None: absent, or usable)."""
+    if baseline is None:
+        return None
+    if not isinstance(baseline, dict):
+        return "not an object"
+    for name in _BASELINE_NUMBERS:
+        value = baseline.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            return f"{name} = {_short(value)}, a positive number expected"
+    energy = baseline.get("stage_energy_j")
+    if not isinstance(energy, dict) or not energy:
+        return "stage_energy_j: an object of energy per stage expected"
+    for stage, joules in energy.items():
+        if not str(stage).isdigit() or not (joules is None or isinstance(joules, (int, float))):
+            return f"stage_energy_j[{stage!r}] = {_short(joules)}: joules (or null) per stage number expected"
+    if not isinstance(baseline.get("simulated"), bool) or not isinstance(baseline.get("world_size"), int):
+        return "simulated (true/false) and world_size (an integer) expected"
+    return None
 
 
 def schedule_and_clocks(

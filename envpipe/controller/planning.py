@@ -11,7 +11,7 @@ import copy
 from typing import Any
 
 from envpipe.controller.core import SAMPLES, Context, Program, sample_timeline
-from envpipe.controller.windows import span_iteration_ms
+from envpipe.controller.windows import Window, span_iteration_ms
 from envpipe.errors import ConfigError
 
 
@@ -22,7 +22,7 @@ def make_plan(ctx: Context) -> Program:
     if ctx.config.type != "baseline":
         ctx.profile = yield from profiling(ctx)
     yield from plan_from_profile(ctx)
-    finish_plan(ctx, source="profiled")
+    finish_plan(ctx, source="profiled", baseline=ctx.baseline)
 
 
 def plan_from_profile(ctx: Context) -> Program:
@@ -178,10 +178,13 @@ def fresh_baseline_ms(ctx: Context) -> Program:
     return span_iteration_ms(timeline)
 
 
-def finish_plan(ctx: Context, *, source: str) -> None:
-    """The plan is made: its target, the predicted saving (rank 0), the plan file; every rank gets the plan
-    (a checkpoint stores it, whichever rank saves)."""
-    from envpipe.controller.planfile import plan_dict, write_plan
+def finish_plan(ctx: Context, *, source: str, baseline: Window | None) -> None:
+    """The plan is made: its target, the predicted saving (rank 0), the plan file with ``baseline`` (the
+    window the plan was made against); every rank gets the plan (a checkpoint stores it, whichever rank
+    saves)."""
+    from datetime import datetime, timezone
+
+    from envpipe.controller.planfile import baseline_record, plan_dict, write_plan
 
     if ctx.baseline_ms is None and ctx.baseline is not None:
         ctx.baseline_ms = ctx.baseline.span_iteration_ms
@@ -192,6 +195,16 @@ def finish_plan(ctx: Context, *, source: str) -> None:
     plan = None
     if ctx.is_rank0:
         ctx.predicted = predicted_saving(ctx)
+        record = None
+        if baseline is not None and baseline is ctx.baseline and ctx.baseline_source is not None:
+            record = ctx.baseline_source  # passed on as it was stored (its date included)
+        elif baseline is not None:
+            record = baseline_record(
+                baseline,
+                fingerprint=ctx.fingerprint(),
+                world_size=ctx.comm.world_size,
+                date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            )
         plan = plan_dict(
             fingerprint=ctx.fingerprint(),
             schedule=ctx.schedule,
@@ -200,6 +213,7 @@ def finish_plan(ctx: Context, *, source: str) -> None:
             baseline_ms=ctx.baseline_ms,
             profile=ctx.profile,
             simulated=ctx.simulated,
+            baseline=record,
             settings={
                 "type": ctx.config.type,
                 "scheduling": ctx.config.scheduling,
@@ -260,15 +274,44 @@ def load_plan(ctx: Context) -> dict[str, Any] | None:
     return value
 
 
+def reused_baseline(ctx: Context, plan: dict[str, Any]) -> Window | None:
+    """The plan file's stored baseline as this run's (no baseline window), or None: measure a window (the
+    reason said once). Every rank decides alike (the plan was broadcast)."""
+    from envpipe.controller.planfile import STORED_BASELINE_LABEL, stored_window
+
+    record, path = plan.get("baseline"), ctx.config.plan
+    if record is None:
+        why = "the plan file has no stored baseline (written by an older envpipe)"
+    elif record["world_size"] != ctx.comm.world_size:
+        why = f"its stored baseline ran on {record['world_size']} ranks, this run on {ctx.comm.world_size}"
+    elif record["simulated"] != ctx.simulated:
+        kinds = {True: "simulated", False: "measured"}
+        why = (
+            f"its stored baseline's energy is {kinds[record['simulated']]}, this run's {kinds[ctx.simulated]}"
+        )
+    else:
+        ctx.baseline_source = record
+        ctx.emit(
+            "message",
+            text=f"plan {path}: no baseline window; savings are against the {STORED_BASELINE_LABEL}, "
+            f"measured {record.get('date')} (`--compare` measures side by side)",
+        )
+        return stored_window(record)
+    ctx.emit("message", text=f"plan {path}: {why}: measuring a baseline window")
+    return None
+
+
 def adopt_plan(ctx: Context, plan: dict[str, Any]) -> None:
-    """Run a reused plan: no profiling; its target is rescaled by this run's baseline window."""
+    """Run a reused plan: no profiling; its target is rescaled by this run's baseline window, if it ran one
+    (with the plan file's stored baseline the plan's own target stands)."""
     from envpipe.controller.planfile import schedule_and_clocks
 
     schedule, clocks = schedule_and_clocks(plan, ctx.stages, ctx.micro_batches)
     ctx.use(schedule, clocks)
     ctx.planned = True
     ctx.profile = plan.get("profile")
-    fresh = ctx.baseline.span_iteration_ms if ctx.baseline is not None else None
+    measured = ctx.baseline is not None and ctx.baseline_source is None
+    fresh = ctx.baseline.span_iteration_ms if measured else None
     old_target, old_base = plan.get("target_ms"), plan.get("baseline_ms")
     ctx.baseline_ms = fresh or old_base
     ctx.target_ms = old_target * fresh / old_base if old_target and old_base and fresh else old_target
@@ -277,10 +320,16 @@ def adopt_plan(ctx: Context, plan: dict[str, Any]) -> None:
 
         ctx.costs = cost_model_from_profile(ctx.profile, stages=ctx.stages)
     ctx.phases.append(
-        {"name": "plan", "reused": ctx.config.plan, "schedule": schedule.name, "target_ms": ctx.target_ms}
+        {
+            "name": "plan",
+            "reused": ctx.config.plan,
+            "schedule": schedule.name,
+            "target_ms": ctx.target_ms,
+            "baseline": "window" if measured else "stored in the plan file",
+        }
     )
     ctx.emit("message", text=f"plan reused from {ctx.config.plan} (fingerprint matches): profiling skipped")
-    finish_plan(ctx, source=f"reused {ctx.config.plan}")
+    finish_plan(ctx, source=f"reused {ctx.config.plan}", baseline=ctx.baseline)
 
 
 def replan(ctx: Context, reason: str) -> Program:
@@ -295,7 +344,7 @@ def replan(ctx: Context, reason: str) -> Program:
     if ctx.is_rank0 and ctx.profile is not None:
         ctx.profile = rescale_profile(ctx.profile, window.stage_unit_ms)
     yield from plan_from_profile(ctx)
-    finish_plan(ctx, source=f"re-planned at step {ctx.steps_done}: {reason}")
+    finish_plan(ctx, source=f"re-planned at step {ctx.steps_done}: {reason}", baseline=window)
 
 
 def rescale_profile(profile: dict[str, Any], top_unit_ms: dict[int, dict[str, float]]) -> dict[str, Any]:

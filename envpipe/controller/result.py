@@ -2,8 +2,9 @@
 
 Savings come in up to three kinds, each labelled: *paired* (``compare_rounds``: baseline and plan windows
 side by side; the median with a 95 % interval over the rounds), *unpaired* (the at-plan steps against the
-baseline window at the start, the only measured figure of a production run) and *predicted* (the simulator
-on the measured per-unit profile).
+baseline window at the start, or against the baseline stored in a reused plan file, measured by an earlier
+run: the only measured figure of a production run) and *predicted* (the simulator on the measured per-unit
+profile).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def build_result(ctx: Context) -> dict[str, Any]:
     if at_plan is not None:
         at_plan.statistic = f"all {at_plan.iterations} at-plan steps ({len(ctx.at_plan)} energy window(s))"
     compare = compare_summary(ctx)
-    unpaired = _unpaired(ctx.baseline, at_plan)
+    unpaired = _unpaired(ctx.baseline, at_plan, stored=ctx.baseline_source is not None)
     r = getattr(ctx.schedule, "r", None)
     return {
         "simulated": ctx.simulated,
@@ -51,6 +52,7 @@ def build_result(ctx: Context) -> dict[str, Any]:
         "profile": ctx.profile,
         "plan_fingerprint": None if ctx.plan is None else ctx.plan["fingerprint"],
         "baseline": None if ctx.baseline is None else ctx.baseline.to_dict(),
+        "baseline_origin": baseline_origin(ctx),
         "at_plan": None if at_plan is None else at_plan.to_dict(),
         "unpaired": unpaired,
         "compare": compare,
@@ -62,13 +64,34 @@ def build_result(ctx: Context) -> dict[str, Any]:
     }
 
 
-def _unpaired(baseline: Any, at_plan: Any) -> dict[str, Any] | None:
-    """The at-plan steps against the start's baseline window (not side by side: load changes count)."""
+def baseline_origin(ctx: Context) -> dict[str, Any] | None:
+    """Where the run's baseline comes from: its own window at the start, or the plan file's stored one."""
+    from envpipe.controller.planfile import STORED_BASELINE_LABEL
+
+    if ctx.baseline is None:
+        return None
+    stored = ctx.baseline_source
+    if stored is None:
+        return {"stored": False, "label": "the baseline window at the start of this run"}
+    return {
+        "stored": True,
+        "label": STORED_BASELINE_LABEL,
+        "plan": ctx.config.plan,
+        "date": stored.get("date"),
+    }
+
+
+def _unpaired(baseline: Any, at_plan: Any, *, stored: bool) -> dict[str, Any] | None:
+    """The at-plan steps against the start's baseline window or the plan file's stored baseline (not side by
+    side: load changes count)."""
+    from envpipe.controller.planfile import STORED_BASELINE_LABEL
+
     if baseline is None or at_plan is None:
         return None
     base_j, plan_j = baseline.energy_j, at_plan.energy_j
+    against = f"the {STORED_BASELINE_LABEL}" if stored else "the baseline window at the start"
     return {
-        "label": "unpaired (at-plan steps vs the baseline window at the start)",
+        "label": f"unpaired (at-plan steps vs {against})",
         "energy_saving": 1.0 - plan_j / base_j if base_j and plan_j is not None else None,
         "slowdown": at_plan.iteration_ms / baseline.iteration_ms - 1.0,
     }

@@ -159,7 +159,9 @@ class Lifecycle:
         return 0.0 if ctx.open_segment is None else time.perf_counter() - ctx.open_segment[1]
 
     def _latest_window(self, ctx: Any) -> Any:
-        return ctx.at_plan[-1] if ctx.at_plan else ctx.baseline
+        if ctx.at_plan:
+            return ctx.at_plan[-1]
+        return None if ctx.baseline_source is not None else ctx.baseline  # a stored one ran in another run
 
     def _monitor(self, ctx: Any) -> None:
         """New energy window or new plan: scalars to DeepSpeed's monitors (rank 0 writes)."""

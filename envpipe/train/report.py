@@ -57,6 +57,7 @@ def build_report(config: TrainConfig, result: dict[str, Any]) -> dict[str, Any]:
         "loss_first": losses[0]["loss"] if losses else None,
         "loss_last": losses[-1]["loss"] if losses else None,
         "baseline": baseline,
+        "baseline_origin": result.get("baseline_origin"),
         "at_plan": at_plan,
         "unpaired": result.get("unpaired"),
         "paired": result.get("compare"),
@@ -105,7 +106,7 @@ def print_summary(report: dict[str, Any], console: Any) -> None:
         saving = unpaired.get("energy_saving")
         console.print(
             f"unpaired ({label}): {_pct(saving)} energy saving at {_pct(unpaired.get('slowdown'))} iteration "
-            "time against the baseline window at the start (not side by side: a change of load in between "
+            f"time against {_baseline_words(summary)} (not side by side: a change of load in between "
             "counts; `--compare` measures in pairs)",
             highlight=False,
         )
@@ -157,6 +158,13 @@ def print_summary(report: dict[str, Any], console: Any) -> None:
     del config
 
 
+def _baseline_words(summary: dict[str, Any]) -> str:
+    origin = summary.get("baseline_origin") or {}
+    if origin.get("stored"):
+        return f"the {origin['label']}: {origin.get('plan')}, measured {origin.get('date')}"
+    return "the baseline window at the start"
+
+
 def _steps_line(summary: dict[str, Any]) -> str:
     counts = summary["step_counts"]
     parts = ", ".join(f"{name} {n}" for name, n in counts.items())
@@ -174,7 +182,12 @@ def _window_table(report: dict[str, Any], base: dict, plan: dict, label: str) ->
     )
     for name, justify in (
         ("", "left"),
-        ("baseline window", "right"),
+        (
+            "baseline (plan file)"
+            if (report["summary"].get("baseline_origin") or {}).get("stored")
+            else "baseline window",
+            "right",
+        ),
         ("at plan", "right"),
         ("change", "right"),
     ):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -118,6 +119,56 @@ def test_plan_reuse_skips_profiling_and_a_mismatch_names_the_field(tmp_path):
     other = default_fingerprint(2, 4, micro_batch_size=8)
     with pytest.raises(ConfigError, match="micro_batch_size = 2.*micro_batch_size = 8"):
         run_pipeline(_config(plan=str(plan)), 10, print_fingerprint=other)
+
+
+def test_reused_plan_with_its_stored_baseline_runs_no_baseline_step(tmp_path):
+    plan = tmp_path / "plan.json"
+    first, _, _ = run_pipeline(_config(plan_out=str(plan)), 80)
+    stored = json.loads(plan.read_text())["baseline"]
+    assert stored["iterations"] == 3 and stored["simulated"] is True and stored["world_size"] == 2
+    assert stored["energy_j"] == pytest.approx(first["baseline"]["energy_j"]) and stored["date"]
+    assert stored["tokens_per_s"] == pytest.approx(4 * 2 * 64 / (stored["iteration_ms"] / 1e3))
+    fingerprint = json.loads(plan.read_text())["fingerprint"]
+
+    again, pipeline, _ = run_pipeline(_config(plan=str(plan)), 40)
+    counts = again["controller"]["step_counts"]
+    assert counts == {"warm-up": 2, "at-plan": 38}  # no baseline step, no profiling
+    assert sum(1 for name, top in pipeline.plans if name == "1f1b" and top) == 2  # the warm-up only
+    assert again["baseline_origin"]["stored"] and again["baseline_origin"]["date"] == stored["date"]
+    label = "baseline from the plan file (an earlier run; unpaired)"
+    assert label in again["unpaired"]["label"] and label in again["baseline"]["statistic"]
+    assert again["unpaired"]["energy_saving"] > 0 and again["baseline"]["energy_j"] == stored["energy_j"]
+    # The plan's own target stands (no fresh window to rescale it by); the next checkpoint keeps the baseline.
+    assert again["controller"]["target_ms"] == pytest.approx(first["controller"]["target_ms"])
+    assert pipeline.rank_plans[1]["baseline"] == stored
+    assert again["plan_fingerprint"] == fingerprint
+
+
+def test_an_old_plan_file_without_a_stored_baseline_still_runs_the_window(tmp_path):
+    plan = tmp_path / "plan.json"
+    run_pipeline(_config(plan_out=str(plan)), 80)
+    old = json.loads(plan.read_text())
+    del old["baseline"]
+    plan.write_text(json.dumps(old))
+    again, pipeline, _ = run_pipeline(_config(plan=str(plan)), 40)
+    assert again["controller"]["step_counts"] == {"warm-up": 2, "baseline": 3, "at-plan": 35}
+    assert not again["baseline_origin"]["stored"] and "at the start" in again["unpaired"]["label"]
+    assert next(p for p in again["phases"] if p["name"] == "plan")["baseline"] == "window"
+    assert pipeline.rank_plans[0]["baseline"]["iterations"] == 3  # the plan in use now carries it
+
+
+def test_a_stored_baseline_of_another_world_size_or_a_malformed_one(tmp_path):
+    plan = tmp_path / "plan.json"
+    run_pipeline(_config(plan_out=str(plan)), 80)
+    data = json.loads(plan.read_text())
+    data["baseline"]["world_size"] = 4  # energy summed over other replicas: not this run's reference
+    plan.write_text(json.dumps(data))
+    again, _, _ = run_pipeline(_config(plan=str(plan)), 40)
+    assert again["controller"]["step_counts"]["baseline"] == 3
+    data["baseline"]["iteration_ms"] = "fast"
+    plan.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="stored baseline is malformed.*iteration_ms"):
+        run_pipeline(_config(plan=str(plan)), 10)
 
 
 def test_block_validation_names_the_key():

@@ -71,6 +71,9 @@ def test_envelope_ours_balanced_on_two_cpu_ranks(tmp_path: Path, monkeypatch: py
     assert result.exit_code == 0, result.output
     again = json.loads(reuse.read_text())
     assert "profiling" not in again["summary"]["step_counts"] and again["clocks"] == report["clocks"]
+    # The plan file's stored baseline stands in for the baseline window: no step at the baseline.
+    assert "baseline" not in again["summary"]["step_counts"] and again["summary"]["baseline_origin"]["stored"]
+    assert "baseline from the plan file (an earlier run; unpaired)" in " ".join(result.output.split())
     result = CliRunner().invoke(
         app, ["train", *common[:4], "--micro-batches", "8", *common[6:], "--plan", str(plan_path)]
     )

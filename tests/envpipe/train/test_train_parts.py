@@ -141,6 +141,19 @@ def test_report_summary_numbers(tmp_path: Path):
     ]
 
 
+def test_report_says_when_the_baseline_came_from_the_plan_file():
+    config = resolve({"stages": 2, "micro_batches": 4, "micro_batch_size": 2, "seq_len": 64})
+    label = "baseline from the plan file (an earlier run; unpaired)"
+    origin = {"stored": True, "label": label, "plan": "plan.json", "date": "2026-12-06T22:00:00+00:00"}
+    rep = report.build_report(config, {**_result(), "baseline_origin": origin})
+    assert rep["summary"]["baseline_origin"] == origin
+    console = Console(record=True, width=200)
+    report.print_summary(rep, console)
+    text = " ".join(console.export_text().split())
+    assert f"against the {label}: plan.json, measured 2026-12-06T22:00:00+00:00" in text
+    assert "baseline (plan file)" in text and "baseline window" not in text
+
+
 def test_deepspeed_command_forwards_launcher_options():
     config = resolve({"num_gpus": 4, "num_nodes": 1, "device": "cuda"})
     cmd = ranks.deepspeed_command(config, "QUJD", 29500)
