@@ -80,7 +80,12 @@ ModelOpt = Annotated[
     ),
 ]
 DataOpt = Annotated[
-    Optional[Path], _opt(help="Training data: .txt, .jsonl or a .bin token file (nanoGPT/Megatron); synthetic tokens when omitted.", panel=_RUN)
+    Optional[Path],
+    _opt(
+        help="Training data: .txt, .jsonl or a .bin token file (nanoGPT/Megatron); synthetic tokens when "
+        "omitted.",
+        panel=_RUN,
+    ),
 ]
 DeepspeedConfigOpt = Annotated[
     Optional[Path],
@@ -146,12 +151,15 @@ CompareEveryOpt = Annotated[
     ),
 ]
 PlanOpt = Annotated[
-    Optional[Path], _opt(help="Reuse this plan file (skips profiling; its fingerprint must match).", panel=_RUN)
+    Optional[Path],
+    _opt(help="Reuse this plan file (skips profiling; its fingerprint must match).", panel=_RUN),
 ]
 PlanOutOpt = Annotated[Optional[Path], _opt(help="Write the plan (with its fingerprint) here.", panel=_OUT)]
 RecheckOpt = Annotated[
     Optional[int],
-    _opt(min=0, help="Steps between drift checks at the plan (0: no drift guard). \\[default: 500]", panel=_RUN),
+    _opt(
+        min=0, help="Steps between drift checks at the plan (0: no drift guard). \\[default: 500]", panel=_RUN
+    ),
 ]
 
 
@@ -160,33 +168,67 @@ LrOpt = Annotated[
     Optional[float],
     _opt(help="Learning rate (replaces the DeepSpeed config's optimizer lr; default SGD 0.05).", panel=_RUN),
 ]
-SeedOpt = Annotated[Optional[int], _opt(help="Seed of the initialisation and synthetic data. \\[default: 1234]", panel=_RUN)]
+SeedOpt = Annotated[
+    Optional[int], _opt(help="Seed of the initialisation and synthetic data. \\[default: 1234]", panel=_RUN)
+]
 Bf16Opt = Annotated[bool, _opt("--bf16", help="Train in bf16 (DeepSpeed's bf16 block).", panel=_RUN)]
-Fp16Opt = Annotated[bool, _opt("--fp16", help="Train in fp16 with loss scaling (DeepSpeed's fp16 block).", panel=_RUN)]
+Fp16Opt = Annotated[
+    bool, _opt("--fp16", help="Train in fp16 with loss scaling (DeepSpeed's fp16 block).", panel=_RUN)
+]
 SlowdownOpt = Annotated[
     Optional[float],
-    _opt(min=0.0, max=1.0, help="Allowed iteration-time slowdown of the plan (0.01 = 1%). \\[default: 0.01]", panel=_RUN),
+    _opt(
+        min=0.0,
+        max=1.0,
+        help="Allowed iteration-time slowdown of the plan (0.01 = 1%). \\[default: 0.01]",
+        panel=_RUN,
+    ),
 ]
 DvfsModelOpt = Annotated[
-    Optional[DvfsModel], _opt("--dvfs-model", help="DVFS curve of the sim agent and emulation. \\[default: central]", panel=_RUN)
+    Optional[DvfsModel],
+    _opt("--dvfs-model", help="DVFS curve of the sim agent and emulation. \\[default: central]", panel=_RUN),
 ]
-LogIntervalOpt = Annotated[Optional[int], _opt(min=1, help="Steps between log lines. \\[default: 10]", panel=_LIFE)]
+LogIntervalOpt = Annotated[
+    Optional[int], _opt(min=1, help="Steps between log lines. \\[default: 10]", panel=_LIFE)
+]
 LogDirOpt = Annotated[
-    Optional[Path], _opt(help="Ranks' logs. \\[default: SAVE_DIR/logs or next to --report, else kept only on failure]", panel=_LIFE)
+    Optional[Path],
+    _opt(
+        help="Ranks' logs. \\[default: SAVE_DIR/logs or next to --report, else kept only on failure]",
+        panel=_LIFE,
+    ),
 ]
-SaveDirOpt = Annotated[Optional[Path], _opt(help="Save DeepSpeed checkpoints here (with plan, data position, RNG).", panel=_LIFE)]
+SaveDirOpt = Annotated[
+    Optional[Path], _opt(help="Save DeepSpeed checkpoints here (with plan, data position, RNG).", panel=_LIFE)
+]
 SaveIntervalOpt = Annotated[
-    Optional[int], _opt(min=0, help="Steps between checkpoints (0: at the end and on SIGTERM/SIGINT only). \\[default: 0]", panel=_LIFE)
+    Optional[int],
+    _opt(
+        min=0,
+        help="Steps between checkpoints (0: at the end and on SIGTERM/SIGINT only). \\[default: 0]",
+        panel=_LIFE,
+    ),
 ]
 ResumeOpt = Annotated[
     Optional[str],
-    _opt(metavar="[DIR]", help="Continue from a checkpoint folder (bare --resume: --save-dir's latest); skips profiling.", panel=_LIFE),
+    _opt(
+        metavar="[DIR]",
+        help="Continue from a checkpoint folder (bare --resume: --save-dir's latest); skips profiling.",
+        panel=_LIFE,
+    ),
 ]
 KeepLastOpt = Annotated[Optional[int], _opt(min=1, help="Keep only the newest K checkpoints.", panel=_LIFE)]
-ExportHfOpt = Annotated[Optional[Path], _opt("--export-hf", help="Write the trained model as a Hugging Face folder here.", panel=_LIFE)]
-EvalDataOpt = Annotated[Optional[Path], _opt(help="Held-out data (.txt, .jsonl or .bin) for eval loss and perplexity.", panel=_LIFE)]
+ExportHfOpt = Annotated[
+    Optional[Path],
+    _opt("--export-hf", help="Write the trained model as a Hugging Face folder here.", panel=_LIFE),
+]
+EvalDataOpt = Annotated[
+    Optional[Path],
+    _opt(help="Held-out data (.txt, .jsonl or .bin) for eval loss and perplexity.", panel=_LIFE),
+]
 EvalIntervalOpt = Annotated[
-    Optional[int], _opt(min=0, help="Steps between evaluations (0: at the end only). \\[default: 0]", panel=_LIFE)
+    Optional[int],
+    _opt(min=0, help="Steps between evaluations (0: at the end only). \\[default: 0]", panel=_LIFE),
 ]
 
 
@@ -195,7 +237,9 @@ class TrainCommand(TyperCommand):
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         """Give a bare ``--compare`` its default rounds and a bare ``--resume`` "" (= --save-dir)."""
-        args = optional_value(args, "--compare", str(DEFAULT_COMPARE_ROUNDS), lambda v: v.lstrip("-").isdigit())
+        args = optional_value(
+            args, "--compare", str(DEFAULT_COMPARE_ROUNDS), lambda v: v.lstrip("-").isdigit()
+        )
         return super().parse_args(ctx, optional_value(args, "--resume", "", lambda v: not v.startswith("-")))
 
 
