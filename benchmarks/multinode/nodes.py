@@ -170,9 +170,26 @@ class Namespace:
     pid: int
 
     def enter(self, argv: Sequence[str], *, net_only: bool = False, cwd: Path = REPO) -> list[str]:
-        """``argv`` as a command that runs inside this namespace."""
-        spaces = ["--net"] if net_only else ["--net", "--mount", "--uts", "--pid", f"--wd={cwd}"]
-        return ["nsenter", f"--target={self.pid}", *spaces, "--", *argv]
+        """``argv`` as a command that runs inside this namespace, in ``cwd``.
+
+        The directory is changed inside the node (``sh -c cd``), not with ``nsenter --wd``: nsenter opens
+        that directory before it enters the mount namespace, so the working directory would stay on the
+        host's mount tree and a rename from an absolute path into it fails (EXDEV).
+        """
+        if net_only:
+            return ["nsenter", f"--target={self.pid}", "--net", "--", *argv]
+        spaces = ["--net", "--mount", "--uts", "--pid"]
+        return [
+            "nsenter",
+            f"--target={self.pid}",
+            *spaces,
+            "--",
+            "sh",
+            "-c",
+            'cd "$0" && exec "$@"',
+            str(cwd),
+            *argv,
+        ]
 
     def close(self, timeout_s: float) -> None:
         """End of file on the holder's stdin: it stops its namespace (killed if not within ``timeout_s``)."""
