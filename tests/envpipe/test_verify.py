@@ -8,7 +8,6 @@ from collections import deque
 import pytest
 
 from envpipe.errors import ScheduleError
-from envpipe.grid import format_grid
 from envpipe.ir import Action, ActionKind, Schedule, schedule_from_text
 from envpipe.schedules import get_schedule
 from envpipe.schedules.one_f_one_b import step_unit
@@ -143,13 +142,16 @@ def test_artifact_ours_order_deadlocks_with_blocking_sends() -> None:
 def test_facing_blocking_sends_deadlock_with_grid() -> None:
     schedule = schedule_from_text("r0: 0F0 0SA0 0RG0 0B0\nr1: 1RA0 1F0 1B0 1SG0")
     verify(schedule)
-    bad = schedule_from_text("r0: 0F0 0F1 0SA0 0SA1 0RG0 0B0 0RG1 0B1\nr1: 1RA0 1F0 1B0 1SG0 1RA1 1F1 1B1 1SG1")
+    bad = schedule_from_text(
+        "r0: 0F0 0F1 0SA0 0SA1 0RG0 0B0 0RG1 0B1\nr1: 1RA0 1F0 1B0 1SG0 1RA1 1F1 1B1 1SG1"
+    )
     with pytest.raises(ScheduleError, match="rank 0 blocked at 0SA1.*rank 1 blocked at 1SG0") as caught:
         verify(bad)
     assert "<-- ERROR HERE" in str(caught.value)
     # The same order with async sends waited late runs.
     fixed = schedule_from_text(
-        "r0: 0F0 0iSA0 0F1 0iSA1 0RG0 0wSA0 0B0 0RG1 0wSA1 0B1\nr1: 1RA0 1F0 1B0 1iSG0 1RA1 1F1 1B1 1iSG1 1wSG0 1wSG1"
+        "r0: 0F0 0iSA0 0F1 0iSA1 0RG0 0wSA0 0B0 0RG1 0wSA1 0B1\n"
+        "r1: 1RA0 1F0 1B0 1iSG0 1RA1 1F1 1B1 1iSG1 1wSG0 1wSG1"
     )
     assert verify(fixed).max_outstanding_sends == (2, 2)
     with pytest.raises(ScheduleError, match="more than max_outstanding_sends=1"):
@@ -163,7 +165,10 @@ def test_facing_blocking_sends_deadlock_with_grid() -> None:
         ("r0: 0F0 0SA0 0RG0 0B0\nr1: 1RA0 1F0 1B0 1SG0 1F0", "runs F0 2 times"),
         ("r0: 0F0 0SA0 0RG0 0B0\nr1: 1RA0 1B0 1F0 1SG0", "runs B0 before F0"),
         ("r0: 0SA0 0F0 0RG0 0B0\nr1: 1RA0 1F0 1B0 1SG0", "SA0 must come after F0"),
-        ("r0: 0F0 0SA0 0F1 0SA1 0RG0 0B0 0RG1 0B1\nr1: 1RA1 1F1 1RA0 1F0 1B0 1SG0 1B1 1SG1", "send #0 is SA0 but"),
+        (
+            "r0: 0F0 0SA0 0F1 0SA1 0RG0 0B0 0RG1 0B1\nr1: 1RA1 1F1 1RA0 1F0 1B0 1SG0 1B1 1SG1",
+            "send #0 is SA0 but",
+        ),
         ("r0: 0F0 0iSA0 0RG0 0B0\nr1: 1RA0 1F0 1B0 1SG0", "must be waited exactly once"),
         ("r0: 0F0 0iSA0 0RG0 0B0 0wSA0\nr1: 1RA0 1F0 1B0 1SG0", "before its async send is waited"),
         ("r0: 0F0 0SA0 0RG0 0wSA0 0B0\nr1: 1RA0 1F0 1B0 1SG0", "waits on no earlier async send"),
@@ -185,15 +190,6 @@ def test_step_grid_shows_a_runnable_schedule_step_by_step() -> None:
     assert "RA" not in compute and compute.count("F") == 12 and compute.count("B") == 12
     with pytest.raises(ScheduleError, match="<-- ERROR HERE"):
         step_grid(artifact_ours(2, 4, (1, 0)))
-
-
-def test_format_grid_marks_the_error_row_and_keeps_the_tail() -> None:
-    columns = [[f"F{i}" for i in range(40)], ["." for _ in range(40)]]
-    text = format_grid(columns, error_row=30, tail_rows=5)
-    lines = text.splitlines()
-    assert "(26 earlier rows)" in lines[2]
-    assert lines[-1].endswith("<-- ERROR HERE") and lines[-1].split()[0] == "30"
-    assert len(lines) == 3 + 5
 
 
 def test_published_orders_fail_where_their_authors_saw_it() -> None:
