@@ -258,7 +258,7 @@ def checks(box: Container) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tree", default="/var/tmp/envpipe-systemd/bookworm", help="Debian tree (reused)")
-    parser.add_argument("--mirror", default="http://deb.debian.org/debian")
+    parser.add_argument("--mirror", default=None, help="Debian mirror for debootstrap (default: its own)")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--hostile", action="store_true", help="also run benchmarks/reliability/hostile.py "
                         "inside the container, as a member of the envpipe group")
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     base = Path(args.tree)
     if not (base / "usr/bin/python3").exists():
         log(f"debootstrap bookworm into {base} (~4 min)")
-        sh([*DEBOOTSTRAP, str(base), args.mirror], timeout_s=1800)
+        sh([*DEBOOTSTRAP, str(base), *([args.mirror] if args.mirror else [])], timeout_s=1800)
     tree = base.with_name(base.name + "-run")  # a fresh copy each run: the README steps run on a clean system
     shutil.rmtree(tree, ignore_errors=True)
     log(f"copy {base} to {tree}")
