@@ -103,6 +103,7 @@ class Lifecycle:
                 self.evaluate()
             if self.config.save_dir is not None and self.saved_at != self.step:
                 self.save()
+        self._monitor(self.controller.ctx)  # the window just closed: its energy reaches the monitors too
 
     # -- actions ----------------------------------------------------------------------------------------
     def save(self) -> None:

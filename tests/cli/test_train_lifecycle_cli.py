@@ -90,3 +90,25 @@ def test_sigterm_saves_stops_every_rank_and_resume_continues_to_an_export(tmp_pa
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True)
     with torch.no_grad():
         assert model(input_ids=torch.arange(16)[None]).logits.shape == (1, 16, 256)
+
+
+def test_a_resumed_run_on_its_stored_plan_still_reports_energy_to_the_monitors(tmp_path: Path):
+    """Resumed on the checkpoint's plan (no baseline window), the at-plan window still reaches the monitors."""
+    from envpipe_cli.main import app
+    from typer.testing import CliRunner
+
+    env = {**os.environ, "ENVPIPE_AGENT": f"ipc://{tmp_path}/none.sock", "XDG_RUNTIME_DIR": str(tmp_path)}
+    common = ["--type", "baseline", "--stages", "2", "--micro-batches", "4", "--seq-len", "16", "--save-dir", "ck"]
+    os.chdir(tmp_path)
+    first = CliRunner(env=env).invoke(app, ["train", *common, "--steps", "12"])
+    assert first.exit_code == 0, first.output
+    assert (tmp_path / "ck" / "global_step12" / "plan.json").exists()  # planned: the resume reuses it
+    (tmp_path / "ds.json").write_text(json.dumps({"csv_monitor": {"enabled": True, "output_path": "mon", "job_name": "j"}}))
+    result = CliRunner(env=env).invoke(
+        app, ["train", *common, "--resume", "--steps", "16", "--deepspeed-config", "ds.json", "--report", "r.json"]
+    )
+    assert result.exit_code == 0, result.output
+    counts = json.loads((tmp_path / "r.json").read_text())["summary"]["step_counts"]
+    assert "baseline" not in counts and counts.get("at-plan", 0) > 0  # no baseline step after planning
+    monitors = {p.name: p.read_text().splitlines() for p in (tmp_path / "mon" / "j").iterdir()}
+    assert len(monitors["Train_Samples_envpipe_energy_j_per_iteration.csv"]) >= 2  # header and a row
