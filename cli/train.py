@@ -97,7 +97,11 @@ DeepspeedConfigOpt = Annotated[
 ]
 AgentOpt = Annotated[
     Optional[str],
-    _opt(help="Agent control endpoint; if none is reachable an embedded sim agent is started.", panel=_RUN),
+    _opt(
+        help="Agent control endpoint; a named one that does not answer is an error. Without it: $ENVPIPE_AGENT, "
+        "then the user's and the system socket, else an embedded sim agent.",
+        panel=_RUN,
+    ),
 ]
 EmulateDvfsOpt = Annotated[
     Optional[bool],
@@ -296,8 +300,10 @@ def train(
     log_interval: LogIntervalOpt = None,
     log_dir: LogDirOpt = None,
 ) -> None:
-    """Train --steps optimizer steps; the first plan the clocks (warm-up, baseline window, profiling,
-    reconfiguration), every later one runs at the plan. --compare measures the saving in pairs."""
+    """Train --steps optimizer steps: the first plan the clocks, every later one runs at the plan.
+
+    Planning is warm-up, baseline window, profiling and reconfiguration; --compare measures the saving in pairs.
+    """
     flags = collect_flags(locals())  # first statement: locals() is exactly the options here
     flags["compare_rounds"] = flags.pop("compare")
     flags["precision"] = precision_flag(flags.pop("bf16"), flags.pop("fp16"))
