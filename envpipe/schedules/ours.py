@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from envpipe.errors import ConfigError, ScheduleError
 from envpipe.ir import Action, ActionKind, Schedule, act
-from envpipe.schedules.spec import ScheduleSpec
+from envpipe.schedules.spec import Builder, ScheduleSpec
 
 K = ActionKind
 
@@ -183,16 +183,21 @@ def _optimal_time_ratio(model: Any) -> float:
     return model.time_ratio(best[1])
 
 
-def _build(
-    stages: int, micro_batches: int, r: Sequence[int] | None, costs: Any, virtual_stages: int
-) -> Schedule:
-    return build(stages, micro_batches, compute_r(stages, micro_batches, costs) if r is None else r)
+def r_builder(build_r: Callable[[int, int, Sequence[int]], Schedule]) -> Builder:
+    """The registry builder of a generator that takes an r vector: r=None computes it (:func:`compute_r`)."""
+
+    def _build(
+        stages: int, micro_batches: int, r: Sequence[int] | None, costs: Any, virtual_stages: int
+    ) -> Schedule:
+        return build_r(stages, micro_batches, compute_r(stages, micro_batches, costs) if r is None else r)
+
+    return _build
 
 
 SPEC = ScheduleSpec(
     "ours",
     "EnvPipe: extra warm-up forwards fill the 1F1B bubble (r per stage), async sends",
-    _build,
+    r_builder(build),
     takes_r=True,
     runs_on_deepspeed=True,
 )

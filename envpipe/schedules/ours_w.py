@@ -14,10 +14,9 @@ Verified deadlock-free under rendezvous sends (tests); simulated and planned, no
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from envpipe.ir import Schedule
-from envpipe.schedules.ours import check_r, compute_r, warmups
+from envpipe.schedules.ours import check_r, r_builder, warmups
 from envpipe.schedules.spec import ScheduleSpec
 from envpipe.schedules.zero_bubble import build_split
 
@@ -41,15 +40,9 @@ def build(
     return build_split("ours-w", stages, micro_batches, warmups(stages, micro_batches, r), lags, r)
 
 
-def _build(
-    stages: int, micro_batches: int, r: Sequence[int] | None, costs: Any, virtual_stages: int
-) -> Schedule:
-    return build(stages, micro_batches, compute_r(stages, micro_batches, costs) if r is None else r)
-
-
 SPEC = ScheduleSpec(
     "ours-w",
     "ours with split backwards (I, W deferred into the bubbles) (simulator only)",
-    _build,
+    r_builder(build),
     takes_r=True,
 )
