@@ -137,22 +137,10 @@ class ControllerConfig:
     def validate(self, source: str | None = "envpipe config", name_of: Any = str) -> None:
         """Raise ``ConfigError`` naming the first bad value (as ``name_of(field)``: its flag) and the fix."""
         at = f"{source}: " if source else ""
-        for name, choices in choices_by_key().items():
-            value = getattr(self, name)
-            if value not in choices:
-                raise ConfigError(
-                    f"{at}{name_of(name)} = {value!r} is not one of {', '.join(choices)}; pick one"
-                )
-        for name, low in _INT_MIN.items():
-            value = getattr(self, name)
-            if value is None and name in _OPTIONAL:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"{at}{name_of(name)} must be an integer >= {low}, got {value!r}")
-        for name, (low, high) in _FLOAT_RANGE.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-                raise ConfigError(f"{at}{name_of(name)} must be a number in [{low}, {high}], got {value!r}")
+        check_fields(
+            self, lambda name: at + name_of(name), choices=choices_by_key(), int_min=_INT_MIN,
+            optional=_OPTIONAL, float_range=_FLOAT_RANGE,
+        )
         if self.emulate_dvfs not in (None, True, False):
             raise ConfigError(
                 f"{at}{name_of('emulate_dvfs')} must be true or false, got {self.emulate_dvfs!r}"
@@ -201,6 +189,33 @@ _FLOAT_RANGE = {
     "slowdown_bound": (0.0, 1.0),
     "drift_threshold": (0.01, 10.0),
 }
+
+
+def check_fields(
+    obj: Any,
+    name_of: Any,
+    *,
+    choices: dict[str, tuple[str, ...]],
+    int_min: dict[str, int],
+    optional: set[str] | frozenset[str] = frozenset(),
+    float_range: dict[str, tuple[float, float]] | None = None,
+) -> None:
+    """Raise ``ConfigError`` for the first field of ``obj`` outside its choices, integer minimum or number
+    range, naming it as ``name_of(field)`` (its flag or config key); a field in ``optional`` may be None."""
+    for name, allowed in choices.items():
+        value = getattr(obj, name)
+        if value not in allowed:
+            raise ConfigError(f"{name_of(name)} = {value!r} is not one of {', '.join(allowed)}; pick one")
+    for name, low in int_min.items():
+        value = getattr(obj, name)
+        if value is None and name in optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"{name_of(name)} must be an integer >= {low}, got {value!r}")
+    for name, (low, high) in (float_range or {}).items():
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise ConfigError(f"{name_of(name)} must be a number in [{low}, {high}], got {value!r}")
 
 
 def choices_by_key() -> dict[str, tuple[str, ...]]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from envpipe.controller.config import CONTROLLER_KEYS, ControllerConfig, choices_by_key
+from envpipe.controller.config import CONTROLLER_KEYS, ControllerConfig, check_fields
 from envpipe.data import check_source
 from envpipe.errors import ConfigError
 from envpipe.train.checks import check_monitors, check_stages, model_shape, validate_lifecycle
@@ -265,17 +265,10 @@ def _engine_ds_config(ds_config: dict[str, Any], config: TrainConfig, sources: S
 
 
 def _validate(config: TrainConfig, sources: Sources) -> None:
-    for name, choices in {**choices_by_key(), "device": DEVICES, "precision": PRECISIONS}.items():
-        value = getattr(config, name)
-        if value not in choices:
-            raise ConfigError(f"{sources[name]} = {value!r} is not one of {', '.join(choices)}; pick one of them")
-    for name, low in _INT_MIN.items():
-        value = getattr(config, name)
-        if value is None and name in _OPTIONAL_INTS:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"{sources[name]} must be an integer >= {low}, got {value!r}")
-    _validate_numbers(config, sources)
+    check_fields(
+        config, sources.name_of, choices={"device": DEVICES, "precision": PRECISIONS}, int_min=_INT_MIN,
+        optional=_OPTIONAL_INTS, float_range={"lr": (0.0, 10.0), "grace_s": (0.0, 3600.0)},
+    )
     config.controller_config().validate(None, name_of=sources.name_of)
     _validate_paths(config, sources)
     validate_lifecycle(config, sources)
@@ -289,13 +282,6 @@ def _validate(config: TrainConfig, sources: Sources) -> None:
         raise ConfigError("--num-nodes > 1 needs --hostfile listing the nodes (DeepSpeed hostfile format)")
     if config.node_rank is not None and config.hostfile is None:
         raise ConfigError("--node-rank needs --hostfile: it is this node's line in the hostfile (from 0)")
-
-
-def _validate_numbers(config: TrainConfig, sources: Sources) -> None:
-    for name, (low, high) in {"lr": (0.0, 10.0), "grace_s": (0.0, 3600.0)}.items():
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-            raise ConfigError(f"{sources[name]} must be a number in [{low}, {high}], got {value!r}")
 
 
 def _validate_paths(config: TrainConfig, sources: Sources) -> None:
