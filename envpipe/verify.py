@@ -19,7 +19,7 @@ made free. So a one-stage-per-rank schedule is deadlock-free iff every link's tw
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from envpipe.errors import ScheduleError
 from envpipe.grid import format_grid
@@ -270,14 +270,7 @@ def link_schedule(schedule: Schedule, stage: int) -> Schedule:
         return action.is_compute or talks_to(action) == peer
 
     def moved(action: Action) -> Action:  # stage s, s+1 -> 0, 1
-        return Action(
-            action.stage - stage,
-            action.kind,
-            action.microbatch,
-            action.asynchronous,
-            action.waits,
-            action.clock_mhz,
-        )
+        return replace(action, stage=action.stage - stage)
 
     programs = (
         tuple(moved(a) for a in schedule.programs[stage] if keep(a, stage + 1)),
