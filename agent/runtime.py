@@ -13,10 +13,10 @@ import os
 import resource
 import socket
 import stat
-import struct
 from pathlib import Path
 
 from envpipe_agent.errors import AgentConfigError
+from envpipe_agent.peers import peer_of_fd
 
 log = logging.getLogger("envpipe_agent.runtime")
 
@@ -207,13 +207,17 @@ class GpuLocks:
         probe.settimeout(0.5)
         try:
             probe.connect("\0" + self.PREFIX + uuid)
-            pid, uid, _gid = struct.unpack("3i", probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            holder = peer_of_fd(probe.fileno())
         except OSError as exc:
             log.warning("GPU %s: its agent lock is taken and the holder does not answer (%s); going on", uuid, exc)
             return
         finally:
             probe.close()
-        if uid == 0:
+        if holder is None:
+            log.warning("GPU %s: its agent lock is taken and its holder's credentials are unreadable; going on", uuid)
+            return
+        pid, uid = holder.pid, holder.uid
+        if holder.is_root:
             self.release()
             raise AgentConfigError(
                 f"another envpipe-agent (pid {pid}) already drives GPU {uuid}; stop it "
