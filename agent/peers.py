@@ -10,7 +10,6 @@ of a uid over its cap, and (memory guard) every connection of every uid but root
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 import socket
 import struct
@@ -18,8 +17,6 @@ from collections import Counter
 from dataclasses import dataclass
 
 import zmq
-
-log = logging.getLogger("envpipe_agent.peers")
 
 ROOT_UID = 0
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -120,7 +117,7 @@ class ConnectionGuard:
     """Connections by uid, fed by the sockets' ACCEPTED and DISCONNECTED monitor events (loop thread only).
 
     A uid may hold ``cap_per_uid`` connections across both sockets; the next one is shut down at accept
-    and counted. Root and the agent's own uid are never capped or shed (root can do anything to the agent
+    (the caller counts it). Root and the agent's own uid are never capped or shed (root can do anything to the agent
     anyway, and a user's own agent, e.g. ``envpipe train``'s embedded one, serves only that user's ranks).
     A connection whose credentials cannot be read (tcp) is not capped.
     """
@@ -130,26 +127,17 @@ class ConnectionGuard:
         self.exempt = {ROOT_UID, os.geteuid()}
         self.uid_of_fd: dict[int, int] = {}
         self.per_uid: Counter[int] = Counter()
-        self.refused = 0  # connections shut down at accept (uid over its cap)
-        self.shed = 0  # connections shut down by the memory guard
 
-    def accepted(self, fd: int) -> None:
+    def accepted(self, fd: int) -> int | None:
+        """Count a new connection; returns its uid when it was over the cap and is shut down, else None."""
         peer = peer_of_fd(fd)
         if peer is None:
-            return
+            return None
         self._forget(fd)  # an fd number reused before its disconnect was seen
         self.uid_of_fd[fd] = peer.uid
         self.per_uid[peer.uid] += 1
-        if peer.uid not in self.exempt and self.per_uid[peer.uid] > self.cap_per_uid:
-            if shutdown_fd(fd):
-                self.refused += 1
-                if self.refused in (1, 10, 100) or self.refused % 1000 == 0:
-                    log.warning(
-                        "uid %d is over its %d connections: connection shut down (%d so far)",
-                        peer.uid,
-                        self.cap_per_uid,
-                        self.refused,
-                    )
+        over = peer.uid not in self.exempt and self.per_uid[peer.uid] > self.cap_per_uid
+        return peer.uid if over and shutdown_fd(fd) else None
 
     def disconnected(self, fd: int) -> None:
         self._forget(fd)
@@ -168,5 +156,4 @@ class ConnectionGuard:
         for fd, uid in list(self.uid_of_fd.items()):
             if uid not in self.exempt and shutdown_fd(fd):
                 count += 1
-        self.shed += count
         return count

@@ -123,9 +123,9 @@ class Agent:
         self._state_path = Path(config.resolved_runtime_dir()) / LEASE_STATE_FILE if config.is_local() else None
         holders = parse_holders(read_private(self._state_path)) if self._state_path else {}
         self.reservations = Reservations(holders, config.lease_timeout_s)
-        self._catch_up_spent: dict[int | None, float] = {}
+        self._catch_up_spent: dict[int | None, float] = {}  # seconds waited per uid in the current second
         self._guard_limit = config.memory_guard_mb << 20
-        self._guard_rearm_s = 0.0  # seconds waited per uid in the current second
+        self._guard_rearm_s = 0.0  # monotonic time of the next trim and re-arm after a trip (0: none due)
         self.sampler = EnergySampler(backend, [gpu.index for gpu in self.gpus], config.sample_interval_ms)
         self.counters = dict.fromkeys(
             (
@@ -285,9 +285,17 @@ class Agent:
             message = _parse_monitor(frames)
             event, fd = message["event"], message["value"]
             if event == zmq.EVENT_ACCEPTED:
-                refused = self.guard.refused
-                self.guard.accepted(fd)
-                self.counters["connections_refused"] += self.guard.refused - refused
+                uid = self.guard.accepted(fd)
+                if uid is not None:
+                    self.counters["connections_refused"] += 1
+                    refused = self.counters["connections_refused"]
+                    if refused in (1, 10, 100) or refused % 1000 == 0:
+                        log.warning(
+                            "uid %d is over its %d connections: connection shut down (%d so far)",
+                            uid,
+                            self.guard.cap_per_uid,
+                            refused,
+                        )
             elif event == zmq.EVENT_DISCONNECTED:
                 self.guard.disconnected(fd)
                 self.counters["peer_disconnects"] += 1
