@@ -79,8 +79,9 @@ class ProfilingCost:
 
     def describe(self) -> str:
         """One line for the console."""
-        return (f"{self.clocks} clocks x {self.iterations_per_clock} iterations = {self.iterations} iterations, "
-                f"about {self.estimated_s:.0f} s")
+        per_clock = self.iterations // self.clocks
+        total = f"{self.iterations} iterations, about {self.estimated_s:.0f} s"
+        return f"{self.clocks} clocks x {per_clock} iterations = {total}"
 
 
 def profiling_cost(candidates: Sequence[int], requested_iterations: int, iteration_ms: float, *,

@@ -69,7 +69,7 @@ def profiling(ctx: Context) -> Program:
             candidates,
             2 * n,
             ctx.iteration_s * 1e3,
-            warmup_iterations=1,
+            warmup_iterations=2,  # one settling step before each of the clock's two windows (down, up)
             min_window_s=0.0 if ctx.simulated else config.min_window_s,
         )
         ctx.emit("message", text=f"profiling {', '.join(map(str, candidates))} MHz: {cost.describe()}")

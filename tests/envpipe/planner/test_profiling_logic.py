@@ -95,3 +95,9 @@ def test_planner_runs_on_a_profile_and_uses_only_profiled_clocks() -> None:
         result = plan_clocks(schedule, measured, policy)
         assert result.met_bound
         assert {c for stage in result.clocks.values() for c in stage.values()} <= set(clocks)
+
+
+def test_profiling_cost_counts_the_settling_steps_in_its_line():
+    # The controller profiles each clock down and up, one settling step before each window: 2 per clock.
+    cost = profiling_cost([1980, 1650, 1320], 4, 100.0, warmup_iterations=2, min_window_s=0.0)
+    assert cost.iterations == 3 * (4 + 2) and "3 clocks x 6 iterations = 18 iterations" in cost.describe()
