@@ -49,7 +49,7 @@ def docs() -> str:
         "",
         "## p2p transports: `--p2p-transport` (`envpipe.transports.TRANSPORTS`)",
         "",
-        markdown_table(["name", "summary"], [[f"`{t.name}`", t.summary] for t in TRANSPORTS.values()]),
+        TRANSPORTS.table(),
         "",
         "## DVFS models: `--dvfs-model` (`envpipe_agent.dvfs.MODELS`)",
         "",

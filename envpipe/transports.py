@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from envpipe.errors import ConfigError
+from envpipe.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -49,10 +49,13 @@ class Transport:
         return (a, b) if self.directed else (min(a, b), max(a, b))
 
 
-TRANSPORTS: dict[str, Transport] = {
-    "link": Transport("link", True, True, "one process group (NCCL stream) per direction of each stage link"),
-    "pair": Transport("pair", False, False, "default process group: one stream per neighbour rank, both directions"),
-}
+TRANSPORTS: Registry[Transport] = Registry(
+    "p2p transport",
+    [
+        Transport("link", True, True, "one process group (NCCL stream) per direction of each stage link"),
+        Transport("pair", False, False, "default process group: one stream per neighbour rank, both directions"),
+    ],
+)
 DEFAULT_TRANSPORT = "link"
 
 
@@ -62,9 +65,4 @@ def get_transport(name: str) -> Transport:
     Raises:
         ConfigError: an unknown name (the message lists the choices).
     """
-    try:
-        return TRANSPORTS[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown p2p transport {name!r}; choose one of {', '.join(TRANSPORTS)}"
-        ) from None
+    return TRANSPORTS.lookup(name)
