@@ -26,7 +26,7 @@ from typing import Any
 PROTOCOL_VERSION = 3
 
 # Control frames above this size are answered with ``too_large``; zmq drops (by closing the connection) a
-# control frame above MAX_CONTROL_FRAME_BYTES and an event frame above MAX_EVENT_FRAME_BYTES.
+# frame above MAX_FRAME_BYTES on either socket (the agent sets it as both sockets' MAXMSGSIZE).
 MAX_CONTROL_BYTES = 64 * 1024
 MAX_CONTROL_FRAME_BYTES = MAX_CONTROL_BYTES + 8 * 1024
 MAX_FRAME_BYTES = MAX_CONTROL_FRAME_BYTES  # the largest frame either socket accepts

@@ -42,7 +42,6 @@ from envpipe_agent.protocol import (
     EVENT_BEGIN,
     EVENT_RECV_HWM,
     EVENT_SOCKET_BUFFER_BYTES,
-    MAX_CONTROL_FRAME_BYTES,
     MAX_CONTROL_FRAMES,
     MAX_EVENTS_IN_FLIGHT,
     MAX_FRAME_BYTES,
@@ -212,7 +211,6 @@ class Agent:
         for sock in (control, events):
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
-        control.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_FRAME_BYTES)
         control.setsockopt(zmq.RCVHWM, CONTROL_HWM)
         control.setsockopt(zmq.SNDHWM, CONTROL_SNDHWM)
         events.setsockopt(zmq.RCVHWM, EVENT_RECV_HWM)  # bounded: senders see zmq.Again, not a backlog
