@@ -68,27 +68,37 @@ def run(programs: tuple[tuple[Action, ...], ...], buffered: bool = False) -> lis
         while pc < len(program):
             action = program[pc]
             ch, k = row[pc]
-            kind = action.kind
-            if kind in SEND_KINDS:
-                if posted[ch] <= k:
-                    posted[ch] = k + 1
-                    if ch[1] in owner:
-                        work.append(owner[ch[1]])
-                if not (action.asynchronous or buffered) and received[ch] <= k:
-                    break
-            elif kind in RECV_KINDS:
-                if posted[ch] <= k:
-                    break
-                received[ch] = k + 1
-                if ch[0] in owner:
-                    work.append(owner[ch[0]])
-            elif kind is K.WAIT and not buffered and received[ch] <= k:
+            done, posts = _step(action, ch, k, posted, received, buffered)
+            if posts and ch[1] in owner:
+                work.append(owner[ch[1]])
+            if not done:
                 break
+            if action.kind in RECV_KINDS and ch[0] in owner:
+                work.append(owner[ch[0]])
             pc += 1
         pcs[rank] = pc
     if all(pc == len(p) for pc, p in zip(pcs, programs)):
         return None
     return pcs
+
+
+def _step(
+    action: Action, ch: Channel, k: int, posted: dict[Channel, int], received: dict[Channel, int], buffered: bool
+) -> tuple[bool, bool]:
+    """Try ``action`` (the k-th on channel ``ch``): whether it completes, and whether it newly posted a send."""
+    if action.kind in SEND_KINDS:
+        posts = posted[ch] <= k
+        if posts:
+            posted[ch] = k + 1
+        return action.asynchronous or buffered or received[ch] > k, posts
+    if action.kind in RECV_KINDS:
+        if posted[ch] <= k:
+            return False, False
+        received[ch] = k + 1
+        return True, False
+    if action.kind is K.WAIT:
+        return buffered or received[ch] > k, False
+    return True, False
 
 
 def deadlocks(programs: tuple[tuple[Action, ...], ...], *, buffered_sends: bool = False) -> bool:
@@ -117,17 +127,8 @@ def lockstep(
             if pc < len(program):
                 action = program[pc]
                 ch, k = index[rank][pc]
-                ok = True
-                if action.kind in SEND_KINDS:
-                    if posted[ch] <= k:  # posting a send is progress even when the sender must wait
-                        posted[ch], progressed = k + 1, True
-                    ok = action.asynchronous or buffered or received[ch] > k
-                elif action.kind in RECV_KINDS:
-                    ok = posted[ch] > k
-                    if ok:
-                        received[ch] = k + 1
-                elif action.kind is K.WAIT:
-                    ok = buffered or received[ch] > k
+                ok, posts = _step(action, ch, k, posted, received, buffered)
+                progressed |= posts  # posting a send is progress even when the sender must wait
                 if ok:
                     pcs[rank], cell, progressed = pc + 1, str(action), True
             columns[rank].append(cell)
