@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
+from envpipe_cli._console import stdout_console
 from rich.table import Table
 
 
@@ -20,7 +20,7 @@ def run(frontier: bool, stages: int, micro_batches: int, costs: Any, *, referenc
     from envpipe.planner import frontier as frontier_mod
     from envpipe.planner import joint
 
-    console = Console()
+    console = stdout_console()
     if frontier:
         result = frontier_mod.frontier(stages, micro_batches, costs, reference=reference, memory_cap=memory_cap)
         if plot is not None:

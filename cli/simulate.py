@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 from envpipe_agent.dvfs import CARDS, MODELS
 from envpipe_cli._choices import choice_enum, deprecated, value_of
+from envpipe_cli._console import stdout_console
 from envpipe_cli._errors import err_console, user_errors
-from rich.console import Console
 from rich.table import Table
 
 from envpipe.clock_types import CLOCK_TYPES
@@ -337,7 +337,7 @@ def _plot_title(report: dict[str, Any]) -> str:
 
 
 def _print(report: dict[str, Any], as_json: bool) -> None:
-    console = Console()
+    console = stdout_console()
     if as_json:
         console.print_json(json.dumps({k: v for k, v in report.items() if not k.startswith("_")}))
         return
