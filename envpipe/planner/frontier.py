@@ -55,7 +55,6 @@ def frontier(stages: int, micro_batches: int, costs: Any, *, reference: str = "1
              slowdowns: Sequence[float] = SLOWDOWNS, memory_cap: float | None = None,
              families: Sequence[str] | None = None) -> Frontier:
     """The energy-vs-deadline curve of each family (see the module docstring)."""
-    from envpipe.planner.build import build_dag
     from envpipe.planner.joint import candidates, lp_bound_j, reference_run
 
     dag_costs = _dag_costs(costs)
@@ -66,7 +65,6 @@ def frontier(stages: int, micro_batches: int, costs: Any, *, reference: str = "1
         by_family.setdefault(cand.family, []).append(cand)
     points = []
     for family, cands in by_family.items():
-        dags = {id(c): build_dag(c.schedule, c.costs).dag for c in cands}
         for slowdown in slowdowns:
             deadline = ref.iteration_time_ms * (1 + slowdown)
             fits = [c for c in cands if c.top_ms <= deadline * (1 + 1e-9)]
@@ -76,7 +74,7 @@ def frontier(stages: int, micro_batches: int, costs: Any, *, reference: str = "1
                 points.append(FrontierPoint(family, slowdown, deadline, None, None, None, None))
                 continue
             best = fits[0]
-            dag = dags[id(best)]
+            dag = best.planned_dag.dag
             choice = _solve(dag, deadline)
             bound = bounds[id(best)]
             points.append(FrontierPoint(

@@ -24,6 +24,7 @@ contiguous chunks. Every number is simulated (``envpipe.sim``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +61,14 @@ class Candidate:
     costs: Any
     peak_activations: tuple[float, ...]
     top_ms: float
+
+    @functools.cached_property
+    def planned_dag(self) -> Any:
+        """The planner's DAG of the schedule on its costs (``envpipe.planner.build.build_dag``), built once
+        for the LP bound at every deadline and the plan."""
+        from envpipe.planner.build import build_dag
+
+        return build_dag(self.schedule, self.costs)
 
 
 @dataclass(frozen=True)
@@ -241,12 +250,11 @@ def search(stages: int, micro_batches: int, costs: Any, *, reference: str = "1f1
 def plan(cand: Candidate, deadline_ms: float, policy: str, ref: Any, bound: float | None = None) -> Choice:
     """Plan the clocks of one candidate for ``deadline_ms`` (simulated); ``ref`` is the reference's SimResult."""
     from envpipe.planner import plan_clocks
-    from envpipe.planner.build import build_dag
 
     result = plan_clocks(cand.schedule, cand.costs, policy, slowdown_bound=0.0, baseline_ms=deadline_ms,
                          reference=(cand.schedule, cand.costs))
     sim = result.sim
-    pdag = build_dag(cand.schedule, cand.costs)
+    pdag = cand.planned_dag
     dag_j = pdag.dag.evaluate(pdag.choice(result.clocks))[1]
     return Choice(cand, result.clocks, sim.energy_j, sim.iteration_time_ms, 1 - sim.energy_j / ref.energy_j,
                   sim.iteration_time_ms / ref.iteration_time_ms - 1, result.met_bound, bound, dag_j, policy,
@@ -255,11 +263,9 @@ def plan(cand: Candidate, deadline_ms: float, policy: str, ref: Any, bound: floa
 
 def lp_bound_j(cand: Candidate, deadline_ms: float) -> float | None:
     """The LP relaxation's energy on the candidate's DAG (a lower bound), or None without scipy."""
-    from envpipe.planner.build import build_dag
-
     try:
         from envpipe.planner.lp_bound import solve_bound
 
-        return solve_bound(build_dag(cand.schedule, cand.costs).dag, deadline_ms).energy_j
+        return solve_bound(cand.planned_dag.dag, deadline_ms).energy_j
     except ImportError:
         return None
