@@ -18,7 +18,6 @@ half-way leaves ``latest`` on the previous complete checkpoint (DeepSpeed's own 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from envpipe.errors import ConfigError
+from envpipe.files import write_atomic
 
 FORMAT = "envpipe-checkpoint/1"
 SIDE_FILE = "envpipe.json"
@@ -136,12 +136,12 @@ def list_tags(save_dir: Path) -> list[Path]:
 
 def write_meta(tag_path: Path, meta: dict[str, Any]) -> None:
     """Write ``envpipe.json`` atomically (a reader never sees half a file)."""
-    _atomic_write(tag_path / SIDE_FILE, json.dumps({"format": FORMAT, **meta}, indent=2, sort_keys=True))
+    write_atomic(tag_path / SIDE_FILE, json.dumps({"format": FORMAT, **meta}, indent=2, sort_keys=True))
 
 
 def mark_latest(save_dir: Path, tag: str) -> None:
     """Point ``latest`` at ``tag`` atomically (call once the tag is complete)."""
-    _atomic_write(save_dir / LATEST, tag)
+    write_atomic(save_dir / LATEST, tag)
 
 
 def prune(save_dir: Path, keep_last: int | None) -> list[Path]:
@@ -177,8 +177,3 @@ def copy_model_files(model_dir: str | Path | None, dest: Path) -> list[str]:
             copied.append(name)
     return copied
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -15,13 +15,12 @@ baseline, labelled :data:`STORED_BASELINE_LABEL`. It is not part of the fingerpr
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from envpipe.controller.windows import Window
 from envpipe.errors import ConfigError
+from envpipe.files import write_json_atomic
 
 PLAN_FORMAT = "envpipe-plan/1"
 # The fingerprint's fields, in the order they are compared (the first that differs is named).
@@ -152,16 +151,7 @@ def stored_window(record: dict[str, Any]) -> Window:
 
 def write_plan(plan: dict[str, Any], path: str | Path) -> None:
     """Write the plan atomically (an existing file is replaced only by a complete one)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.resolve().parent)
-    try:
-        with os.fdopen(fd, "w") as out:
-            json.dump(plan, out, indent=1)
-            out.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json_atomic(plan, path, indent=1)
 
 
 def read_plan(path: str | Path, *, source: str) -> dict[str, Any]:

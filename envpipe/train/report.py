@@ -8,12 +8,10 @@ label: simulated (sim agent) or measured, and paired, unpaired or predicted.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from envpipe.files import write_json_atomic
 from envpipe.train.config import TrainConfig
 
 REPORT_FORMAT = "envpipe-train-report/2"
@@ -250,16 +248,7 @@ def _pct(fraction: float | None) -> str:
 
 def write_json(report: dict[str, Any], path: str | Path) -> None:
     """Write JSON atomically: an existing file is replaced only by a complete one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.resolve().parent)
-    try:
-        with os.fdopen(fd, "w") as out:
-            json.dump(report, out, indent=2, sort_keys=False)
-            out.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json_atomic(report, path)
 
 
 def draw_plot(report: dict[str, Any], path: str | Path) -> None:
