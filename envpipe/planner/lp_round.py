@@ -136,7 +136,7 @@ def _repair(dag: ClockDag, choice: list[int], deadline_ms: float, candidates) ->
         path, length = longest_path(dag, durations)
         if length <= deadline_ms * (1 + 1e-12):
             return True
-        pool = _on_everylongest_path(dag, durations, length, succs) or path
+        pool = _on_every_longest_path(dag, durations, length, succs) or path
         moves = sorted(m for u in pool if (m := _cheapest_raise(dag, u, choice[u], candidates[u])) is not None)
         if not moves and pool is not path:
             moves = sorted(m for u in path if (m := _cheapest_raise(dag, u, choice[u], candidates[u])) is not None)
@@ -164,7 +164,7 @@ def _best_effect(dag: ClockDag, choice: list[int], moves, length_ms: float, over
     return best
 
 
-def _on_everylongest_path(dag: ClockDag, durations: list[float], length_ms: float, succs) -> list[int]:
+def _on_every_longest_path(dag: ClockDag, durations: list[float], length_ms: float, succs) -> list[int]:
     """The nodes every longest path passes through (path counts through each node = all longest paths)."""
     head = dag.heads(durations)
     tail = dag.tails(durations, succs)
