@@ -1,13 +1,12 @@
 """The training loop of ``envpipe train``: exactly ``--steps`` optimizer steps through the engine.
 
 The controller inside the engine decides what each step runs; this loop only counts, shows progress and
-calls the step hooks (the place for the run lifecycle: checkpoints, logs). No torch import at module level.
+hands each step to the run lifecycle (checkpoints, evaluation, logs). No torch import at module level.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 from envpipe.train.config import TrainConfig
@@ -16,19 +15,15 @@ from envpipe.train.config import TrainConfig
 LOSS_EVERY = 10
 _PROGRESS_EVERY_S = 0.5
 
-StepHook = Callable[[Any, Any, Any], None]  # hook(step_result, controller_context, engine)
-
-
 def run_steps(
     engine: Any,
     data_iter: Any,
     config: TrainConfig,
-    hooks: list[StepHook] | None = None,
-    lifecycle: Any = None,
+    lifecycle: Any,
 ) -> dict[str, Any] | None:
     """Train up to ``config.steps`` steps (``mode == "profile"``: until profiling is done); rank 0's result.
 
-    With a ``lifecycle`` (:class:`envpipe.train.lifecycle.Lifecycle`) the run starts at its step (a resumed
+    The ``lifecycle`` (:class:`envpipe.train.lifecycle.Lifecycle`) starts the run at its step (a resumed
     run), saves, evaluates and logs after each step, and ends early on SIGTERM/SIGINT.
 
     Returns:
@@ -39,8 +34,6 @@ def run_steps(
     losses: list[tuple[int, float]] = []
     progress = _Progress(controller)
     controller.add_step_hook(progress)
-    for hook in hooks or []:
-        controller.add_step_hook(lambda result, ctx, hook=hook: hook(result, ctx, engine))
     if config.mode == "profile":
         while not controller.finished:
             engine.train_batch(data_iter)
@@ -49,11 +42,10 @@ def run_steps(
             loss = engine.train_batch(data_iter)
             if step % LOSS_EVERY == 0 or step == config.steps - 1:
                 losses.append((step, float(loss)))
-            signum = lifecycle.after_step(loss) if lifecycle is not None else 0
+            signum = lifecycle.after_step(loss)
             if signum:
                 return _stopped(engine, lifecycle, signum)
-        if lifecycle is not None:
-            lifecycle.finish()
+        lifecycle.finish()
     result = controller.finish()
     if result is None:
         return None
