@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from typing import Any
 
@@ -80,15 +81,8 @@ def model_fingerprint(module: Any, comm: TorchComm) -> str:
     every = comm.all_gather((int(getattr(module, "stage_id", 0)), mine))
     by_stage = dict(every)  # data-parallel replicas of a stage hold the same parameters
     text = json.dumps(sorted(by_stage.items()), sort_keys=True)
-    count = sum(_numel(shape) for params in by_stage.values() for _, shape, _ in params)
+    count = sum(math.prod(shape) for params in by_stage.values() for _, shape, _ in params)
     return f"sha256:{hashlib.sha256(text.encode()).hexdigest()[:16]} ({count:,} parameters)"
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def attach_controller(
